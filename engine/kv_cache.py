@@ -1,0 +1,104 @@
+"""A paged KV pool: one preallocated tensor, fixed-size blocks, and the block allocator over it."""
+from __future__ import annotations
+
+import torch
+
+from engine.config import CacheConfig, ModelConfig
+
+
+class BlockAllocator:
+    """A free list of block ids with an owner per allocated block.
+
+    Verbs: can_allocate / allocate / append / free. `check()` verifies the invariants tests rely on:
+    no block owned twice, free + owned = total.
+    """
+
+    def __init__(self, num_blocks: int, block_size: int) -> None:
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+        self.free_ids: list[int] = list(range(num_blocks - 1, -1, -1))  # pop() hands out low ids first
+        self.owner: dict[int, str] = {}
+
+    @property
+    def num_free(self) -> int:
+        return len(self.free_ids)
+
+    @property
+    def num_used(self) -> int:
+        return self.num_blocks - len(self.free_ids)
+
+    def blocks_for(self, num_tokens: int) -> int:
+        return -(-num_tokens // self.block_size)
+
+    def can_allocate(self, num_blocks: int) -> bool:
+        return num_blocks <= len(self.free_ids)
+
+    def allocate(self, owner: str, num_blocks: int) -> list[int]:
+        if num_blocks > len(self.free_ids):
+            raise MemoryError(f"KV pool exhausted: need {num_blocks} blocks, {len(self.free_ids)} free")
+        ids = [self.free_ids.pop() for _ in range(num_blocks)]
+        for b in ids:
+            self.owner[b] = owner
+        return ids
+
+    def append(self, owner: str, table: list[int], num_tokens: int) -> bool:
+        """Grow `table` in place to hold `num_tokens` tokens. False (and no change) if the pool is short."""
+        need = self.blocks_for(num_tokens) - len(table)
+        if need <= 0:
+            return True
+        if need > len(self.free_ids):
+            return False
+        table.extend(self.allocate(owner, need))
+        return True
+
+    def free(self, table: list[int]) -> None:
+        for b in table:
+            if self.owner.pop(b, None) is None:
+                raise RuntimeError(f"double free of KV block {b}")
+            self.free_ids.append(b)
+        table.clear()
+
+    def check(self) -> None:
+        free = set(self.free_ids)
+        if len(free) != len(self.free_ids):
+            raise AssertionError("a KV block is on the free list twice")
+        if free & self.owner.keys():
+            raise AssertionError(f"KV blocks both free and owned: {sorted(free & self.owner.keys())[:8]}")
+        if len(free) + len(self.owner) != self.num_blocks:
+            raise AssertionError(f"free ({len(free)}) + owned ({len(self.owner)}) != total ({self.num_blocks})")
+
+
+def dtype_bytes(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+class KVPool:
+    """One instance's KV cache.
+
+    cache: [num_blocks, num_layers, 2, block_size, kv_heads, head_dim], block-major so that one
+    request's blocks are whole contiguous slabs: a hand-off moves them with one indexed copy.
+    """
+
+    def __init__(self, model: ModelConfig, cache: CacheConfig, dtype: torch.dtype,
+                 device: torch.device | str = "cpu", name: str = "pool") -> None:
+        self.name = name
+        self.block_size = cache.block_size
+        self.block_shape = (model.num_layers, 2, cache.block_size, model.num_kv_heads, model.head_dim)
+        block_bytes = dtype_bytes(dtype)
+        for d in self.block_shape:
+            block_bytes *= d
+        self.block_bytes = block_bytes
+        num_blocks = cache.num_blocks or max(1, cache.memory_bytes // block_bytes)
+        self.cache = torch.zeros((num_blocks, *self.block_shape), dtype=dtype, device=device)
+        self.allocator = BlockAllocator(num_blocks, cache.block_size)
+
+    @property
+    def num_blocks(self) -> int:
+        return self.allocator.num_blocks
+
+    def layer(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Views of layer i: k, v each [num_blocks, block_size, kv_heads, head_dim] (strided)."""
+        return self.cache[:, i, 0], self.cache[:, i, 1]
+
+    def check(self) -> None:
+        self.allocator.check()

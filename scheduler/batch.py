@@ -1,0 +1,32 @@
+"""What a policy hands a worker: which requests run how many new tokens this step."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from engine.request import Request
+
+
+@dataclass
+class Step:
+    """One forward pass. items[i] = (request, n): compute n tokens from request.num_computed on.
+
+    A request samples a token after the step iff its computed tokens then reach all its known tokens.
+    swap_out / swap_in: requests whose KV moves to / from host memory before the forward runs. A
+    swapped-out request's blocks are already free in the allocator (another request may be handed
+    them this very step), so the worker copies them out before it runs the forward.
+    """
+
+    items: list[tuple[Request, int]] = field(default_factory=list)
+    swap_out: list[tuple[Request, list[int]]] = field(default_factory=list)  # (request, blocks it left)
+    swap_in: list[Request] = field(default_factory=list)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(n for _, n in self.items)
+
+    @property
+    def requests(self) -> list[Request]:
+        return [r for r, _ in self.items]
+
+    def __bool__(self) -> bool:
+        return bool(self.items or self.swap_out or self.swap_in)
