@@ -1,0 +1,134 @@
+"""The Llama family (Llama 2/3, Mistral, Qwen2, SmolLM2) as one plain-torch forward over a packed batch.
+
+Weights arrive keyed by Hugging Face names; WEIGHT_MAP fuses them (qkv, gate_up) and loading fails
+on a missing or left-over tensor. The model holds no per-request state: the KV cache and the batch
+layout come in as arguments, so instances sharing one CPU share one copy of the weights.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from engine.attention import AttentionMetadata, TorchAttention
+from engine.config import ModelConfig
+
+_TORCH = TorchAttention()
+
+# fused parameter -> the checkpoint tensors concatenated (dim 0) to form it, per layer
+LAYER_MAP = {
+    "qkv": ("self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight"),
+    "qkv_bias": ("self_attn.q_proj.bias", "self_attn.k_proj.bias", "self_attn.v_proj.bias"),
+    "o": ("self_attn.o_proj.weight",),
+    "gate_up": ("mlp.gate_proj.weight", "mlp.up_proj.weight"),
+    "down": ("mlp.down_proj.weight",),
+    "attn_norm": ("input_layernorm.weight",),
+    "mlp_norm": ("post_attention_layernorm.weight",),
+}
+
+
+def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
+    """[head_dim/2] inverse frequencies, with llama3 / linear scaling as Hugging Face computes them."""
+    d = cfg.head_dim
+    inv = 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64).float() / d))
+    rs = cfg.rope_scaling or {}
+    kind = rs.get("rope_type", rs.get("type"))
+    if kind == "linear":
+        inv = inv / rs["factor"]
+    elif kind == "llama3":
+        factor, lo, hi = rs["factor"], rs.get("low_freq_factor", 1.0), rs.get("high_freq_factor", 4.0)
+        old = rs.get("original_max_position_embeddings", 8192)
+        wavelen = 2 * math.pi / inv
+        scaled = torch.where(wavelen > old / lo, inv / factor, inv)
+        smooth = (old / wavelen - lo) / (hi - lo)
+        mid = (1 - smooth) * scaled / factor + smooth * scaled
+        is_mid = (wavelen >= old / hi) & (wavelen <= old / lo)
+        inv = torch.where(is_mid, mid, scaled)
+    elif kind not in (None, "default"):
+        raise ValueError(f"unsupported rope scaling {kind!r}")
+    return inv
+
+
+class LlamaModel:
+    def __init__(self, cfg: ModelConfig, weights: dict[str, torch.Tensor], dtype: torch.dtype = torch.float32,
+                 device: torch.device | str = "cpu") -> None:
+        self.cfg, self.dtype, self.device = cfg, dtype, torch.device(device)
+        left = dict(weights)
+
+        def take(name: str) -> torch.Tensor:
+            if name not in left:
+                raise ValueError(f"missing weight {name!r}")
+            return left.pop(name).to(device=self.device, dtype=dtype)
+
+        self.embed = take("model.embed_tokens.weight")  # [V, hidden]
+        self.layers: list[dict[str, torch.Tensor]] = []
+        for i in range(cfg.num_layers):
+            layer = {}
+            for fused, names in LAYER_MAP.items():
+                if fused == "qkv_bias" and not cfg.attention_bias:
+                    continue
+                parts = [take(f"model.layers.{i}.{n}") for n in names]
+                layer[fused] = parts[0] if len(parts) == 1 else torch.cat(parts).contiguous()
+            self.layers.append(layer)
+        self.norm = take("model.norm.weight")
+        self.lm_head = self.embed if cfg.tie_word_embeddings else take("lm_head.weight")  # [V, hidden]
+        left.pop("lm_head.weight", None) if cfg.tie_word_embeddings else None
+        left = {k: v for k, v in left.items() if not k.endswith("rotary_emb.inv_freq")}
+        if left:
+            raise ValueError(f"unused weights in checkpoint: {sorted(left)[:10]}")
+        # rotary tables in float32, cast once: cos, sin [max_pos, head_dim]
+        t = torch.arange(cfg.max_position_embeddings, dtype=torch.float32)
+        freqs = torch.outer(t, rope_inv_freq(cfg))
+        emb = torch.cat([freqs, freqs], dim=-1)
+        self.cos = emb.cos().to(self.device, dtype)
+        self.sin = emb.sin().to(self.device, dtype)
+        self.scale = cfg.head_dim ** -0.5
+
+    @property
+    def weight_bytes(self) -> int:
+        n = self.embed.numel() + self.norm.numel() + sum(t.numel() for l in self.layers for t in l.values())
+        if self.lm_head is not self.embed:
+            n += self.lm_head.numel()
+        return n * self.embed.element_size()
+
+    def _rms_norm(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        # as Hugging Face: normalize in float32, cast back, then scale
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.cfg.rms_norm_eps)
+        return w * xf.to(x.dtype)
+
+    def _rope(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        # x: [T, heads, D]; cos, sin: [T, 1, D]; rotate_half convention (HF layout)
+        half = x.shape[-1] // 2
+        rot = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+        return x * cos + rot * sin
+
+    @torch.inference_mode()
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
+                kv_layers: list[tuple[torch.Tensor, torch.Tensor]], logit_rows: torch.Tensor,
+                attn: TorchAttention | None = None) -> torch.Tensor:
+        """input_ids, positions: [T]; kv_layers[i] = (k, v) cache views [blocks, block_size, KVH, D].
+        attn: the attention backend of the calling instance (torch by default).
+
+        Returns float32 logits [len(logit_rows), V] for the packed rows in logit_rows.
+        """
+        cfg = self.cfg
+        H, KVH, D = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        T = input_ids.shape[0]
+        attn = attn or _TORCH
+        x = self.embed[input_ids]  # [T, hidden]
+        cos, sin = self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1)
+        for layer, (k_cache, v_cache) in zip(self.layers, kv_layers):
+            h = self._rms_norm(x, layer["attn_norm"])
+            qkv = F.linear(h, layer["qkv"], layer.get("qkv_bias"))  # [T, (H + 2 KVH) D]
+            q, k, v = qkv.split([H * D, KVH * D, KVH * D], dim=-1)
+            q = self._rope(q.view(T, H, D), cos, sin)
+            k = self._rope(k.view(T, KVH, D), cos, sin)
+            o = attn.forward(q, k, v.view(T, KVH, D), k_cache, v_cache, meta, self.scale)
+            x = x + F.linear(o.reshape(T, H * D), layer["o"])
+            h = self._rms_norm(x, layer["mlp_norm"])
+            gate, up = F.linear(h, layer["gate_up"]).chunk(2, dim=-1)
+            x = x + F.linear(F.silu(gate) * up, layer["down"])
+        x = self._rms_norm(x[logit_rows], self.norm)
+        return F.linear(x, self.lm_head).float()

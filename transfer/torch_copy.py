@@ -1,0 +1,24 @@
+"""Device-agnostic hand-off with torch tensor copies (CPU pools, or any two torch devices)."""
+from __future__ import annotations
+
+import time
+
+import torch
+
+from engine.kv_cache import KVPool
+from transfer.base import TransferStats, check_compatible, runs
+
+
+class TorchTransfer:
+    name = "torch"
+
+    def pull(self, src: KVPool, src_blocks: list[int], dst: KVPool, dst_blocks: list[int]) -> TransferStats:
+        check_compatible(src, dst)
+        t0 = time.perf_counter()
+        moves = runs(src_blocks, dst_blocks)
+        cross = src.cache.device != dst.cache.device
+        for s, d, n in moves:  # one slab copy per run: [n, layers, 2, block_size, kvh, hd]
+            dst.cache[d:d + n].copy_(src.cache[s:s + n], non_blocking=cross)
+        if dst.cache.device.type == "cuda":
+            torch.cuda.synchronize(dst.cache.device)
+        return TransferStats(len(src_blocks) * src.block_bytes, time.perf_counter() - t0, len(moves))
