@@ -1,0 +1,115 @@
+"""Goodput search: the highest request rate whose joint SLO attainment reaches the target.
+
+The search is a small state machine (`GoodputSearch`: next_rate / record) so that the same logic
+drives real runs (async, `find_goodput_async`) and simulated ones (sync, `find_goodput`):
+  1. no bounds yet: double the rate while it passes, halve it while it fails;
+  2. once a passing rate `lo` and a failing rate `hi` are known: bisect until hi - lo <= rel_tol * hi.
+It stops early on the iteration, wall-time or request budget. Goodput = the highest passing rate
+measured (0 when none passed). Attainment is assumed to fall with rate; a noisy pass above a
+known failure is ignored by construction, since every probe lies between the bounds.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+
+@dataclass
+class SearchConfig:
+    target: float = 0.9  # joint attainment a rate must reach
+    start_rate: float = 1.0  # first probe when no lower bound is given
+    lo: float | None = None  # a rate believed to pass: probed first
+    hi: float | None = None  # a rate taken as failing without a probe: caps the search
+    rel_tol: float = 0.05
+    max_iterations: int = 12
+    max_seconds: float = 3600.0
+    max_requests: int | None = None  # total over all probes
+    requests_per_probe: int = 0  # used to predict a probe's length (N / rate) and its request cost
+    min_rate: float = 1e-3
+    max_rate: float = 1e6
+
+    def __post_init__(self) -> None:
+        if not 0 < self.target <= 1:
+            raise ValueError(f"attainment target must be in (0, 1], got {self.target}")
+        if self.start_rate <= 0 or self.rel_tol <= 0:
+            raise ValueError("start_rate and rel_tol must be > 0")
+        if self.lo is not None and self.hi is not None and not self.lo < self.hi:
+            raise ValueError(f"need lo < hi, got {self.lo} >= {self.hi}")
+
+
+@dataclass
+class SearchResult:
+    goodput: float
+    history: list[tuple[float, float]] = field(default_factory=list)  # (rate, joint attainment)
+    stop_reason: str = ""
+    lo: float | None = None
+    hi: float | None = None
+
+
+class GoodputSearch:
+    def __init__(self, cfg: SearchConfig) -> None:
+        self.cfg = cfg
+        self.lo: float | None = None  # highest measured passing rate
+        self.hi: float | None = cfg.hi  # lowest failing rate (measured or given)
+        self.history: list[tuple[float, float]] = []
+        self.t0 = time.monotonic()
+        self.stop_reason = ""
+
+    def next_rate(self) -> float | None:
+        """The next rate to probe, or None when the search is over (see stop_reason)."""
+        c = self.cfg
+        if not self.history:
+            rate = c.lo if c.lo is not None else (c.hi / 2 if c.hi is not None else c.start_rate)
+        elif self.lo is None:
+            rate = self.hi / 2  # type: ignore[operator]  # every probe failed so far
+            if rate < c.min_rate:
+                return self._stop("no rate >= min_rate meets the target")
+        elif self.hi is None:
+            rate = self.lo * 2
+            if rate > c.max_rate:
+                return self._stop("max_rate still meets the target")
+        else:
+            if self.hi - self.lo <= c.rel_tol * self.hi:
+                return self._stop("converged")
+            rate = (self.lo + self.hi) / 2
+        if len(self.history) >= c.max_iterations:
+            return self._stop("max iterations")
+        elapsed = time.monotonic() - self.t0
+        predicted = c.requests_per_probe / rate if c.requests_per_probe else 0.0
+        if self.history and elapsed + predicted > c.max_seconds:
+            return self._stop("max seconds")
+        if c.max_requests is not None and (len(self.history) + 1) * c.requests_per_probe > c.max_requests:
+            return self._stop("max requests")
+        return rate
+
+    def record(self, rate: float, joint_attainment: float) -> None:
+        self.history.append((rate, joint_attainment))
+        if joint_attainment >= self.cfg.target:
+            self.lo = rate if self.lo is None else max(self.lo, rate)
+        else:
+            self.hi = rate if self.hi is None else min(self.hi, rate)
+
+    def _stop(self, reason: str) -> None:
+        self.stop_reason = reason
+        return None
+
+    def result(self) -> SearchResult:
+        return SearchResult(self.lo or 0.0, list(self.history), self.stop_reason, self.lo, self.hi)
+
+
+def find_goodput(measure: Callable[[float], float], cfg: SearchConfig) -> SearchResult:
+    """Search with a synchronous measure(rate) -> joint attainment (e.g. a simulator)."""
+    search = GoodputSearch(cfg)
+    while (rate := search.next_rate()) is not None:
+        search.record(rate, measure(rate))
+    return search.result()
+
+
+async def find_goodput_async(measure: Callable[[float], Awaitable[float]], cfg: SearchConfig) -> SearchResult:
+    """Search with an async measure(rate) -> joint attainment (e.g. a real load run)."""
+    search = GoodputSearch(cfg)
+    while (rate := search.next_rate()) is not None:
+        search.record(rate, await measure(rate))
+    return search.result()
