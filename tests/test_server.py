@@ -1,0 +1,379 @@
+"""The HTTP front door end to end: a real `server.py` subprocess on the default model, driven by the official
+`openai` client and by raw HTTP; plus an in-process app around a fake engine for the failure paths a real
+engine cannot be pushed into quickly (a full admission queue, an engine error, the drain's abort).
+
+Greedy-equality tests run the server and the offline API in float32: bf16 matmuls depend on the batch shape,
+so ties could flip between a batch of 64 and the offline batch.
+"""
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+
+import openai
+import orjson
+import pytest
+from aiohttp import ClientSession, ClientTimeout
+from aiohttp.test_utils import TestClient, TestServer, make_mocked_request
+
+from engine.config import SamplingParams
+from engine.engine import QueueFullError, RequestOutput
+from server import STATE, ServerConfig, create_app, drain, health
+from serving import sse
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+KEY = "test-key"
+PROMPTS = ["Hello, my name is", "The capital of France is", "1, 2, 3, 4,", "Once upon a time", "def fib(n):",
+           "The weather today", "My favourite food is", "In 1969, humans"]
+
+
+# ================= in-process: an app around a fake engine =================
+class _Tok:
+    def decode(self, ids, skip_special_tokens=True):
+        return "".join(f"<{i}>" for i in ids)
+
+    def apply_chat_template(self, messages, add_generation_prompt=True):
+        return " ".join(m["content"] for m in messages)
+
+
+class FakeEngine:
+    """add_request's contract: "full" -> QueueFullError, "boom" -> a stream that fails, "slow" -> waits for abort."""
+
+    model_name, max_model_len = "fake", 64
+
+    def __init__(self) -> None:
+        self.tokenizer, self.aborted, self.waiters = _Tok(), [], {}
+
+    async def start(self) -> None: ...
+
+    async def shutdown(self) -> None: ...
+
+    def stats(self) -> list[dict]:
+        return [{"instance": "c0", "role": "colocated", "device": "cpu", "kv_blocks_used": 0, "kv_blocks_total": 8,
+                 "running": 0, "waiting": 0}]
+
+    def abort(self, rid: str) -> None:
+        self.aborted.append(rid)
+        if rid in self.waiters:
+            self.waiters[rid].set()
+
+    def add_request(self, prompt, params: SamplingParams, request_id: str):
+        if prompt == "full":
+            raise QueueFullError("admission queue full (9 waiting)")
+        return self._stream(prompt, params, request_id)
+
+    async def _stream(self, prompt, params, rid):
+        if prompt == "boom":
+            raise RuntimeError("engine exploded")
+        if prompt == "slow":
+            self.waiters[rid] = ev = asyncio.Event()
+            await ev.wait()
+            yield RequestOutput(rid, [1], [], "", finished=True, finish_reason="abort")
+            return
+        for i in range(params.max_tokens):
+            last = i == params.max_tokens - 1
+            yield RequestOutput(rid, [1, 2], list(range(i + 1)), "x" * (i + 1), [i], "x", finished=last,
+                                finish_reason="length" if last else None)
+
+
+def _in_process(test, **config):
+    async def run():
+        app = create_app(FakeEngine(), ServerConfig(**config))
+        async with TestClient(TestServer(app)) as client:
+            await test(app, client)
+    asyncio.run(run())
+
+
+def test_full_queue_is_503_with_retry_after_then_serves():
+    async def test(app, client):
+        r = await client.post("/v1/completions", json={"prompt": "full"})
+        body = await r.json()
+        assert r.status == 503 and r.headers["Retry-After"] == "1" and body["error"]["code"] == "queue_full"
+        r = await client.post("/v1/completions", json={"prompt": "ok", "max_tokens": 2})
+        assert r.status == 200 and (await r.json())["choices"][0]["text"] == "xx"
+    _in_process(test)
+
+
+def test_engine_failure_is_500_for_that_request_only():
+    async def test(app, client):
+        r = await client.post("/v1/completions", json={"prompt": "boom"})
+        assert r.status == 500 and (await r.json())["error"]["type"] == "server_error"
+        r = await client.post("/v1/completions", json={"prompt": "boom", "stream": True})
+        events = sse.parse(await r.read())  # headers were sent: the error arrives in-band, then [DONE]
+        assert orjson.loads(events[0])["error"]["code"] == "internal_error" and events[-1] == b"[DONE]"
+        r = await client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "ok"}],
+                                                            "max_tokens": 3})
+        assert r.status == 200 and (await r.json())["choices"][0]["message"]["content"] == "xxx"
+    _in_process(test)
+
+
+def test_drain_aborts_what_outlives_the_grace_period():
+    async def test(app, client):
+        st = app[STATE]
+        task = asyncio.create_task(client.post("/v1/completions", json={"prompt": "slow"}))
+        while not st.live:
+            await asyncio.sleep(0.01)
+        assert (await health(make_mocked_request("GET", "/health", app=app))).status == 200
+        drained = asyncio.create_task(drain(app, client.server.runner))
+        await asyncio.sleep(0.05)
+        assert (await health(make_mocked_request("GET", "/health", app=app))).status == 503  # draining
+        r = await task
+        assert r.status == 503 and (await r.json())["error"]["code"] == "aborted"
+        await drained
+        assert not st.live and st.engine.aborted
+    _in_process(test, grace_period=0.3)
+
+
+# ================= a real server on the default model =================
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class Server:
+    url: str
+    proc: subprocess.Popen
+    log: str
+
+    def client(self, **kw) -> openai.OpenAI:
+        return openai.OpenAI(base_url=self.url + "/v1", api_key=KEY, max_retries=0, **kw)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    port = _free_port()
+    log = str(tmp_path_factory.mktemp("server") / "server.log")
+    cmd = [sys.executable, "server.py", "--port", str(port), "--mode", "disagg", "--dtype", "float32",
+           "--kv-cache-memory", "96MiB", "--max-body-bytes", "64KiB", "--grace-period", "60"]
+    with open(log, "w") as out:  # the key comes from the environment, as users are told to pass it
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "API_KEY": KEY})
+    srv = Server(f"http://127.0.0.1:{port}", proc, log)
+    deadline = time.monotonic() + 240
+    while http("GET", srv.url + "/health")[0] != 200:
+        assert proc.poll() is None, open(log).read()
+        assert time.monotonic() < deadline, "server did not become healthy"
+        time.sleep(0.25)
+    yield srv
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait()
+
+
+def http(method: str, url: str, body: bytes | dict | None = None, headers: dict | None = None,
+         key: str | None = KEY) -> tuple[int, dict, bytes]:
+    data = orjson.dumps(body) if isinstance(body, dict | list) else body
+    auth = {"Authorization": f"Bearer {key}"} if key else {}
+    hdrs = {"Content-Type": "application/json", **auth, **(headers or {})}
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, data, hdrs, method=method), timeout=60) as r:
+            return r.status, dict(r.headers), r.read()
+    except urllib.error.HTTPError as e:
+        return e.code, dict(e.headers), e.read()
+    except OSError:
+        return 0, {}, b""
+
+
+def scrape(srv: Server) -> dict[str, float]:
+    """Metric samples, keyed by the sample's line up to the value."""
+    text = http("GET", srv.url + "/metrics")[2].decode()
+    return {k: float(v) for k, v in (ln.rsplit(" ", 1) for ln in text.splitlines() if ln and ln[0] != "#")}
+
+
+def kv_used(srv: Server) -> list[float]:
+    m = scrape(srv)
+    return [v for k, v in m.items() if k.startswith(("distserve_kv_blocks_used", "distserve_running_requests"))]
+
+
+def wait_idle(srv: Server, timeout: float) -> float:
+    t0 = time.monotonic()
+    while any(kv_used(srv)):
+        assert time.monotonic() - t0 < timeout, f"KV blocks still used: {scrape(srv)}"
+        time.sleep(0.05)
+    return time.monotonic() - t0
+
+
+def test_banner_models_and_health(server):
+    banner = open(server.log).read()
+    assert f"listening on {server.url}" in banner and "SmolLM2" in banner
+    assert re.search(r"prefill0: prefill on cpu\S*", banner) and re.search(r"decode1: decode on cpu\S*", banner)
+    models = server.client().models.list().data
+    assert [m.id for m in models] == ["SmolLM2-135M-Instruct"]
+    assert http("GET", server.url + "/health", key=None)[0] == 200
+
+
+def test_openai_client_completions_and_chat(server):
+    c = server.client()
+    r = c.completions.create(model="SmolLM2-135M-Instruct", prompt=PROMPTS[0], max_tokens=8, temperature=0,
+                             extra_body={"ignore_eos": True})
+    assert r.choices[0].finish_reason == "length" and r.choices[0].text
+    assert (r.usage.completion_tokens, r.usage.total_tokens) == (8, r.usage.prompt_tokens + 8)
+    parts = [ch.choices[0].text for ch in c.completions.create(model=r.model, prompt=PROMPTS[0], max_tokens=8,
+                                                              temperature=0, stream=True,
+                                                              extra_body={"ignore_eos": True})]
+    assert "".join(parts) == r.choices[0].text
+
+    msgs = [{"role": "user", "content": "What is 2 + 2?"}]
+    chat = c.chat.completions.create(model=r.model, messages=msgs, max_completion_tokens=8, temperature=0)
+    assert chat.choices[0].message.role == "assistant" and chat.choices[0].message.content
+    assert chat.usage.completion_tokens <= 8
+    stream = c.chat.completions.create(model=r.model, messages=msgs, max_completion_tokens=8, temperature=0,
+                                       stream=True, stream_options={"include_usage": True})
+    chunks = list(stream)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices) == chat.choices[0].message.content
+    assert chunks[-1].choices == [] and chunks[-1].usage.total_tokens == chat.usage.total_tokens
+
+
+def test_n_seeds_and_logprobs(server):
+    c = server.client()
+    r = c.completions.create(model="SmolLM2-135M-Instruct", prompt=["Hi", "Yo"], max_tokens=4, n=2, temperature=1,
+                             seed=3, logprobs=2, extra_body={"ignore_eos": True})
+    assert sorted(ch.index for ch in r.choices) == [0, 1, 2, 3] and r.usage.completion_tokens == 16
+    lp = r.choices[0].logprobs
+    assert len(lp.tokens) == 4 and len(lp.token_logprobs) == 4 and all(len(t) <= 2 for t in lp.top_logprobs)
+    again = c.completions.create(model=r.model, prompt=["Hi", "Yo"], max_tokens=4, n=2, temperature=1, seed=3,
+                                 extra_body={"ignore_eos": True})
+    assert [ch.text for ch in again.choices] == [ch.text for ch in r.choices]  # seeded: reproducible
+    chat = c.chat.completions.create(model=r.model, messages=[{"role": "user", "content": "Hi"}], max_tokens=3,
+                                     logprobs=True, top_logprobs=2, temperature=0)
+    content = chat.choices[0].logprobs.content
+    assert len(content) == chat.usage.completion_tokens and len(content[0].top_logprobs) == 2
+
+
+@pytest.mark.parametrize("path, body", [
+    ("/v1/completions", {"prompt": "Hello", "max_tokens": 4}),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4}),
+])
+def test_sse_framing_done_and_usage_chunk_byte_by_byte(server, path, body):
+    status, headers, raw = http("POST", server.url + path, {**body, "stream": True, "temperature": 0,
+                                                           "stream_options": {"include_usage": True}})
+    assert status == 200 and headers["Content-Type"].startswith("text/event-stream")
+    events = sse.parse(raw)  # strict: every event is exactly b"data: <json>\n\n"
+    assert raw.endswith(b"\n\ndata: [DONE]\n\n") and events[-1] == b"[DONE]" and raw.count(b"[DONE]") == 1
+    chunks = [orjson.loads(e) for e in events[:-1]]
+    *body_chunks, usage_chunk = chunks
+    assert usage_chunk["choices"] == [] and usage_chunk["usage"]["completion_tokens"] == 4
+    assert all(ch["usage"] is None and len(ch["choices"]) == 1 for ch in body_chunks)
+    assert body_chunks[-1]["choices"][0]["finish_reason"] == "length"
+    assert len({ch["id"] for ch in chunks}) == 1
+
+
+def test_64_concurrent_streams_match_offline_greedy(server):
+    prompts = [PROMPTS[i % len(PROMPTS)] + " " * (i // len(PROMPTS)) for i in range(64)]
+
+    async def one(client: openai.AsyncOpenAI, prompt: str) -> str:
+        stream = await client.completions.create(model="SmolLM2-135M-Instruct", prompt=prompt, max_tokens=8,
+                                                 temperature=0, stream=True)
+        return "".join([ch.choices[0].text async for ch in stream if ch.choices])
+
+    async def all_streams() -> list[str]:
+        async with openai.AsyncOpenAI(base_url=server.url + "/v1", api_key=KEY, max_retries=0) as client:
+            return await asyncio.gather(*(one(client, p) for p in prompts))
+
+    texts = asyncio.run(all_streams())
+    wait_idle(server, timeout=10)  # every KV block back, nothing running
+
+    from engine.llm import LLM
+    with LLM(mode="colocated", dtype="float32", num_kv_blocks=256) as llm:
+        want = [o.text for o in llm.generate(prompts, SamplingParams(max_tokens=8, temperature=0))]
+    assert texts == want
+
+
+BAD = [  # (method, path, body, extra headers, key, status, code, param)
+    ("POST", "/v1/completions", b"{not json", {}, KEY, 400, "invalid_json", None),
+    ("POST", "/v1/completions", {"prompt": "x", "temperature": "hot"}, {}, KEY, 400, "invalid_type", "temperature"),
+    ("POST", "/v1/completions", {"prompt": ""}, {}, KEY, 400, None, "prompt"),
+    ("POST", "/v1/completions", {"prompt": "x", "max_tokens": 0}, {}, KEY, 400, None, "max_tokens"),
+    ("POST", "/v1/completions", {"prompt": "x", "max_tokens": -5}, {}, KEY, 400, None, "max_tokens"),
+    ("POST", "/v1/completions", {"prompt": "x", "max_tokens": 8192}, {}, KEY, 400, "context_length_exceeded",
+     "max_tokens"),
+    ("POST", "/v1/completions", {"prompt": "x", "echo": True}, {}, KEY, 400, "unsupported_parameter", "echo"),
+    ("POST", "/v1/chat/completions", {"messages": "hi"}, {}, KEY, 400, None, "messages"),
+    ("POST", "/v1/completions", {"prompt": "x", "model": "gpt-4"}, {}, KEY, 404, "model_not_found", "model"),
+    ("POST", "/v1/completions", {"prompt": "x"}, {}, None, 401, "invalid_api_key", None),
+    ("POST", "/v1/chat/completions", {"prompt": "x"}, {}, "wrong", 401, "invalid_api_key", None),
+    ("POST", "/v1/completions", {"prompt": "x" * 70_000}, {}, KEY, 413, "request_too_large", None),
+    ("GET", "/v1/nope", None, {}, KEY, 404, "not_found", None),
+    ("GET", "/v1/completions", None, {}, KEY, 405, "method_not_allowed", None),
+]
+
+
+@pytest.mark.parametrize("method, path, body, headers, key, status, code, param", BAD,
+                         ids=[f"{b[5]}-{b[6] or b[7]}" for b in BAD])
+def test_bad_input_gets_its_status_and_error_body_then_server_serves(server, method, path, body, headers, key,
+                                                                      status, code, param):
+    got, _, raw = http(method, server.url + path, body, headers, key)
+    assert got == status, raw
+    err = orjson.loads(raw)["error"]
+    assert set(err) == {"message", "type", "param", "code"} and err["message"]
+    assert (err["code"], err["param"]) == (code, param) if code else err["param"] == param
+    ok = http("POST", server.url + "/v1/completions", {"prompt": "Hi", "max_tokens": 2})
+    assert ok[0] == 200
+
+
+def test_openai_client_raises_typed_errors(server):
+    c = server.client()
+    with pytest.raises(openai.NotFoundError):
+        c.completions.create(model="nope", prompt="x")
+    with pytest.raises(openai.BadRequestError, match="best_of"):
+        c.completions.create(model="SmolLM2-135M-Instruct", prompt="x", best_of=3)
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=server.url + "/v1", api_key="bad", max_retries=0).models.list()
+
+
+def test_dropped_stream_frees_its_blocks(server):
+    async def drop() -> None:
+        async with ClientSession(timeout=ClientTimeout(total=60)) as s:
+            resp = await s.post(server.url + "/v1/completions", headers={"Authorization": f"Bearer {KEY}"},
+                                json={"prompt": "Tell me a long story.", "max_tokens": 1000, "ignore_eos": True,
+                                      "stream": True})
+            assert resp.status == 200
+            assert (await resp.content.readuntil(b"\n\n")).startswith(b"data: ")
+            assert any(kv_used(server))  # generating: it holds KV
+            resp.connection.transport.abort()  # hang up mid-stream
+            resp.release()
+
+    before = scrape(server).get('distserve_request_finish_total{reason="abort"}', 0.0)
+    asyncio.run(drop())
+    took = wait_idle(server, timeout=5)  # 1000 tokens would take far longer: freed by the abort, not by finishing
+    assert took < 5 and scrape(server)['distserve_request_finish_total{reason="abort"}'] == before + 1
+
+
+def test_metrics_cover_latencies_tokens_and_statuses(server):
+    assert http("POST", server.url + "/v1/completions", {"prompt": "Hi", "max_tokens": 2})[0] == 200
+    assert http("POST", server.url + "/v1/completions", {"prompt": "Hi", "max_tokens": 0})[0] == 400
+    m = scrape(server)
+    for name in ("time_to_first_token_seconds", "time_per_output_token_seconds", "e2e_request_latency_seconds",
+                 "queueing_seconds", "kv_transfer_seconds"):
+        assert m[f"distserve_{name}_count"] > 0, name
+    assert m["distserve_prompt_tokens_total"] > 0 and m["distserve_generation_tokens_total"] > 0
+    assert m['distserve_requests_total{endpoint="/v1/completions",status="200"}'] > 0
+    assert m['distserve_requests_total{endpoint="/v1/completions",status="400"}'] > 0
+    assert sum(v for k, v in m.items() if k.startswith("distserve_kv_blocks_total")) > 0
+
+
+def test_sigterm_drains_in_flight_then_exits_zero(server):  # last: it stops the module's server
+    result = {}
+    req = threading.Thread(target=lambda: result.update(r=http("POST", server.url + "/v1/completions", {
+        "prompt": "Once upon a time", "max_tokens": 48, "ignore_eos": True, "temperature": 0})))
+    req.start()
+    while not any(kv_used(server)):
+        time.sleep(0.02)
+    server.proc.send_signal(signal.SIGTERM)
+    assert server.proc.wait(timeout=60) == 0
+    req.join()
+    status, _, raw = result["r"]
+    assert status == 200 and orjson.loads(raw)["usage"]["completion_tokens"] == 48  # finished, not cut off
+    assert http("GET", server.url + "/health")[0] == 0  # no longer listening
