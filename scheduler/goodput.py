@@ -1,0 +1,105 @@
+"""Goodput of one layout: the highest request rate at which the SLO attainment target still holds.
+
+Every probe replays the same workload (lengths and unit-rate arrivals scaled by 1/rate), so the
+attainment curve is a function of the rate alone and bisection is meaningful.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from engine.config import SchedulerConfig
+from scheduler.latency import Profile
+from scheduler.simulator import Layout, Parallel, Simulation
+from scheduler.workload import SLO
+
+
+@dataclass
+class Workload:
+    lengths: list[tuple[int, int]]
+    unit_arrivals: np.ndarray  # arrival times at 1 req/s
+    slo: SLO
+    sched_config: SchedulerConfig
+
+    def __post_init__(self) -> None:
+        if len(self.lengths) != len(self.unit_arrivals) or not self.lengths:
+            raise ValueError("need one unit arrival per request, and at least one request")
+
+
+def attainment_at(profile: Profile, layout: Layout, work: Workload, rate: float) -> float:
+    """Joint attainment at `rate` req/s; stops the run once the target is out of reach."""
+    allowed = math.floor(len(work.lengths) * (1 - work.slo.attainment) + 1e-9)
+    sim = Simulation(profile, layout, work.sched_config, work.slo, max_failures=allowed)
+    return sim.run(list(work.unit_arrivals / rate), work.lengths).joint_attainment
+
+
+def fits(profile: Profile, layout: Layout, work: Workload) -> bool:
+    try:
+        Simulation(profile, layout, work.sched_config)._check_fits(work.lengths)
+    except ValueError:
+        return False
+    return True
+
+
+def capacity(profile: Profile, layout: Layout, work: Workload) -> float:
+    """Steady-state throughput (req/s) of a layout from the latency model at mean lengths: full
+    prefill batches, and decode batches as large as the seats and the KV pool allow. A finite run
+    above this rate can still look fine (its queue has not built up yet); goodput never exceeds it."""
+    cfg = work.sched_config
+    mean_in = float(np.mean([p for p, _ in work.lengths]))
+    mean_out = float(np.mean([o for _, o in work.lengths]))
+
+    def prefill_rate(spec: Parallel) -> float:
+        k = max(1, min(cfg.max_prefill_seqs, int(cfg.max_prefill_tokens // mean_in)))
+        return k / (profile.model_for(spec.tp, spec.pp).prefill_ms([round(mean_in)] * k) / 1e3)
+
+    def decode_rate(spec: Parallel) -> float:
+        ctx = mean_in + mean_out / 2
+        b = max(1, min(cfg.max_num_seqs, int(profile.kv_capacity(spec.tp, spec.pp) // (ctx + 1))))
+        step = profile.model_for(spec.tp, spec.pp).decode_ms(round(b * ctx), b) / 1e3
+        return b / step / max(mean_out - 1, 1)
+
+    if layout.mode == "prefill":
+        return prefill_rate(layout.prefill) * layout.prefill.count
+    if layout.mode == "decode":
+        return decode_rate(layout.decode) * layout.decode.count
+    if layout.mode == "disagg":
+        return min(prefill_rate(layout.prefill) * layout.prefill.count,
+                   decode_rate(layout.decode) * layout.decode.count)
+    c = layout.colocated  # one device time-shares both phases
+    return c.count / (1 / prefill_rate(c) + 1 / decode_rate(c))
+
+
+def goodput(profile: Profile, layout: Layout, work: Workload, hint: float = 1.0, rel_tol: float = 0.04,
+            min_rate: float = 1e-3) -> float:
+    """Highest rate (req/s, whole layout) with joint attainment >= the target; 0 if none above min_rate
+    or the layout cannot hold the longest request. `hint` is where the bracket search starts."""
+    if not fits(profile, layout, work):
+        return 0.0
+    target = work.slo.attainment
+
+    def ok(rate: float) -> bool:
+        return attainment_at(profile, layout, work, rate) >= target - 1e-9
+
+    cap = capacity(profile, layout, work)
+    rate = min(max(hint, min_rate), cap)
+    if ok(rate):
+        lo, hi = rate, min(rate * 2, cap)
+        while lo < cap:
+            if not ok(hi):
+                break
+            lo, hi = hi, min(hi * 2, cap)
+        if lo >= cap:
+            return cap
+    else:
+        lo, hi = rate / 2, rate
+        while not ok(lo):
+            if lo < min_rate:
+                return 0.0
+            lo, hi = lo / 2, lo
+    while (hi - lo) / hi > rel_tol:
+        mid = math.sqrt(lo * hi)  # geometric: the bracket spans a factor of 2
+        lo, hi = (mid, hi) if ok(mid) else (lo, mid)
+    return lo

@@ -1,0 +1,199 @@
+"""Placement planner CLI: search layouts for a cluster, print the ranking, write the plan file.
+
+    python -m scheduler.placement --profile scheduler/data/distserve-a100/profiler-a100-80g.distserve.json \
+        --model facebook/opt-13b --num-nodes 1 --devices-per-node 4 --dataset sharegpt \
+        --ttft-slo 0.25 --tpot-slo 0.1 --attainment 0.9 --out plan.json
+
+Plan file: {"model", "mode": "disagg"|"colocated", "prefill": {"tp","pp","instances"}, "decode": {...},
+"goodput" (req/s), "goodput_per_device", "slo", "devices": {"prefill_devices", "decode_devices"}
+(colocated: {"devices"}), plus how it was found. Device strings: one per instance, "cuda:N" on one
+node ("cuda:N,M" for a multi-device instance; "nodeK/cuda:N,..." across nodes), or "cpu:CORES" for
+a CPU profile, where a device is one core.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from engine.config import SchedulerConfig
+from scheduler.goodput import Workload
+from scheduler.latency import Profile, load_profile
+from scheduler.search import Candidate, Cluster, Planner
+from scheduler.simulator import Parallel
+from scheduler.workload import SLO, parse_fixed, read_lengths_file, synth_lengths, unit_arrivals
+
+
+def dataset_lengths(args: argparse.Namespace) -> tuple[list[tuple[int, int]], str]:
+    """(lengths, provenance). A lengths file wins; then the real dataset through bench/ when a
+    tokenizer is given; otherwise lengths synthesized to the dataset's published statistics."""
+    if args.lengths_file:
+        return read_lengths_file(args.lengths_file)[: args.num_requests], f"file:{args.lengths_file}"
+    fixed = parse_fixed(args.dataset)
+    if fixed:
+        return [fixed] * args.num_requests, args.dataset
+    if args.tokenizer:
+        # lazy: the planner runs without bench/, the dataset packages and a tokenizer
+        from bench.datasets import load_dataset
+        from engine.loader import load_tokenizer
+
+        tok = load_tokenizer(None if args.tokenizer == "default" else args.tokenizer)
+        specs = load_dataset(args.dataset, tok, args.num_requests, args.seed, args.max_model_len)
+        return [(s.prompt_len, s.output_len) for s in specs], f"{args.dataset} (tokenized)"
+    return synth_lengths(args.dataset, args.num_requests, args.seed), f"{args.dataset} (synthetic lengths)"
+
+
+def _device_strings(profile: Profile, cluster: Cluster, sizes: list[int]) -> list[str]:
+    """Consecutive devices for instances of the given sizes, in order."""
+    out, nxt = [], 0
+    g = cluster.devices_per_node
+    for size in sizes:
+        ids = list(range(nxt, nxt + size))
+        nxt += size
+        if profile.device_kind == "cpu":
+            out.append(f"cpu:{ids[0]}" if size == 1 else f"cpu:{ids[0]}-{ids[-1]}")
+        elif cluster.num_nodes == 1:
+            out.append("cuda:" + ",".join(str(i) for i in ids))
+        else:
+            out.append(",".join(f"node{i // g}/cuda:{i % g}" for i in ids))
+    return out
+
+
+def _unit_device_strings(profile: Profile, cluster: Cluster, c: Candidate) -> tuple[list[str], list[str]]:
+    """Algorithm 2: unit u spans nodes u*s..u*s+s-1; each instance puts its stage j on node j."""
+    unit, g, s = c.unit, cluster.devices_per_node, c.nodes_per_unit
+    prefill, decode = [], []
+    for u in range(cluster.num_nodes // s):
+        local = 0
+        for spec, sink in ((unit.prefill, prefill), (unit.decode, decode)):
+            per_node = spec.tp * (spec.pp // s)
+            for _ in range(spec.count):
+                ids = [(u * s + j) * g + local + k for j in range(s) for k in range(per_node)]
+                local += per_node
+                if profile.device_kind == "cpu":
+                    sink.append("cpu:" + ",".join(map(str, ids)))
+                elif cluster.num_nodes == 1:
+                    sink.append("cuda:" + ",".join(map(str, ids)))
+                else:
+                    sink.append(",".join(f"node{i // g}/cuda:{i % g}" for i in ids))
+    return prefill, decode
+
+
+def plan_json(c: Candidate, profile: Profile, cluster: Cluster, slo: SLO, workload: dict) -> dict:
+    lay = c.layout
+
+    def spec(x: Parallel) -> dict:
+        return {"tp": x.tp, "pp": x.pp, "instances": x.count}
+    plan = {"model": profile.model, "mode": lay.mode, "goodput": c.goodput, "goodput_per_device": c.per_device,
+            "devices_used": lay.devices, "slo": {"ttft": slo.ttft, "tpot": slo.tpot, "attainment": slo.attainment},
+            "algorithm": c.algorithm, "method": c.method, "profile_device": profile.device,
+            "cluster": {"num_nodes": cluster.num_nodes, "devices_per_node": cluster.devices_per_node},
+            "workload": workload}
+    if lay.mode == "colocated":
+        plan |= {"prefill": spec(lay.colocated), "decode": spec(lay.colocated), "chunked_prefill": lay.chunked,
+                 "devices": {"devices": _device_strings(profile, cluster, [lay.colocated.tp * lay.colocated.pp]
+                                                        * lay.colocated.count)}}
+        return plan
+    if c.unit is not None:
+        pre, dec = _unit_device_strings(profile, cluster, c)
+    else:
+        sizes = [lay.prefill.tp * lay.prefill.pp] * lay.prefill.count
+        sizes += [lay.decode.tp * lay.decode.pp] * lay.decode.count
+        devs = _device_strings(profile, cluster, sizes)
+        pre, dec = devs[: lay.prefill.count], devs[lay.prefill.count:]
+    return plan | {"prefill": spec(lay.prefill), "decode": spec(lay.decode),
+                   "devices": {"prefill_devices": pre, "decode_devices": dec}}
+
+
+def run_search(profile: Profile, cluster: Cluster, work: Workload, algorithm: str = "alg1",
+               colocated: bool = True, max_tp: int | None = None, max_pp: int | None = None,
+               colocated_profile: Profile | None = None) -> list[Candidate]:
+    """Every evaluated candidate, best first: joint or replicated results ahead of bare estimates.
+    `colocated_profile` prices the colocated baselines with another engine's coefficients (DistServe
+    compared against vLLM, whose A100 profile is profiler-a100-80g.vllm.json)."""
+    planner = Planner(profile, cluster, work, max_tp=max_tp, max_pp=max_pp)
+    cands = planner.algorithm1() if algorithm == "alg1" else planner.algorithm2()
+    if colocated:
+        base = planner if colocated_profile is None else Planner(colocated_profile, cluster, work, max_tp=max_tp,
+                                                                  max_pp=max_pp)
+        cands += base.colocated()
+    return sorted(cands, key=lambda c: (c.method == "phases", -c.goodput, c.layout.devices))
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(prog="python -m scheduler.placement", description=__doc__.split("\n")[0])
+    ap.add_argument("--profile", required=True, help="profile JSON (ours, or DistServe's with max_num_tokens.csv)")
+    ap.add_argument("--model", help="model key inside a DistServe profile (e.g. facebook/opt-13b)")
+    ap.add_argument("--num-nodes", type=int, default=1)
+    ap.add_argument("--devices-per-node", type=int, required=True)
+    ap.add_argument("--dataset", default="sharegpt", help="sharegpt | humaneval | longbench-synthetic | fixed:IN:OUT")
+    ap.add_argument("--lengths-file", help="JSON list of [prompt_len, output_len]; overrides --dataset")
+    ap.add_argument("--tokenizer", help="model path (or 'default') whose tokenizer measures the real dataset "
+                    "via bench.datasets; without it lengths are synthesized")
+    ap.add_argument("--max-model-len", type=int, default=2048, help="with --tokenizer: longest prompt + output")
+    ap.add_argument("--ttft-slo", type=float, required=True, help="seconds")
+    ap.add_argument("--tpot-slo", type=float, required=True, help="seconds")
+    ap.add_argument("--attainment", type=float, default=0.9)
+    ap.add_argument("--num-requests", type=int, default=300)
+    ap.add_argument("--arrival", default="poisson", choices=["poisson", "gamma", "fixed"])
+    ap.add_argument("--cv", type=float, default=1.0, help="gamma arrivals: coefficient of variation")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--algorithm", default="alg1", choices=["alg1", "alg2"],
+                    help="alg1: high node affinity (independent phases); alg2: low affinity (per-node segments)")
+    ap.add_argument("--max-tp", type=int, help="largest tensor-parallel degree to consider (default: a node)")
+    ap.add_argument("--max-pp", type=int, help="largest pipeline degree to consider (default: the cluster)")
+    ap.add_argument("--colocated-profile", help="price the colocated baselines with this profile instead")
+    ap.add_argument("--no-colocated", action="store_true", help="skip the colocated baselines")
+    for name in ("max_num_seqs", "max_prefill_tokens", "max_prefill_seqs", "chunk_budget"):
+        ap.add_argument("--" + name.replace("_", "-"), type=int, help="SchedulerConfig; default from the profile")
+    ap.add_argument("--transfer-bandwidth", type=float, help="KV link bytes/s; default from the profile")
+    ap.add_argument("--top", type=int, default=12, help="candidates to print")
+    ap.add_argument("--out", help="plan file to write")
+    return ap.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    t0 = time.perf_counter()
+    profile = load_profile(args.profile, args.model)
+    if args.transfer_bandwidth:
+        profile.transfer_bandwidth_Bps = args.transfer_bandwidth
+    knobs = dict(profile.scheduler)
+    knobs.update({k: getattr(args, k) for k in ("max_num_seqs", "max_prefill_tokens", "max_prefill_seqs",
+                                                 "chunk_budget") if getattr(args, k) is not None})
+    slo = SLO(args.ttft_slo, args.tpot_slo, args.attainment)
+    lengths, source = dataset_lengths(args)
+    work = Workload(lengths, unit_arrivals(len(lengths), args.arrival, args.cv, args.seed), slo,
+                    SchedulerConfig(**knobs))
+    cluster = Cluster(args.num_nodes, args.devices_per_node)
+    coloc = load_profile(args.colocated_profile, args.model) if args.colocated_profile else None
+    cands = run_search(profile, cluster, work, args.algorithm, not args.no_colocated, args.max_tp, args.max_pp, coloc)
+    elapsed = time.perf_counter() - t0
+    mean_in, mean_out = np.mean([p for p, _ in lengths]), np.mean([o for _, o in lengths])
+    print(f"{profile.model} on {cluster.num_nodes}x{cluster.devices_per_node} {profile.device}; workload {source}, "
+          f"{len(lengths)} requests, mean {mean_in:.0f} in / {mean_out:.0f} out; SLO TTFT {slo.ttft}s TPOT "
+          f"{slo.tpot}s at {slo.attainment:.0%}; searched in {elapsed:.1f}s")
+    print(f"{'rank':>4}  {'goodput/dev':>11}  {'goodput':>8}  {'devs':>4}  {'method':<10}  layout")
+    for i, c in enumerate(cands[: args.top], 1):
+        print(f"{i:>4}  {c.per_device:>11.3f}  {c.goodput:>8.3f}  {c.layout.devices:>4}  {c.method:<10}  "
+              f"{c.describe()}")
+    best = cands[0] if cands and cands[0].goodput > 0 else None
+    if best is None:
+        print("no layout meets the SLOs at any rate", file=sys.stderr)
+        return 1
+    print(f"best: {best.describe()} -> {best.goodput:.3f} req/s, {best.per_device:.3f} req/s per device")
+    if args.out:
+        workload = {"source": source, "num_requests": len(lengths), "mean_prompt": float(mean_in),
+                    "mean_output": float(mean_out), "arrival": args.arrival, "seed": args.seed}
+        plan = plan_json(best, profile, cluster, slo, workload) | {"search_seconds": elapsed}
+        Path(args.out).write_text(json.dumps(plan, indent=2) + "\n")
+        print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

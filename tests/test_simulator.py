@@ -1,0 +1,125 @@
+"""The simulator against timelines computed by hand, with round latency coefficients.
+
+Prefill (tp1): 10 + 1*tokens (+ c*tokens^2) ms, +1 ms (DistServe's pp term at pp=1).
+Decode: a + b*context + c*batch ms. KV: 1000 bytes per token.
+"""
+from __future__ import annotations
+
+import pytest
+
+from engine.config import SchedulerConfig
+from scheduler.latency import PhaseCoeffs, Profile
+from scheduler.simulator import Layout, Parallel, Simulation, simulate
+from scheduler.workload import SLO
+
+
+def profile(prefill=(10, 1, 0), decode=(5, 0.01, 1), decode2=(4, 0, 1), cap=None, transfer=1e7, swap=1e6):
+    return Profile(model="toy", device="toy", device_kind="cuda",
+                   tp={1: PhaseCoeffs(prefill, decode, decode, threshold=1000),
+                       2: PhaseCoeffs(prefill, decode2, decode2, threshold=1000)},
+                   kv_capacity_tokens=cap or {(1, 1): 1600, (2, 1): 1600}, kv_bytes_per_token=1000,
+                   transfer_bandwidth_Bps=transfer, swap_bandwidth_Bps=swap, block_size=16)
+
+
+def run(prof, layout, arrivals, lengths, cfg=None, slo=None):
+    sim = Simulation(prof, layout, cfg or SchedulerConfig(), slo)
+    res = sim.run(arrivals, lengths)
+    sim.check()  # every pool's allocator is consistent, and everything was freed
+    for inst in sim.prefills + sim.decodes:
+        assert inst.alloc.num_free == inst.alloc.num_blocks
+    return res
+
+
+DISAGG = Layout("disagg", prefill=Parallel(1), decode=Parallel(1))
+
+
+def test_one_request_disagg():
+    res = run(profile(), DISAGG, [0.0], [(100, 5)]).requests[0]
+    # prefill 10 + 100 + 1 = 111 ms; pull 100 tokens * 1000 B / 1e7 B/s = 10 ms;
+    # 4 decode steps at contexts 101..104: 5 + 0.01*ctx + 1 = 7.01, 7.02, 7.03, 7.04 ms
+    assert res.ttft == pytest.approx(0.111)
+    assert res.transfer_time == pytest.approx(0.010)
+    assert res.tpot == pytest.approx((0.121 + 0.0281 - 0.111) / 4)
+    assert res.finished and res.preemptions == 0
+
+
+def test_prefill_queue_batches_by_token_budget():
+    # quadratic term 0.001*l^2: one 100-token prompt = 10+100+10+1 = 121 ms, two = 10+200+20+1 = 231 ms.
+    # The first arrival starts alone at t=0; the other four (same instant) queue and go two by two
+    # under a 200-token budget.
+    prof = profile(prefill=(10, 1, 0.001))
+    cfg = SchedulerConfig(max_prefill_tokens=200)
+    res = run(prof, Layout("prefill", prefill=Parallel(1)), [0.0] * 5, [(100, 8)] * 5, cfg)
+    assert [r.ttft for r in res.requests] == pytest.approx([0.121, 0.352, 0.352, 0.583, 0.583])
+    # the sequence limit binds the same way
+    cfg = SchedulerConfig(max_prefill_seqs=1)
+    res = run(prof, Layout("prefill", prefill=Parallel(1)), [0.0] * 3, [(100, 8)] * 3, cfg)
+    assert [r.ttft for r in res.requests] == pytest.approx([0.121, 0.242, 0.363])
+
+
+def test_full_decode_pool_backpressures_prefill():
+    # prefill pool 4 blocks (two 32-token prompts), decode pool 3 blocks (one request at a time).
+    # prefill: 10 + 0 + 1 = 11 ms flat; decode (tp2): 4 + 1*batch = 5 ms; pull: 32 tokens = 20 ms.
+    prof = profile(prefill=(10, 0, 0), cap={(1, 1): 64, (2, 1): 48}, transfer=1.6e6)
+    lay = Layout("disagg", prefill=Parallel(1), decode=Parallel(2))
+    res = run(prof, lay, [0.0] * 3, [(32, 3)] * 3).requests
+    # r0: prefill 0-11, pull 11-31, decode 31-36-41.  r1: prefill 11-22 (r0 still holds 2 blocks),
+    # waits for the decode pool, pull 41-61, decode 61-66-71.  r2 cannot start prefill until r0's
+    # pull frees its prefill blocks at 31: prefill 31-42, pull 71-91, decode 91-96-101.
+    assert [r.ttft for r in res] == pytest.approx([0.011, 0.022, 0.042])
+    assert res[2].prefill_start == pytest.approx(0.031)
+    assert [r.tpot for r in res] == pytest.approx([0.015, 0.0245, 0.0295])
+
+
+def test_decode_pool_overflow_swaps_out_the_newest():
+    # decode-only: two prefilled requests (15 + 20 out) into a 5-block pool; steps 10 ms flat;
+    # swapping 1 ms per token. r0 steps alone once (0-10 ms), then both run; at the 18th joint step
+    # r1 needs its 3rd block (r0 holds 3, r1 2): r1 is swapped out (32 tokens: +32 ms) while r0
+    # finishes (step ends 180 + 42 = 222 ms); r1 swaps back in (+32 ms) and finishes at 264 + 10.
+    prof = profile(decode=(10, 0, 0), cap={(1, 1): 80, (2, 1): 80}, transfer=1e15, swap=1e6)
+    res = run(prof, Layout("decode", decode=Parallel(1)), [0.0, 0.0], [(15, 20)] * 2).requests
+    assert res[0].tpot == pytest.approx(0.222 / 19, abs=1e-9)
+    assert res[1].tpot == pytest.approx(0.274 / 19, abs=1e-9)
+    assert [r.preemptions for r in res] == [0, 1]
+
+
+def test_colocated_prefill_first_stalls_decodes():
+    # r0 prefills 0-111; r1 (arrived at 5 ms) prefills 111-222 while r0 waits (interference);
+    # one joint decode step 5 + 2 = 7 ms (r1 done), then r0 alone 6 ms.
+    lay = Layout("colocated", colocated=Parallel(1))
+    res = run(profile(decode=(5, 0, 1)), lay, [0.0, 0.005], [(100, 3), (100, 2)]).requests
+    assert [r.ttft for r in res] == pytest.approx([0.111, 0.217])
+    assert [r.tpot for r in res] == pytest.approx([(0.235 - 0.111) / 2, 0.007])
+
+
+def test_colocated_chunked_prefill_splits_by_budget():
+    # budget 64: chunk 64 (10 + 64 + 0.001*64^2 + 1) then 36 after 64 cached (10 + 36 + 0.001*(36^2 +
+    # 2*36*64) + 1): 79.096 + 52.904 = 132 ms, the whole prompt's 121 ms plus one more a + pp.
+    lay = Layout("colocated", colocated=Parallel(1), chunked=True)
+    res = run(profile(prefill=(10, 1, 0.001)), lay, [0.0], [(100, 2)], SchedulerConfig(chunk_budget=64))
+    assert res.requests[0].ttft == pytest.approx(0.132)
+
+
+def test_attainment_and_early_stop():
+    lengths = [(100, 5)] * 4
+    slo = SLO(ttft=0.2, tpot=0.1, attainment=0.5)
+    res = simulate(profile(), DISAGG, [0.0, 1.0, 2.0, 3.0], lengths, slo)
+    assert res.joint_attainment == 1.0
+    # all at once: r0 alone (0.111 s), then the other three in one batch (10 + 300 + 1 ms: 0.422 s)
+    res = simulate(profile(), DISAGG, [0.0] * 4, lengths, SLO(ttft=0.15, tpot=0.1))
+    assert res.attainment(True, False) == 0.25 and res.attainment(False, True) == 1.0
+    stopped = simulate(profile(), DISAGG, [0.0] * 4, lengths, SLO(ttft=0.15, tpot=0.1), max_failures=1)
+    assert stopped.stopped_early and stopped.joint_attainment <= 0.5
+
+
+def test_request_larger_than_a_pool_is_refused():
+    with pytest.raises(ValueError, match="cannot hold"):
+        simulate(profile(cap={(1, 1): 64, (2, 1): 64}), DISAGG, [0.0], [(100, 5)])
+
+
+def test_layout_validation():
+    with pytest.raises(ValueError):
+        Layout("disagg", prefill=Parallel(1))
+    with pytest.raises(ValueError):
+        Layout("disagg", prefill=Parallel(1), decode=Parallel(1), chunked=True)
+    assert Layout("disagg", prefill=Parallel(2, 1, 2), decode=Parallel(1, 2, 1)).devices == 6
