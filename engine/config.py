@@ -167,6 +167,7 @@ class EngineConfig:
     transfer: str = "auto"  # auto | torch | cupy
     swap_space_bytes: int | str = "4GiB"  # host memory for preempted decodes
     cache: CacheConfig = field(default_factory=CacheConfig)
+    decode_cache: CacheConfig | None = None  # disagg: decode pools of another size (None: same as cache)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
 
     def __post_init__(self) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import logging
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -29,6 +30,8 @@ from scheduler.decode import DecodeScheduler
 from scheduler.dispatch import least_loaded
 from scheduler.prefill import PrefillScheduler
 from transfer.base import make_transfer
+
+log = logging.getLogger("engine")
 
 
 class QueueFullError(RuntimeError):
@@ -98,9 +101,9 @@ class AsyncEngine:
             if key not in models:
                 device = torch.device(key)
                 models[key] = LlamaModel(ckpt.config, ckpt.weights, resolve_dtype(config.dtype, device), device)
-            self.instances.append(Instance(f"{role}{i}", role, dev, models[key], config.cache))
+            cache = config.decode_cache if role == "decode" and config.decode_cache else config.cache
+            self.instances.append(Instance(f"{role}{i}", role, dev, models[key], cache))
         self.dtype = next(iter(models.values())).dtype
-        ckpt.weights.clear()  # the dense float32 copy is no longer needed
         sc = config.scheduler
         self.scheds: dict[str, object] = {}
         for inst in self.instances:
@@ -121,6 +124,7 @@ class AsyncEngine:
         self.transfer_log: list[tuple[str, int, float]] = []  # (request id, bytes, seconds)
         self._ids = itertools.count()
         self.closed = False
+        self.error: str | None = None
 
     # ---------------- public API ----------------
     async def start(self) -> None:
@@ -128,12 +132,24 @@ class AsyncEngine:
         self.wake = {i.name: asyncio.Event() for i in self.instances}
         loop_for = {"prefill": self._prefill_loop, "decode": self._decode_loop, "colocated": self._colocated_loop}
         self.tasks = [asyncio.create_task(loop_for[i.role](i), name=i.name) for i in self.instances]
+        for t in self.tasks:
+            t.add_done_callback(self._loop_ended)
+
+    def _loop_ended(self, task: asyncio.Task) -> None:
+        """An instance loop must never die quietly: log it, fail every live request, refuse new ones."""
+        if task.cancelled() or task.exception() is None:
+            return
+        log.error("instance loop %s crashed", task.get_name(), exc_info=task.exception())
+        self.closed = True
+        self.error = f"instance loop {task.get_name()} crashed: {task.exception()!r}"
+        for track in list(self.tracks.values()):
+            self._finish(track.req, "error")
 
     def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
                     request_id: str | None = None, arrival: float | None = None) -> AsyncIterator[RequestOutput]:
         """Queue a request; returns the async iterator of its outputs. ValueError on bad input."""
         if self.closed:
-            raise RuntimeError("engine is shut down")
+            raise RuntimeError(self.error or "engine is shut down")
         params = params or SamplingParams()
         ids = self.tokenizer.encode(prompt, add_special_tokens=True) if isinstance(prompt, str) else list(prompt)
         self.validate(ids, params)
@@ -316,8 +332,9 @@ class AsyncEngine:
         req.metrics.transfer_start = time.perf_counter()
         inst.busy.add(req.id)
         try:
+            # the prompt's blocks; the rest of `blocks` is room for the tokens decode will add
             stats = await asyncio.get_running_loop().run_in_executor(
-                inst.executor, xfer.pull, src_inst, src_blocks, inst.pool, blocks)
+                inst.executor, xfer.pull, src_inst, src_blocks, inst.pool, blocks[:len(src_blocks)])
         finally:
             inst.busy.discard(req.id)
         req.metrics.transfer_end = time.perf_counter()

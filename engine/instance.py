@@ -83,8 +83,9 @@ class Instance:
         cache = self.pool.cache
         for req, blocks in step.swap_out:  # before the forward: these blocks may be reused now
             req.swapped = cache[torch.tensor(blocks, device=self.device)].to("cpu")
-        for req in step.swap_in:
-            cache[torch.tensor(req.block_table, device=self.device)] = req.swapped.to(self.device)
+        for req in step.swap_in:  # its new table may be longer: room for the tokens still to come
+            n = req.swapped.shape[0]
+            cache[torch.tensor(req.block_table[:n], device=self.device)] = req.swapped.to(self.device)
             req.swapped = None
         if not step.items:
             return []

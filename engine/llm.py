@@ -31,7 +31,8 @@ class LLM:
     def __init__(self, model: str | None = None, dtype: str = "auto", mode: str = "colocated",
                  chunked_prefill: bool = False, devices: list[str] | None = None,
                  prefill_devices: list[str] | None = None, decode_devices: list[str] | None = None,
-                 kv_cache_memory: int | str = "512MiB", num_kv_blocks: int | None = None, block_size: int = 16,
+                 kv_cache_memory: int | str = "512MiB", num_kv_blocks: int | None = None,
+                 decode_kv_blocks: int | None = None, block_size: int = 16,
                  max_num_seqs: int = 64, max_prefill_tokens: int = 4096, chunk_budget: int = 512,
                  transfer: str = "auto", checkpoint: Checkpoint | None = None) -> None:
         if mode == "disagg" and not (prefill_devices and decode_devices):
@@ -41,6 +42,8 @@ class LLM:
             model=model, dtype=dtype, mode=mode, chunked_prefill=chunked_prefill, devices=devices or ["cpu"],
             prefill_devices=prefill_devices or [], decode_devices=decode_devices or [], transfer=transfer,
             cache=CacheConfig(block_size=block_size, memory_bytes=kv_cache_memory, num_blocks=num_kv_blocks),
+            decode_cache=CacheConfig(block_size=block_size, memory_bytes=kv_cache_memory, num_blocks=decode_kv_blocks)
+            if decode_kv_blocks else None,
             scheduler=SchedulerConfig(max_num_seqs=max_num_seqs, max_prefill_tokens=max_prefill_tokens,
                                       chunk_budget=chunk_budget))
         self.engine = AsyncEngine(self.config, checkpoint)

@@ -1,0 +1,202 @@
+"""The engine's promise: the same tokens whatever the layout or load, and no KV block ever leaks.
+
+Runs the real default model in float32 (bf16 batch-size-dependent rounding can flip near-ties).
+"""
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+
+import pytest
+
+from engine.config import CacheConfig, EngineConfig, SamplingParams, SchedulerConfig
+from engine.engine import AsyncEngine
+from engine.llm import LLM
+from engine.loader import load_checkpoint
+from engine.request import Status
+
+CORES = sorted(os.sched_getaffinity(0))
+C0, C1 = f"cpu:{CORES[0]}", f"cpu:{CORES[-1]}"
+LAYOUTS = {
+    "disagg-1p1d": dict(mode="disagg", prefill_devices=[C0], decode_devices=[C1]),
+    "disagg-2p1d": dict(mode="disagg", prefill_devices=[C0, C1], decode_devices=[C1]),
+    "colocated": dict(mode="colocated"),
+    "chunked": dict(mode="colocated", chunked_prefill=True, chunk_budget=48),
+}
+TEXT = ("Disaggregated serving splits the prefill phase, which is compute bound, from the decode phase, which is "
+        "bound by memory bandwidth. Each phase runs on its own device with its own batch sizes, and the key-value "
+        "cache moves from one to the other after the first token. The scheduler picks a layout that maximizes "
+        "goodput: the rate of requests that meet both latency objectives. ") * 8
+
+
+@pytest.fixture(scope="module")
+def ckpt():
+    return load_checkpoint()
+
+
+@pytest.fixture(scope="module")
+def prompts(ckpt):
+    ids = ckpt.tokenizer.encode(TEXT)
+    lengths = [1, 5, 17, 40, 64, 99, 150, 230, 310]
+    starts = [0, 3, 11, 29, 50, 7, 90, 20, 0]
+    return [ids[s:s + n] for s, n in zip(starts, lengths)]
+
+
+def params(kind: str, i: int, max_tokens: int = 16) -> SamplingParams:
+    if kind == "greedy":
+        return SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+    return SamplingParams(max_tokens=max_tokens, temperature=0.9, top_p=0.9, top_k=50, seed=1000 + i, ignore_eos=True)
+
+
+def make_llm(ckpt, **kw) -> LLM:
+    return LLM(dtype="float32", checkpoint=ckpt, **kw)
+
+
+def assert_all_free(engine: AsyncEngine) -> None:
+    engine.check()
+    for s in engine.stats():
+        assert s["kv_blocks_used"] == 0, s
+        assert s["running"] == 0 and s["waiting"] == 0, s
+    assert not engine.tracks
+
+
+@pytest.fixture(scope="module")
+def reference(ckpt, prompts):
+    """Each prompt alone on a colocated instance."""
+    with make_llm(ckpt) as llm:
+        return {kind: [llm.generate([p], params(kind, i))[0].token_ids for i, p in enumerate(prompts)]
+                for kind in ("greedy", "seeded")}
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_layouts_give_the_tokens_of_a_request_alone(ckpt, prompts, reference, layout):
+    with make_llm(ckpt, **LAYOUTS[layout]) as llm:
+        for kind in ("greedy", "seeded"):
+            outs = llm.generate(prompts, [params(kind, i) for i in range(len(prompts))])
+            assert [o.token_ids for o in outs] == reference[kind], (layout, kind)
+            assert all(o.finish_reason == "length" for o in outs)
+        assert_all_free(llm.engine)
+        if layout.startswith("disagg"):
+            assert all(o.metrics.transfer_bytes > 0 and o.metrics.transfer_end >= o.metrics.transfer_start
+                       for o in outs)
+
+
+def run_engine(ckpt, config: EngineConfig, body):
+    async def main():
+        engine = AsyncEngine(config, ckpt)
+        await engine.start()
+        try:
+            return await body(engine)
+        finally:
+            await engine.shutdown()
+    return asyncio.run(main())
+
+
+def disagg_config(decode_blocks: int | None = None, max_num_seqs: int = 64) -> EngineConfig:
+    return EngineConfig(dtype="float32", mode="disagg", prefill_devices=[C0], decode_devices=[C1],
+                        decode_cache=CacheConfig(num_blocks=decode_blocks) if decode_blocks else None,
+                        scheduler=SchedulerConfig(max_num_seqs=max_num_seqs))
+
+
+async def collect(stream):
+    last = None
+    async for out in stream:
+        last = out
+    return last
+
+
+def test_fifty_requests_at_random_times_match_each_alone(ckpt):
+    rng = random.Random(7)
+    ids = ckpt.tokenizer.encode(TEXT)
+    prompts = [ids[(s := rng.randrange(0, 200)): s + rng.randrange(1, 120)] for _ in range(50)]
+    with make_llm(ckpt) as llm:
+        alone = [llm.generate([p], params("greedy", 0, 8))[0].token_ids for p in prompts]
+
+    async def body(engine):
+        async def one(i):
+            await asyncio.sleep(rng.uniform(0, 1.0))
+            return await collect(engine.add_request(prompts[i], params("greedy", 0, 8)))
+        outs = await asyncio.gather(*(one(i) for i in range(50)))
+        await asyncio.sleep(0.05)
+        assert_all_free(engine)
+        return [o.token_ids for o in outs]
+
+    assert run_engine(ckpt, disagg_config(), body) == alone
+
+
+def test_too_small_decode_pool_preempts_and_still_gives_right_tokens(ckpt, prompts, reference):
+    # 9 prompts need ~60 blocks of 16 tokens at once; the decode pool has 30: requests swap out and back
+    async def body(engine):
+        outs = await asyncio.gather(*(collect(engine.add_request(p, params("greedy", i)))
+                                      for i, p in enumerate(prompts)))
+        assert_all_free(engine)
+        return outs
+
+    outs = run_engine(ckpt, disagg_config(decode_blocks=30), body)
+    assert [o.token_ids for o in outs] == reference["greedy"]
+    assert sum(o.metrics.preemptions for o in outs) > 0  # the scenario really exhausted the pool
+
+
+PHASES = [Status.WAITING, Status.PREFILLING, Status.MIGRATING, Status.PREEMPTED, Status.DECODING]
+
+
+def test_abort_in_every_phase_frees_every_block(ckpt, prompts):
+    """One crowd overfills a small decode pool so requests sit in every phase; abort one in each."""
+    async def body(engine):
+        crowd = [engine.add_request(p, params("greedy", i, 24), f"crowd{i}") for i, p in enumerate(prompts * 2)]
+        tasks = [asyncio.create_task(collect(s)) for s in crowd]
+        aborted: dict[Status, str] = {}
+        for _ in range(40000):
+            for t in list(engine.tracks.values()):
+                phase = t.req.status
+                if phase in PHASES and phase not in aborted:
+                    aborted[phase] = t.req.id
+                    engine.abort(t.req.id)
+            if len(aborted) == len(PHASES) or all(t.done() for t in tasks):
+                break
+            await asyncio.sleep(0.0005)
+        outs = await asyncio.gather(*tasks)
+        await asyncio.sleep(0.05)
+        assert_all_free(engine)
+        return aborted, outs
+
+    aborted, outs = run_engine(ckpt, disagg_config(decode_blocks=40, max_num_seqs=8), body)
+    assert set(aborted) == set(PHASES), f"phases never reached: {set(PHASES) - set(aborted)}"
+    for o in outs:
+        assert o.finish_reason == ("abort" if o.request_id in aborted.values() else "length"), o.request_id
+
+
+def test_random_aborts_leave_no_blocks_and_others_finish(ckpt, prompts):
+    rng = random.Random(3)
+
+    async def body(engine):
+        streams = {f"r{i}": engine.add_request(prompts[i % len(prompts)], params("greedy", i, 20), f"r{i}")
+                   for i in range(24)}
+        tasks = {k: asyncio.create_task(collect(s)) for k, s in streams.items()}
+        victims = rng.sample(sorted(streams), 12)
+        for v in victims:
+            await asyncio.sleep(rng.uniform(0, 0.3))
+            engine.abort(v)
+        outs = {k: await t for k, t in tasks.items()}
+        await asyncio.sleep(0.05)
+        assert_all_free(engine)
+        return victims, outs
+
+    victims, outs = run_engine(ckpt, disagg_config(decode_blocks=40, max_num_seqs=8), body)
+    for k, o in outs.items():
+        assert o.finish_reason == ("abort" if k in victims and o.finish_reason == "abort" else "length")
+    assert sum(o.finish_reason == "abort" for o in outs.values()) >= 6  # most victims were still running
+
+
+def test_bad_requests_are_rejected_with_a_reason(ckpt):
+    async def body(engine):
+        with pytest.raises(ValueError, match="empty"):
+            engine.add_request([], SamplingParams())
+        with pytest.raises(ValueError, match="context window"):
+            engine.add_request([1] * 10, SamplingParams(max_tokens=engine.max_model_len))
+        with pytest.raises(ValueError, match="out of range"):
+            engine.add_request([10**9], SamplingParams())
+        assert_all_free(engine)
+
+    run_engine(ckpt, disagg_config(), body)
