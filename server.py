@@ -3,8 +3,9 @@
     python server.py [--model PATH] [--mode disagg|colocated] [--port 8000] ...   (see --help)
 
 POST /v1/completions, POST /v1/chat/completions (stream: true -> SSE), GET /v1/models, GET /health,
-GET /metrics (serving/metrics.py lists the series). Request parsing lives in serving/protocol.py,
-response shapes in serving/responses.py. This file knows nothing about blocks or devices.
+GET /metrics (serving/metrics.py lists the series). The generation path is serving/generate.py (parsing in
+serving/protocol.py, response shapes in serving/responses.py). This file is the app, its lifecycle and the
+CLI; it knows nothing about blocks or devices.
 """
 from __future__ import annotations
 
@@ -15,61 +16,26 @@ import logging
 import os
 import signal
 import sys
-import time
-import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
 
 import orjson
 from aiohttp import web
 
-from engine.config import CacheConfig, EngineConfig, SchedulerConfig, parse_size
-from engine.engine import AsyncEngine, QueueFullError, RequestOutput
-from serving import sse
+from engine.config import CacheConfig, EngineConfig, SchedulerConfig
+from engine.engine import AsyncEngine
+from serving.generate import chat_completions, completions
 from serving.metrics import CONTENT_TYPE, ServerMetrics
 from serving.plan import PlanError, load_plan
-from serving.protocol import ApiError, GenerateRequest, bad, parse_chat, parse_completion
-from serving.responses import Choice, Formatter
+from serving.protocol import ApiError
+from serving.responses import Formatter
+from serving.state import STATE, ServerConfig, State
+
+__all__ = ["STATE", "ServerConfig", "create_app", "drain", "main", "serve"]
 
 log = logging.getLogger("distserve.server")
 API_KEY_ENV = "API_KEY"
 
 
-@dataclass
-class ServerConfig:
-    host: str = "127.0.0.1"  # loopback unless told otherwise
-    port: int = 8000
-    api_key: str | None = None  # None: no authentication
-    served_model_name: str | None = None  # None: the engine's model name
-    max_body_bytes: int | str = "1MiB"
-    grace_period: float = 30.0  # seconds in-flight requests get to finish on SIGINT/SIGTERM
-    retry_after: int = 1  # seconds, on 503 (queue full, not ready, draining)
-
-    def __post_init__(self) -> None:
-        self.max_body_bytes = parse_size(self.max_body_bytes)
-        if not 0 <= self.port <= 65535:
-            raise ValueError(f"port must be in [0, 65535], got {self.port}")
-        if self.max_body_bytes <= 0 or self.grace_period < 0 or self.retry_after < 0:
-            raise ValueError("max_body_bytes must be positive; grace_period and retry_after non-negative")
-
-
-@dataclass
-class State:
-    """Everything the handlers share, stored on the app (no module globals)."""
-
-    engine: AsyncEngine
-    config: ServerConfig
-    model: str
-    formatter: Formatter
-    metrics: ServerMetrics
-    phase: str = "starting"  # starting -> ready -> draining
-    live: set[str] = field(default_factory=set)  # engine request ids in flight
-    handlers: int = 0  # generation handlers running
-    idle: asyncio.Event = field(default_factory=asyncio.Event)
-    created: int = field(default_factory=lambda: int(time.time()))
-
-
-STATE = web.AppKey("state", State)
 _ENDPOINTS = {"/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "/metrics"}
 
 
@@ -78,8 +44,6 @@ def _error(e: ApiError) -> web.Response:
                         headers=e.headers)
 
 
-def _unavailable(message: str, st: State, code: str) -> ApiError:
-    return ApiError(503, message, "server_error", None, code, {"Retry-After": str(st.config.retry_after)})
 
 
 @web.middleware
@@ -113,162 +77,6 @@ async def _middleware(request: web.Request, handler) -> web.StreamResponse:
         st.metrics.requests.labels(endpoint, str(resp.status if resp is not None else status)).inc()
     return resp
 
-
-async def _read_json(request: web.Request, limit: int) -> object:
-    if request.content_length is not None and request.content_length > limit:
-        raise ApiError(413, f"request body exceeds {limit} bytes", code="request_too_large")
-    try:
-        raw = await request.read()
-    except web.HTTPRequestEntityTooLarge:
-        raise ApiError(413, f"request body exceeds {limit} bytes", code="request_too_large") from None
-    try:
-        return orjson.loads(raw)
-    except orjson.JSONDecodeError as e:
-        raise bad(f"malformed JSON body: {e}", code="invalid_json") from None
-
-
-# ---------------- generation ----------------
-def _submit(st: State, req: GenerateRequest, rid: str) -> list[AsyncIterator[RequestOutput]]:
-    """One engine request per (prompt, choice); all or none are admitted."""
-    streams: list[AsyncIterator[RequestOutput]] = []
-    try:
-        for prompt in req.prompts:
-            for j in range(req.n):
-                eid = f"{rid}-{len(streams)}"
-                streams.append(st.engine.add_request(prompt, req.choice_params(j), eid))
-                st.live.add(eid)
-    except (ValueError, QueueFullError) as e:
-        for k in range(len(streams)):
-            st.engine.abort(f"{rid}-{k}")
-            st.live.discard(f"{rid}-{k}")
-        if isinstance(e, QueueFullError):
-            raise _unavailable(f"server busy: {e}; retry later", st, "queue_full") from None
-        msg = str(e)
-        param = "messages" if req.endpoint == "chat" else "prompt"
-        code = "context_length_exceeded" if "exceeds" in msg else None
-        raise bad(msg, "max_tokens" if code and req.params.max_tokens else param, code) from None
-    return streams
-
-
-async def _merged(streams: list[AsyncIterator[RequestOutput]]) -> AsyncIterator[tuple[int, RequestOutput]]:
-    """(choice index, output) from every stream as they come. Closing this closes them all (-> engine abort)."""
-    if len(streams) == 1:  # the common case, without a task per stream
-        async for out in streams[0]:
-            yield 0, out
-        return
-    queue: asyncio.Queue = asyncio.Queue()
-
-    async def pump(i: int, s: AsyncIterator[RequestOutput]) -> None:
-        try:
-            async for out in s:
-                queue.put_nowait((i, out))
-        except Exception as e:  # surfaced to the handler below
-            queue.put_nowait((i, e))
-
-    tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
-    try:
-        left = len(streams)
-        while left:
-            i, out = await queue.get()
-            if isinstance(out, Exception):
-                raise out
-            left -= out.finished
-            yield i, out
-    finally:
-        for t in tasks:
-            t.cancel()
-
-
-def _update(st: State, c: Choice, out: RequestOutput) -> None:
-    c.text, c.num_tokens, c.prompt_tokens = out.text, len(out.token_ids), len(out.prompt_token_ids)
-    if out.finished:
-        c.finish_reason = out.finish_reason
-        st.metrics.observe_finished(out.metrics, out.finish_reason, c.prompt_tokens, c.num_tokens)
-
-
-async def _generate(request: web.Request, endpoint: str) -> web.StreamResponse:
-    st = request.app[STATE]
-    if st.phase != "ready":
-        raise _unavailable(f"server is {st.phase}", st, "unavailable")
-    body = await _read_json(request, st.config.max_body_bytes)
-    render = lambda msgs: st.engine.tokenizer.apply_chat_template(msgs, add_generation_prompt=True)  # noqa: E731
-    req = parse_completion(body) if endpoint == "completions" else parse_chat(body, render)
-    if req.model is not None and req.model not in (st.model, st.engine.model_name):
-        raise ApiError(404, f"model '{req.model}' does not exist; this server serves '{st.model}'",
-                       param="model", code="model_not_found")
-    rid = ("cmpl-" if endpoint == "completions" else "chatcmpl-") + uuid.uuid4().hex
-    streams = _submit(st, req, rid)
-    st.handlers += 1
-    st.idle.clear()
-    choices = [Choice(i) for i in range(len(streams))]
-    try:
-        if req.stream:
-            return await _stream(request, st, req, rid, streams, choices)
-        async for i, out in _merged(streams):
-            _update(st, choices[i], out)
-            if req.logprobs is not None:
-                choices[i].logprobs.extend(out.new_logprobs)
-        if any(c.finish_reason == "abort" for c in choices):
-            raise _unavailable("request aborted: the server is shutting down", st, "aborted")
-        build = st.formatter.completion_response if endpoint == "completions" else st.formatter.chat_response
-        resp = build(rid, int(time.time()), choices, len(req.prompts), req.logprobs is not None)
-        return web.Response(body=orjson.dumps(resp), content_type="application/json")
-    finally:
-        for k, c in enumerate(choices):  # no-op for finished requests; frees the KV of any other
-            st.engine.abort(f"{rid}-{k}")
-            st.live.discard(f"{rid}-{k}")
-            if c.finish_reason is None:  # the client left: its final output is never read, count it here
-                st.metrics.observe_finished(None, "abort", c.prompt_tokens, c.num_tokens)
-        st.handlers -= 1
-        if not st.handlers:
-            st.idle.set()
-
-
-async def _stream(request: web.Request, st: State, req: GenerateRequest, rid: str,
-                  streams: list[AsyncIterator[RequestOutput]], choices: list[Choice]) -> web.StreamResponse:
-    chat = req.endpoint == "chat"
-    chunk = st.formatter.chat_chunk if chat else st.formatter.completion_chunk
-    created, usage = int(time.time()), req.include_usage
-    resp = web.StreamResponse(headers=sse.HEADERS)
-    await resp.prepare(request)
-    merged = _merged(streams)
-    try:
-        if chat:  # OpenAI opens every choice with a role delta
-            await resp.write(b"".join(sse.event(chunk(rid, created, c, "", None, None, usage)) for c in choices))
-        async for i, out in merged:
-            c = choices[i]
-            _update(st, c, out)
-            if out.finish_reason == "abort":
-                err = _unavailable("request aborted: the server is shutting down", st, "aborted")
-                await resp.write(sse.event(err.body()) + sse.DONE)
-                return resp
-            entries = out.new_logprobs if req.logprobs is not None else None
-            if out.new_text or entries or out.finished:
-                await resp.write(sse.event(chunk(rid, created, c, out.new_text, entries, out.finish_reason, usage)))
-        if usage:
-            obj = "chat.completion.chunk" if chat else "text_completion"
-            await resp.write(sse.event(st.formatter.usage_chunk(rid, created, obj, choices, len(req.prompts))))
-        await resp.write(sse.DONE)
-    except ConnectionResetError:  # the client hung up: the finally in _generate aborts its requests
-        log.debug("client disconnected from %s", rid)
-    except Exception:  # headers are sent: report in-band, the error must not reach other requests
-        log.exception("stream %s failed", rid)
-        err = ApiError(500, "internal server error", "server_error", None, "internal_error")
-        try:
-            await resp.write(sse.event(err.body()) + sse.DONE)
-        except ConnectionResetError:
-            pass
-    finally:
-        await merged.aclose()
-    return resp
-
-
-async def completions(request: web.Request) -> web.StreamResponse:
-    return await _generate(request, "completions")
-
-
-async def chat_completions(request: web.Request) -> web.StreamResponse:
-    return await _generate(request, "chat")
 
 
 async def models(request: web.Request) -> web.Response:

@@ -236,3 +236,47 @@ def test_metrics_registry_is_per_app_and_reads_engine_stats():
     assert 'distserve_requests_total{endpoint="/v1/completions",status="200"} 1.0' in text
     rows[0]["kv_blocks_used"] = 0  # read at scrape time
     assert 'distserve_kv_blocks_used{device="cpu:0",instance="prefill0",role="prefill"} 0.0' in b.render().decode()
+
+
+# ---------------- CLI ----------------
+def test_cli_help_lists_every_flag(capsys):
+    import server
+
+    with pytest.raises(SystemExit):
+        server.main(["--help"])
+    out = capsys.readouterr().out
+    for flag in ("--model", "--host", "--port", "--mode", "--prefill-devices", "--decode-devices", "--max-num-seqs",
+                 "--kv-cache-memory", "--api-key", "--plan", "--chunked-prefill", "--devices", "--dtype",
+                 "--max-waiting", "--max-body-bytes", "--grace-period", "--log-level", "--served-model-name"):
+        assert flag in out, flag
+
+
+def test_cli_api_key_from_environment_and_loopback_default(monkeypatch):
+    import server
+
+    monkeypatch.setenv("API_KEY", "s3cret")
+    args = server.build_parser().parse_args([])
+    assert (args.api_key, args.host, args.mode) == ("s3cret", "127.0.0.1", "disagg")
+    cfg = server.engine_config(args)
+    assert cfg.mode == "disagg" and cfg.prefill_devices and cfg.decode_devices
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["--chunked-prefill"], "colocated only"),
+    (["--mode", "colocated", "--prefill-devices", "cpu"], "disagg only"),
+    (["--kv-cache-memory", "lots"], "cannot parse size"),
+    (["--port", "70000"], "port"),
+])
+def test_cli_rejects_bad_flag_combinations_with_exit_2(capsys, argv, words):
+    import server
+
+    assert server.main(argv) == 2 and words in capsys.readouterr().err
+
+
+def test_cli_plan_needing_tensor_parallelism_exits_2(tmp_path, capsys):
+    import server
+
+    plan = {"mode": "disagg", "prefill": {"tp": 2, "pp": 1, "instances": 1}, "decode": {"tp": 1, "pp": 1},
+            "devices": {"prefill_devices": ["cpu"], "decode_devices": ["cpu"]}}
+    assert server.main(["--plan", _plan(tmp_path, plan)]) == 2
+    assert "plan needs tensor parallelism 2" in capsys.readouterr().err

@@ -1,0 +1,181 @@
+"""The generation endpoints: parse, submit n engine requests per prompt, answer in full or as an SSE stream.
+
+Every engine request a handler submits is aborted when the handler ends for any reason (finished: no-op;
+client gone, handler cancelled, write failed: its KV blocks are freed), so nothing outlives its client.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+
+import orjson
+from aiohttp import web
+
+from engine.engine import QueueFullError, RequestOutput
+from serving import sse
+from serving.protocol import ApiError, GenerateRequest, bad, parse_chat, parse_completion
+from serving.responses import Choice
+from serving.state import STATE, State, unavailable
+
+log = logging.getLogger("distserve.server")
+
+
+async def read_json(request: web.Request, limit: int) -> object:
+    if request.content_length is not None and request.content_length > limit:
+        raise ApiError(413, f"request body exceeds {limit} bytes", code="request_too_large")
+    try:
+        raw = await request.read()
+    except web.HTTPRequestEntityTooLarge:
+        raise ApiError(413, f"request body exceeds {limit} bytes", code="request_too_large") from None
+    try:
+        return orjson.loads(raw)
+    except orjson.JSONDecodeError as e:
+        raise bad(f"malformed JSON body: {e}", code="invalid_json") from None
+
+
+
+def _submit(st: State, req: GenerateRequest, rid: str) -> list[AsyncIterator[RequestOutput]]:
+    """One engine request per (prompt, choice); all or none are admitted."""
+    streams: list[AsyncIterator[RequestOutput]] = []
+    try:
+        for prompt in req.prompts:
+            for j in range(req.n):
+                eid = f"{rid}-{len(streams)}"
+                streams.append(st.engine.add_request(prompt, req.choice_params(j), eid))
+                st.live.add(eid)
+    except (ValueError, QueueFullError) as e:
+        for k in range(len(streams)):
+            st.engine.abort(f"{rid}-{k}")
+            st.live.discard(f"{rid}-{k}")
+        if isinstance(e, QueueFullError):
+            raise unavailable(f"server busy: {e}; retry later", st, "queue_full") from None
+        msg = str(e)
+        param = "messages" if req.endpoint == "chat" else "prompt"
+        code = "context_length_exceeded" if "exceeds" in msg else None
+        raise bad(msg, "max_tokens" if code and req.params.max_tokens else param, code) from None
+    return streams
+
+
+async def _merged(streams: list[AsyncIterator[RequestOutput]]) -> AsyncIterator[tuple[int, RequestOutput]]:
+    """(choice index, output) from every stream as they come. Closing this closes them all (-> engine abort)."""
+    if len(streams) == 1:  # the common case, without a task per stream
+        async for out in streams[0]:
+            yield 0, out
+        return
+    queue: asyncio.Queue = asyncio.Queue()
+
+    async def pump(i: int, s: AsyncIterator[RequestOutput]) -> None:
+        try:
+            async for out in s:
+                queue.put_nowait((i, out))
+        except Exception as e:  # surfaced to the handler below
+            queue.put_nowait((i, e))
+
+    tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
+    try:
+        left = len(streams)
+        while left:
+            i, out = await queue.get()
+            if isinstance(out, Exception):
+                raise out
+            left -= out.finished
+            yield i, out
+    finally:
+        for t in tasks:
+            t.cancel()
+
+
+def _update(st: State, c: Choice, out: RequestOutput) -> None:
+    c.text, c.num_tokens, c.prompt_tokens = out.text, len(out.token_ids), len(out.prompt_token_ids)
+    if out.finished:
+        c.finish_reason = out.finish_reason
+        st.metrics.observe_finished(out.metrics, out.finish_reason, c.prompt_tokens, c.num_tokens)
+
+
+async def _generate(request: web.Request, endpoint: str) -> web.StreamResponse:
+    st = request.app[STATE]
+    if st.phase != "ready":
+        raise unavailable(f"server is {st.phase}", st, "unavailable")
+    body = await read_json(request, st.config.max_body_bytes)
+    render = lambda msgs: st.engine.tokenizer.apply_chat_template(msgs, add_generation_prompt=True)  # noqa: E731
+    req = parse_completion(body) if endpoint == "completions" else parse_chat(body, render)
+    if req.model is not None and req.model not in (st.model, st.engine.model_name):
+        raise ApiError(404, f"model '{req.model}' does not exist; this server serves '{st.model}'",
+                       param="model", code="model_not_found")
+    rid = ("cmpl-" if endpoint == "completions" else "chatcmpl-") + uuid.uuid4().hex
+    streams = _submit(st, req, rid)
+    st.handlers += 1
+    st.idle.clear()
+    choices = [Choice(i) for i in range(len(streams))]
+    try:
+        if req.stream:
+            return await _stream(request, st, req, rid, streams, choices)
+        async for i, out in _merged(streams):
+            _update(st, choices[i], out)
+            if req.logprobs is not None:
+                choices[i].logprobs.extend(out.new_logprobs)
+        if any(c.finish_reason == "abort" for c in choices):
+            raise unavailable("request aborted: the server is shutting down", st, "aborted")
+        build = st.formatter.completion_response if endpoint == "completions" else st.formatter.chat_response
+        resp = build(rid, int(time.time()), choices, len(req.prompts), req.logprobs is not None)
+        return web.Response(body=orjson.dumps(resp), content_type="application/json")
+    finally:
+        for k, c in enumerate(choices):  # no-op for finished requests; frees the KV of any other
+            st.engine.abort(f"{rid}-{k}")
+            st.live.discard(f"{rid}-{k}")
+            if c.finish_reason is None:  # the client left: its final output is never read, count it here
+                st.metrics.observe_finished(None, "abort", c.prompt_tokens, c.num_tokens)
+        st.handlers -= 1
+        if not st.handlers:
+            st.idle.set()
+
+
+async def _stream(request: web.Request, st: State, req: GenerateRequest, rid: str,
+                  streams: list[AsyncIterator[RequestOutput]], choices: list[Choice]) -> web.StreamResponse:
+    chat = req.endpoint == "chat"
+    chunk = st.formatter.chat_chunk if chat else st.formatter.completion_chunk
+    created, usage = int(time.time()), req.include_usage
+    resp = web.StreamResponse(headers=sse.HEADERS)
+    await resp.prepare(request)
+    merged = _merged(streams)
+    try:
+        if chat:  # OpenAI opens every choice with a role delta
+            await resp.write(b"".join(sse.event(chunk(rid, created, c, "", None, None, usage)) for c in choices))
+        async for i, out in merged:
+            c = choices[i]
+            _update(st, c, out)
+            if out.finish_reason == "abort":
+                err = unavailable("request aborted: the server is shutting down", st, "aborted")
+                await resp.write(sse.event(err.body()) + sse.DONE)
+                return resp
+            entries = out.new_logprobs if req.logprobs is not None else None
+            if out.new_text or entries or out.finished:
+                await resp.write(sse.event(chunk(rid, created, c, out.new_text, entries, out.finish_reason, usage)))
+        if usage:
+            obj = "chat.completion.chunk" if chat else "text_completion"
+            await resp.write(sse.event(st.formatter.usage_chunk(rid, created, obj, choices, len(req.prompts))))
+        await resp.write(sse.DONE)
+    except ConnectionResetError:  # the client hung up: the finally in _generate aborts its requests
+        log.debug("client disconnected from %s", rid)
+    except Exception:  # headers are sent: report in-band, the error must not reach other requests
+        log.exception("stream %s failed", rid)
+        err = ApiError(500, "internal server error", "server_error", None, "internal_error")
+        try:
+            await resp.write(sse.event(err.body()) + sse.DONE)
+        except ConnectionResetError:
+            pass
+    finally:
+        await merged.aclose()
+    return resp
+
+
+async def completions(request: web.Request) -> web.StreamResponse:
+    return await _generate(request, "completions")
+
+
+async def chat_completions(request: web.Request) -> web.StreamResponse:
+    return await _generate(request, "chat")
+

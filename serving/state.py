@@ -1,0 +1,56 @@
+"""What the server's handlers share: its config and the per-app state (stored on the app, no module globals)."""
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, field
+
+from aiohttp import web
+
+from engine.config import parse_size
+from engine.engine import AsyncEngine
+from serving.metrics import ServerMetrics
+from serving.protocol import ApiError
+from serving.responses import Formatter
+
+
+@dataclass
+class ServerConfig:
+    host: str = "127.0.0.1"  # loopback unless told otherwise
+    port: int = 8000
+    api_key: str | None = None  # None: no authentication
+    served_model_name: str | None = None  # None: the engine's model name
+    max_body_bytes: int | str = "1MiB"
+    grace_period: float = 30.0  # seconds in-flight requests get to finish on SIGINT/SIGTERM
+    retry_after: int = 1  # seconds, on 503 (queue full, not ready, draining)
+
+    def __post_init__(self) -> None:
+        self.max_body_bytes = parse_size(self.max_body_bytes)
+        if not 0 <= self.port <= 65535:
+            raise ValueError(f"port must be in [0, 65535], got {self.port}")
+        if self.max_body_bytes <= 0 or self.grace_period < 0 or self.retry_after < 0:
+            raise ValueError("max_body_bytes must be positive; grace_period and retry_after non-negative")
+
+
+@dataclass
+class State:
+    """Everything the handlers share, stored on the app (no module globals)."""
+
+    engine: AsyncEngine
+    config: ServerConfig
+    model: str
+    formatter: Formatter
+    metrics: ServerMetrics
+    phase: str = "starting"  # starting -> ready -> draining
+    live: set[str] = field(default_factory=set)  # engine request ids in flight
+    handlers: int = 0  # generation handlers running
+    idle: asyncio.Event = field(default_factory=asyncio.Event)
+    created: int = field(default_factory=lambda: int(time.time()))
+
+
+STATE = web.AppKey("state", State)
+
+
+def unavailable(message: str, st: State, code: str) -> ApiError:
+    return ApiError(503, message, "server_error", None, code, {"Retry-After": str(st.config.retry_after)})
+
