@@ -36,7 +36,7 @@ class AttentionMetadata:
 
     @classmethod
     def build(cls, q_lens: list[int], ctx_lens: list[int], block_tables: list[list[int]], block_size: int,
-              device: torch.device) -> AttentionMetadata:
+              device: torch.device, dtype: torch.dtype = torch.float32) -> AttentionMetadata:
         blocks: list[int] = []
         offsets: list[int] = []
         for q, c, table in zip(q_lens, ctx_lens, block_tables):
@@ -52,7 +52,10 @@ class AttentionMetadata:
             dense = [t[:u] + [0] * (width - u) for t, u in zip(block_tables, used)]
             meta.dense_tables = torch.tensor(dense, dtype=torch.long, device=device)
             pos = torch.arange(width * block_size, device=device)
-            meta.decode_mask = (pos[None, :] < torch.tensor(ctx_lens, device=device)[:, None])[:, None, None, :]
+            valid = pos[None, :] < torch.tensor(ctx_lens, device=device)[:, None]
+            # additive float mask, built once per step instead of converted from bool in every layer
+            meta.decode_mask = torch.zeros(valid.shape, dtype=dtype, device=device).masked_fill_(
+                ~valid, float("-inf"))[:, None, None, :]
         return meta
 
 

@@ -103,7 +103,7 @@ class Instance:
                 rows.append(len(ids) - 1)
                 samplers.append(req)
         dev = self.device
-        meta = AttentionMetadata.build(q_lens, ctx_lens, tables, self.pool.block_size, dev)
+        meta = AttentionMetadata.build(q_lens, ctx_lens, tables, self.pool.block_size, dev, self.model.dtype)
         logits = self.model.forward(torch.tensor(ids, device=dev), torch.tensor(pos, device=dev), meta,
                                     [self.pool.layer(i) for i in range(self.model.cfg.num_layers)],
                                     torch.tensor(rows, dtype=torch.long, device=dev), self.attention)

@@ -93,6 +93,8 @@ class LlamaModel:
         return n * self.embed.element_size()
 
     def _rms_norm(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.float32:  # one fused kernel; same math as Hugging Face's in float32
+            return F.rms_norm(x, w.shape, w, self.cfg.rms_norm_eps)
         # as Hugging Face: normalize in float32, cast back, then scale
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.cfg.rms_norm_eps)
@@ -122,9 +124,9 @@ class LlamaModel:
         for layer, (k_cache, v_cache) in zip(self.layers, kv_layers):
             h = self._rms_norm(x, layer["attn_norm"])
             qkv = F.linear(h, layer["qkv"], layer.get("qkv_bias"))  # [T, (H + 2 KVH) D]
-            q, k, v = qkv.split([H * D, KVH * D, KVH * D], dim=-1)
-            q = self._rope(q.view(T, H, D), cos, sin)
-            k = self._rope(k.view(T, KVH, D), cos, sin)
+            qk, v = qkv.split([(H + KVH) * D, KVH * D], dim=-1)
+            qk = self._rope(qk.view(T, H + KVH, D), cos, sin)  # q and k rotated in one pass
+            q, k = qk.split([H, KVH], dim=1)
             o = attn.forward(q, k, v.view(T, KVH, D), k_cache, v_cache, meta, self.scale)
             x = x + F.linear(o.reshape(T, H * D), layer["o"])
             h = self._rms_norm(x, layer["mlp_norm"])
