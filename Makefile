@@ -2,7 +2,7 @@
 PY := .venv/bin/python
 STAMP := .venv/.installed
 
-.PHONY: install serve test test-fast lint bench-engine bench-serving bench-simulator bench-transfer clean
+.PHONY: install serve test lint bench-engine bench-serving bench-simulator bench-transfer bench-interference clean
 
 $(STAMP): requirements.txt requirements-dev.txt
 	test -x $(PY) || python3 -m venv .venv
@@ -26,6 +26,9 @@ bench-engine: $(STAMP)
 
 bench-transfer: $(STAMP)
 	$(PY) -m bench.transfer_bench $(ARGS)
+
+bench-interference: $(STAMP)
+	$(PY) -m bench.interference_bench $(ARGS)
 
 bench-serving: $(STAMP)
 	$(PY) -m bench.serving_compare $(ARGS)

@@ -8,6 +8,8 @@ import torch
 from engine.kv_cache import KVPool
 from transfer.base import TransferStats, check_compatible, runs
 
+MAX_RUNS = 4  # beyond this many runs, copy by index instead of slab by slab
+
 
 class TorchTransfer:
     name = "torch"
@@ -17,8 +19,12 @@ class TorchTransfer:
         t0 = time.perf_counter()
         moves = runs(src_blocks, dst_blocks)
         cross = src.cache.device != dst.cache.device
-        for s, d, n in moves:  # one slab copy per run: [n, layers, 2, block_size, kvh, hd]
-            dst.cache[d:d + n].copy_(src.cache[s:s + n], non_blocking=cross)
+        if len(moves) <= MAX_RUNS:
+            for s, d, n in moves:  # one slab copy per run: [n, layers, 2, block_size, kvh, hd]
+                dst.cache[d:d + n].copy_(src.cache[s:s + n], non_blocking=cross)
+        else:  # fragmented: one gather and one scatter beat many small copies
+            idx = torch.tensor(src_blocks, device=src.cache.device)
+            dst.cache[torch.tensor(dst_blocks, device=dst.cache.device)] = src.cache[idx].to(dst.cache.device)
         if dst.cache.device.type == "cuda":
             torch.cuda.synchronize(dst.cache.device)
         return TransferStats(len(src_blocks) * src.block_bytes, time.perf_counter() - t0, len(moves))

@@ -1,0 +1,97 @@
+"""Interference: the TPOT of a steady batch of decodes while long prompts keep arriving, colocated
+(one instance on all cores; prefill-first and chunked) against disaggregated (prefill and decode
+instances on their own cores), on the same cores, in one run.
+
+    python -m bench.interference_bench [--decodes 8] [--prompt-len 768] [--interval 1.5] [--duration 20]
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import statistics
+
+from bench.common import machine, today
+from engine.config import EngineConfig, SamplingParams, SchedulerConfig
+from engine.engine import AsyncEngine
+from engine.llm import default_disagg_devices
+from engine.loader import load_checkpoint
+
+TEXT = "Large language models serve chat, code and summaries; their latency has two parts. " * 400
+
+
+def layouts() -> dict[str, EngineConfig]:
+    p, d = default_disagg_devices()
+    sc = SchedulerConfig(max_num_seqs=64)
+    return {
+        "colocated": EngineConfig(dtype="float32", mode="colocated", devices=["cpu"], scheduler=sc),
+        "chunked": EngineConfig(dtype="float32", mode="colocated", chunked_prefill=True, devices=["cpu"],
+                                scheduler=SchedulerConfig(max_num_seqs=64, chunk_budget=256)),
+        "disagg": EngineConfig(dtype="float32", mode="disagg", prefill_devices=p, decode_devices=d, scheduler=sc),
+    }
+
+
+async def scenario(engine: AsyncEngine, ids: list[int], args, with_prompts: bool) -> dict:
+    steady = SamplingParams(max_tokens=args.decode_tokens, temperature=0, ignore_eos=True)
+
+    async def run(stream):
+        last = None
+        async for out in stream:
+            last = out
+        return last
+
+    decodes = [asyncio.create_task(run(engine.add_request(ids[i:i + 32], steady))) for i in range(args.decodes)]
+    prompts = []
+    if with_prompts:
+        await asyncio.sleep(args.interval / 2)
+        while not all(t.done() for t in decodes):
+            long = SamplingParams(max_tokens=2, temperature=0, ignore_eos=True)
+            start = len(prompts) * 7
+            prompts.append(asyncio.create_task(run(engine.add_request(ids[start:start + args.prompt_len], long))))
+            await asyncio.sleep(args.interval)
+    outs = await asyncio.gather(*decodes)
+    long_outs = await asyncio.gather(*prompts)
+    # steady decodes' gaps between tokens, after all of them started decoding
+    gaps = [b - a for o in outs for a, b in zip(o.metrics.token_times[1:], o.metrics.token_times[2:])]
+    return {"tpot_mean_ms": 1e3 * statistics.mean(gaps), "tpot_p90_ms": 1e3 * statistics.quantiles(gaps, n=10)[-1],
+            "long_prompts": len(long_outs),
+            "long_ttft_mean_ms": 1e3 * statistics.mean(o.metrics.ttft for o in long_outs) if long_outs else None}
+
+
+async def measure(name: str, config: EngineConfig, ckpt, args) -> dict:
+    engine = AsyncEngine(config, ckpt)
+    await engine.start()
+    ids = ckpt.tokenizer.encode(TEXT)
+    try:
+        await scenario(engine, ids, argparse.Namespace(**{**vars(args), "decodes": 2, "decode_tokens": 4}), False)
+        quiet = await scenario(engine, ids, args, False)
+        busy = await scenario(engine, ids, args, True)
+    finally:
+        await engine.shutdown()
+    return {"layout": name, "quiet": quiet, "busy": busy}
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--decodes", type=int, default=8, help="steady decoding requests")
+    ap.add_argument("--decode-tokens", type=int, default=96)
+    ap.add_argument("--prompt-len", type=int, default=768)
+    ap.add_argument("--interval", type=float, default=1.5, help="seconds between long prompts")
+    args = ap.parse_args(argv)
+    ckpt = load_checkpoint()
+    rows = [asyncio.run(measure(name, cfg, ckpt, args)) for name, cfg in layouts().items()]
+    print(f"# Interference, {today()}, {machine()}, float32; {args.decodes} steady decodes x {args.decode_tokens} "
+          f"tokens, a {args.prompt_len}-token prompt every {args.interval} s")
+    print("| layout | TPOT quiet (ms) | TPOT with prompts (ms) | P90 with prompts (ms) | slowdown | "
+          "long-prompt TTFT (ms) |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for r in rows:
+        q, b = r["quiet"], r["busy"]
+        print(f"| {r['layout']} | {q['tpot_mean_ms']:.1f} | {b['tpot_mean_ms']:.1f} | {b['tpot_p90_ms']:.1f} | "
+              f"{b['tpot_mean_ms'] / q['tpot_mean_ms']:.2f}x | {b['long_ttft_mean_ms']:.0f} |")
+    by = {r["layout"]: r["busy"]["tpot_mean_ms"] for r in rows}
+    print(f"\nTPOT under prompt load, colocated / disagg = {by['colocated'] / by['disagg']:.2f}x; "
+          f"chunked / disagg = {by['chunked'] / by['disagg']:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
