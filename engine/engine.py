@@ -147,7 +147,10 @@ class AsyncEngine:
 
     def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
                     request_id: str | None = None, arrival: float | None = None) -> AsyncIterator[RequestOutput]:
-        """Queue a request; returns the async iterator of its outputs. ValueError on bad input."""
+        """Queue a request; returns the async iterator of its outputs. ValueError on bad input.
+
+        Closing the iterator aborts the request; a caller that never iterates it must call abort().
+        """
         if self.closed:
             raise RuntimeError(self.error or "engine is shut down")
         params = params or SamplingParams()
@@ -261,6 +264,8 @@ class AsyncEngine:
         ev = self.wake[inst.name]
         await ev.wait()
         ev.clear()
+        for _ in range(3):  # a burst of arrivals (e.g. over HTTP) lands in one batch, not two
+            await asyncio.sleep(0)
 
     def _sweep_aborted(self, reqs: list[Request]) -> None:
         for r in reqs:
