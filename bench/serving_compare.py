@@ -1,0 +1,399 @@
+"""`make bench-serving`: disaggregated vs colocated vs chunked-prefill serving on this machine.
+
+    python -m bench.serving_compare [--quick] [--rates 0.5,1,...] [--ttft-scale 5 --tpot-scale 3] ...
+
+For each mode (bench.serving_report.layouts: colocated on all cores, colocated + chunked prefill, and
+one disagg layout per prefill/decode core split) it starts server.py on a free port, waits for
+/health, warms up, measures unloaded latency (a few requests one at a time), then sweeps the same
+request rates with the same requests and arrival times, refines the goodput by bisection, and stops
+the server (SIGTERM). The workload is a ShareGPT sample with prompts capped to --max-prompt tokens
+and outputs to --max-output tokens (CPU prefill is ~1 s per 768 tokens), named in every label.
+SLOs = scale x the unloaded mean TTFT / TPOT on the colocated server (the first mode), the same for
+every mode. Writes OUT/<mode>/ (the load tester's own files), OUT/attainment-vs-rate.png,
+OUT/latency-cdf.png (all modes at the reference rate), OUT/summary.md; copies those to --results-dir.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from datetime import datetime
+from pathlib import Path
+
+import aiohttp
+
+from bench import loadgen
+from bench.client import ClientConfig, fetch_model_name, run_load
+from bench.datasets import RequestSpec, load_dataset
+from bench.goodput import GoodputSearch, SearchConfig
+from bench.runner import run_rate, write_run
+from bench.serving_report import (
+    BASELINE,
+    CpuSample,
+    Mode,
+    ModeResult,
+    Slos,
+    breakdown,
+    breakdown_table,
+    cap_specs,
+    derive_slos,
+    layouts,
+    markdown_table,
+    other_cores,
+    parse_metrics,
+    pid_cpu,
+    probe_specs,
+    proc_stat_busy,
+    reference_rate,
+    workload_tag,
+)
+
+ROOT = Path(__file__).resolve().parent.parent
+# Run sizes: the full run is ~30 min on 2 cores, --quick ~5-8 min.
+FULL = {"num_requests": 48, "rates": [0.25, 0.5, 0.75, 1.0, 1.25], "refine": 2, "probes": 4, "warmup": 3}
+QUICK = {"num_requests": 24, "rates": [0.5, 1.0, 1.5], "refine": 0, "probes": 2, "warmup": 2}
+
+
+def _floats(text: str) -> list[float]:
+    return [float(x) for x in text.split(",") if x.strip()]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m bench.serving_compare", description=__doc__.split("\n")[0])
+    a = p.add_argument
+    a("--quick", action="store_true", help="~5-8 min: fewer requests and rates, no refinement")
+    a("--out", default="bench/out/serving")
+    a("--results-dir", default="bench/results", help="where the PNGs and summary.md are copied (committed)")
+    a("--num-requests", type=int, help=f"requests per rate (default {FULL['num_requests']})")
+    a("--rates", type=_floats, help=f"the sweep, req/s, same for every mode (default {FULL['rates']})")
+    a("--refine", type=int, help=f"bisection probes after the sweep, per mode (default {FULL['refine']})")
+    a("--skip-below", type=float, default=0.5, help="skip higher sweep rates once joint attainment < this")
+    a("--max-prompt", type=int, default=512, help="prompt cap, tokens")
+    a("--max-output", type=int, default=64, help="output cap, tokens")
+    a("--ttft-scale", type=float, default=5.0, help="TTFT SLO = this x unloaded mean TTFT")
+    a("--tpot-scale", type=float, default=3.0, help="TPOT SLO = this x unloaded mean TPOT")
+    a("--ttft-slo", type=float, help="seconds; skips the derivation (with --tpot-slo)")
+    a("--tpot-slo", type=float, help="seconds")
+    a("--probes", type=int, help=f"unloaded requests (one at a time) per mode (default {FULL['probes']})")
+    a("--warmup", type=int, help=f"warm-up requests per server (default {FULL['warmup']})")
+    a("--attainment", type=float, default=0.9)
+    a("--seed", type=int, default=0)
+    a("--modes", help="comma-separated subset of mode names (colocated must run for derived SLOs)")
+    a("--disagg-splits", type=lambda t: [int(x) for x in t.split(",")], help="prefill core counts (default: all)")
+    a("--kv-total-mib", type=int, default=1024, help="KV budget per mode, split across its instances")
+    a("--max-num-seqs", type=int, default=64)
+    a("--dtype", default="float32")
+    a("--quiet-below", type=float, default=0.3, help="before each measurement wait until other processes use "
+      "fewer cores than this (the machine is shared) ...")
+    a("--quiet-wait", type=float, default=30.0, help="... for at most this many seconds")
+    a("--startup-timeout", type=float, default=300.0)
+    a("--request-timeout", type=float, default=300.0)
+    return p
+
+
+def apply_defaults(args: argparse.Namespace) -> None:
+    """Unset run-size flags take the full or the --quick defaults."""
+    for key, value in (QUICK if args.quick else FULL).items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+
+
+# ---- the server --------------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """server.py in a subprocess; its output goes to LOG. `async with` waits for /health, stops on exit."""
+
+    def __init__(self, mode: Mode, args: argparse.Namespace, log: Path) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.cmd = [sys.executable, str(ROOT / "server.py"), "--port", str(self.port), *mode.server_args,
+                    "--dtype", args.dtype, "--max-num-seqs", str(args.max_num_seqs),
+                    "--log-level", "WARNING"]  # fmt: skip
+        self.log, self.timeout = log, args.startup_timeout
+        self.proc: subprocess.Popen | None = None
+
+    async def __aenter__(self) -> Server:
+        self.log.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.log, "w") as f:
+            f.write(" ".join(self.cmd) + "\n")
+            f.flush()
+            self.proc = subprocess.Popen(self.cmd, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT)
+        deadline = time.monotonic() + self.timeout
+        async with aiohttp.ClientSession() as s:
+            while time.monotonic() < deadline:
+                if self.proc.poll() is not None:
+                    raise RuntimeError(f"server exited ({self.proc.returncode}); see {self.log}")
+                try:
+                    async with s.get(f"{self.url}/health", timeout=aiohttp.ClientTimeout(total=2)) as r:
+                        if r.status == 200:
+                            return self
+                except (aiohttp.ClientError, TimeoutError):
+                    pass
+                await asyncio.sleep(0.5)
+        await self.__aexit__()
+        raise RuntimeError(f"server not healthy after {self.timeout:g} s; see {self.log}")
+
+    async def __aexit__(self, *exc) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.send_signal(signal.SIGTERM)  # drains: nothing should be in flight here
+        try:
+            await asyncio.to_thread(self.proc.wait, 60)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            await asyncio.to_thread(self.proc.wait)
+
+    def cpu(self) -> CpuSample:
+        """Machine-wide busy CPU and this benchmark's share (the server's threads and this process)."""
+        hz = os.sysconf("SC_CLK_TCK")
+        with open("/proc/stat") as f:
+            busy = proc_stat_busy(f.readline(), hz)
+        ours = 0.0
+        for pid in (os.getpid(), self.proc.pid if self.proc else None):
+            try:
+                ours += pid_cpu(Path(f"/proc/{pid}/stat").read_text(), hz) if pid else 0.0
+            except OSError:
+                pass
+        return CpuSample(time.monotonic(), busy, ours)
+
+    async def quiet(self, below: float, max_wait: float) -> None:
+        """Waits (up to max_wait s) for other processes to leave the CPU, so modes are measured alike."""
+        deadline = time.monotonic() + max_wait
+        while time.monotonic() < deadline:
+            a = self.cpu()
+            await asyncio.sleep(2.0)
+            if (other_cores(a, self.cpu()) or 0.0) < below:
+                return
+
+    async def metrics(self) -> dict[str, float]:
+        async with aiohttp.ClientSession() as s, s.get(f"{self.url}/metrics") as r:
+            return parse_metrics(await r.text())
+
+
+# ---- one mode ----------------------------------------------------------------------------------
+
+
+async def sequential(specs: list[RequestSpec], client: ClientConfig) -> tuple[list[float], list[float]]:
+    """Sends specs one at a time (unloaded); returns their TTFTs and TPOTs. Any failure is fatal here."""
+    one = ClientConfig(client.url, client.model, request_timeout=client.request_timeout, max_concurrency=1,
+                       progress=False)  # fmt: skip
+    results = await run_load(specs, [0.0] * len(specs), one)
+    bad = [r.error for r in results if not r.success]
+    if bad:
+        raise RuntimeError(f"unloaded requests failed: {bad[:3]}")
+    return [r.ttft for r in results], [r.tpot for r in results]  # type: ignore[misc]
+
+
+async def run_mode(mode: Mode, specs: list[RequestSpec], probes: list[RequestSpec], slos: Slos | None,
+                   args: argparse.Namespace, meta0: dict) -> tuple[ModeResult, Slos]:  # fmt: skip
+    out = Path(args.out) / mode.name
+    shutil.rmtree(out, ignore_errors=True)  # stale rate files would join this run's curves
+    label = f"{mode.name}-{meta0['workload']}"
+    async with Server(mode, args, out / "server.log") as srv:
+        model = await fetch_model_name(srv.url)
+        meta0.setdefault("model", model)
+        client = ClientConfig(srv.url, model, request_timeout=args.request_timeout, progress=False)
+        await sequential(probes[: args.warmup], client)  # warm-up: first-call allocations, kernel choice
+        await srv.quiet(args.quiet_below, args.quiet_wait)
+        cpu0 = srv.cpu()
+        ttfts, tpots = await sequential(probes, client)
+        others = other_cores(cpu0, srv.cpu())
+        if slos is None:
+            how = (f"{mode.name} server, {len(probes)} requests one at a time, "
+                   f"prompt {probes[0].prompt_len} / output {probes[0].output_len} tokens")
+            slos = derive_slos(ttfts, tpots, args.ttft_scale, args.tpot_scale, how)
+            print(slos.describe(), flush=True)
+        result = ModeResult(mode, 0.0, {}, sum(ttfts) / len(ttfts), sum(tpots) / len(tpots), {}, others)
+        print(f"[{mode.name}] unloaded TTFT {result.unloaded_ttft:.3f} s, TPOT {1000 * result.unloaded_tpot:.1f} ms "
+              f"(other processes: {others or 0:.2f} cores)", flush=True)  # fmt: skip
+        # The load tester's own argument set and output (results-*.json, summary.json, its plots).
+        largs = loadgen.build_parser().parse_args([
+            "--out", str(out), "--label", label, "--dataset", "sharegpt", "--num-requests", str(len(specs)),
+            "--ttft-slo", str(slos.ttft), "--tpot-slo", str(slos.tpot), "--attainment", str(args.attainment),
+            "--seed", str(args.seed), "--num-gpus", str(mode.cores), "--find-goodput",
+        ])  # fmt: skip
+        meta = {**meta0, "label": label, "url": srv.url, "model": model, "num_requests": len(specs),
+                "arrival": str(largs.arrival), "seed": args.seed, "ttft_slo": slos.ttft, "tpot_slo": slos.tpot,
+                "attainment_target": args.attainment, "num_gpus": mode.cores, "mode": mode.name,
+                "server_args": list(mode.server_args), "slos": slos.describe()}  # fmt: skip
+        state = loadgen.State()
+
+        async def measure(rate: float) -> float:
+            await srv.quiet(args.quiet_below, args.quiet_wait)
+            before, cpu0 = await srv.metrics(), srv.cpu()
+            run = await run_rate(specs, rate, client, largs.arrival, args.seed, slos.ttft, slos.tpot)
+            b = breakdown(before, await srv.metrics())
+            b["other_cores"] = other_cores(cpu0, srv.cpu())
+            result.breakdown[rate] = b  # type: ignore[index]
+            state.runs.append(run)
+            write_run(out, label, run, meta)
+            s = run.summary
+            result.runs[rate] = s
+            print(f"[{mode.name}] rate {rate:g}/s: attainment TTFT {s['attainment_ttft']:.0%} TPOT "
+                  f"{s['attainment_tpot']:.0%} both {s['attainment_both']:.0%}; P90 TTFT {s['ttft_p90'] or 0:.2f} s "
+                  f"TPOT {1000 * (s['tpot_p90'] or 0):.0f} ms, {s['num_failed']} failed; other processes "
+                  f"{b['other_cores'] or 0:.2f} cores", flush=True)  # fmt: skip
+            return s["attainment_both"]
+
+        sweep: list[tuple[float, float]] = []
+        for rate in sorted(args.rates):
+            sweep.append((rate, await measure(rate)))
+            if sweep[-1][1] < args.skip_below:  # far past capacity: higher rates only cost time
+                print(f"[{mode.name}] skipping rates above {rate:g}/s (joint attainment < {args.skip_below:.0%})")
+                break
+        # The load tester's search, seeded with the sweep, gets exactly --refine more probes.
+        # No probe below the sweep's lowest rate: a slower one costs N / rate seconds.
+        cfg = SearchConfig(target=args.attainment, max_iterations=len(sweep) + args.refine,
+                           requests_per_probe=len(specs), min_rate=0.99 * min(args.rates))  # fmt: skip
+        search = GoodputSearch(cfg)
+        for rate, att in sweep:
+            search.record(rate, att)
+        while (rate := search.next_rate()) is not None:  # bisection between the sweep's pass and fail
+            search.record(rate, await measure(rate))
+        state.search = search.result()
+        result.goodput = state.search.goodput
+        loadgen.finish(largs, meta, state)
+    (out / "breakdown.json").write_text(json.dumps({f"{k:g}": v for k, v in result.breakdown.items()}, indent=1))
+    return result, slos
+
+
+# ---- the comparison ----------------------------------------------------------------------------
+
+
+def write_outputs(results: list[ModeResult], slos: Slos, args: argparse.Namespace, meta: dict, cmd: str) -> str:
+    from bench.plots import load_runs, plot_attainment_vs_rate, plot_latency_cdf
+
+    out, tag = Path(args.out), meta["workload"]
+    curves, groups = {}, {}
+    ref = reference_rate(results, args.attainment)
+    for r in results:
+        for label, pts in load_runs([out / r.mode.name]).items():
+            curves[label] = [(rate, s) for rate, s, _ in pts]
+            groups.update({f"{r.mode.name} @ {rate:g}/s": reqs for rate, _, reqs in pts if rate == ref})
+    plot_attainment_vs_rate(curves, out / "attainment-vs-rate.png", args.attainment)
+    if groups:
+        plot_latency_cdf(groups, out / "latency-cdf.png")
+    cores = max(r.mode.cores for r in results)
+    best = max((r for r in results if r.mode.name.startswith("disagg")), key=lambda r: r.per_core, default=None)
+    base = next((r for r in results if r.mode.name == BASELINE), None)
+    verdict = ""
+    if best and base and base.per_core > 0:
+        ratio = best.per_core / base.per_core
+        verdict = (f"Best disaggregated layout ({best.mode.name}): {ratio:.2f}x the colocated goodput per core "
+                   f"({'meets' if ratio >= 1.5 else 'does NOT meet'} the 1.5x aim).")  # fmt: skip
+    elif best and base:
+        verdict = "Colocated goodput is 0 at these SLOs: no ratio."
+    unloaded = "\n".join(f"- {r.mode.name}: TTFT {r.unloaded_ttft:.3f} s, TPOT {1000 * r.unloaded_tpot:.1f} ms "
+                         f"(other processes meanwhile: {r.unloaded_other_cores or 0:.2f} cores)"
+                         for r in results)  # fmt: skip
+    md = f"""# Serving comparison: disaggregated vs colocated vs chunked prefill ({tag})
+
+- Date: {meta['date']}; machine: {meta['machine']}; {cores} cores; dtype {args.dtype}; model {meta.get('model', '?')}
+- Command: `{cmd}`
+- Workload **{tag}**: {meta['workload_desc']}
+- Arrivals: Poisson, seed {args.seed}, the same requests and send times for every mode at each rate.
+- SLOs (same for all modes): {slos.describe()}. Attainment target {args.attainment:.0%} of requests meeting both.
+- Goodput: highest measured rate meeting the target (sweep {', '.join(f'{x:g}' for x in args.rates)} req/s,
+  then {args.refine} bisection probes per mode; rates above one with joint attainment < {args.skip_below:.0%} skipped).
+
+## Goodput
+
+{markdown_table(results, ref)}
+
+{verdict}
+
+## Unloaded latency (mean prompt {meta['probe_prompt']} tokens, output {meta['probe_output']} tokens, one at a time)
+
+{unloaded}
+
+## Per-rate breakdown (server-side means from GET /metrics; client P90s)
+
+Prefill = server TTFT - queueing (the prefill batch, plus in colocated modes waiting for the step it
+shares with decodes). "Other processes" = CPU cores' worth used by processes outside this benchmark
+during the run (the machine is shared): non-zero values mean the run competed for the 2 cores.
+
+{breakdown_table(results)}
+
+Plots: attainment-vs-rate.png (all modes), latency-cdf.png (all modes at {ref if ref is not None else '-'} req/s).
+"""
+    (out / "summary.md").write_text(md)
+    dst = Path(args.results_dir)
+    dst.mkdir(parents=True, exist_ok=True)
+    for name in ("attainment-vs-rate.png", "latency-cdf.png", "summary.md"):
+        if (out / name).exists():
+            shutil.copy(out / name, dst / f"serving-{'quick-' if args.quick else ''}{name}")
+    return md
+
+
+def machine() -> str:
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        cpu = "unknown CPU"
+    flags = open("/proc/cpuinfo").read()
+    isa = "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else "no AVX2"
+    return f"{cpu}, {len(os.sched_getaffinity(0))} cores, {isa}"
+
+
+async def amain(args: argparse.Namespace, cmd: str) -> int:
+    from engine.loader import load_tokenizer
+
+    tok = load_tokenizer(None)
+    raw = load_dataset("sharegpt", tok, args.num_requests, args.seed)
+    specs = cap_specs(raw, args.max_prompt, args.max_output, tok)
+    probes = probe_specs(specs, args.probes, tok)
+    n = len(specs)
+    mp, mo = sum(s.prompt_len for s in specs) / n, sum(s.output_len for s in specs) / n
+    tag = workload_tag(args.max_prompt, args.max_output)
+    desc = (f"{n} ShareGPT requests (DistServe preprocessing, SmolLM2 tokenizer, seed {args.seed}); prompts capped to "
+            f"their last {args.max_prompt} tokens, outputs to {args.max_output} tokens (ignore_eos); mean prompt "
+            f"{mp:.0f} (uncapped {sum(s.prompt_len for s in raw) / n:.0f}), mean output {mo:.0f} "
+            f"(uncapped {sum(s.output_len for s in raw) / n:.0f})")  # fmt: skip
+    print(f"workload {tag}: {desc}", flush=True)
+    meta = {"workload": tag, "workload_desc": desc, "dataset": tag, "synthetic": False, "max_model_len": 2048,
+            "prompt_as_text": False, "date": datetime.now().astimezone().isoformat(timespec="seconds"),
+            "machine": machine(), "probe_prompt": probes[0].prompt_len,
+            "probe_output": probes[0].output_len}  # fmt: skip
+    modes = layouts(sorted(os.sched_getaffinity(0)), args.kv_total_mib, args.disagg_splits)
+    if args.modes:
+        keep = set(args.modes.split(","))
+        modes = [m for m in modes if m.name in keep]
+    slos = None
+    if args.ttft_slo is not None and args.tpot_slo is not None:
+        slos = Slos(args.ttft_slo, args.tpot_slo, float("nan"), float("nan"), 1.0, 1.0, "given on the command line")
+    elif modes[0].name != BASELINE:
+        raise SystemExit("derived SLOs need the colocated mode (or pass --ttft-slo and --tpot-slo)")
+    results = []
+    for mode in modes:
+        print(f"== {mode.name}: {mode.devices}", flush=True)
+        res, slos = await run_mode(mode, specs, probes, slos, args, meta)
+        results.append(res)
+    print(write_outputs(results, slos, args, meta, cmd))  # type: ignore[arg-type]
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser().parse_args(argv)
+    apply_defaults(args)
+    cmd = " ".join(["python -m bench.serving_compare", *argv])
+    return asyncio.run(amain(args, cmd))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
