@@ -34,3 +34,22 @@ def hf_model(cfg: ModelConfig, seed: int = 0):
         for p in model.parameters():
             p.normal_(0, 0.2 if p.dim() > 1 else 1.0)
     return model.eval()
+
+
+def hf_from_checkpoint(cfg: ModelConfig, weights: dict[str, torch.Tensor], dtype: torch.dtype = torch.float32):
+    """transformers' LlamaForCausalLM holding exactly our dense weights: the outside reference."""
+    import transformers
+
+    hf_cfg = transformers.LlamaConfig(
+        vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
+        num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.num_kv_heads,
+        head_dim=cfg.head_dim, rope_theta=cfg.rope_theta, rms_norm_eps=cfg.rms_norm_eps,
+        tie_word_embeddings=cfg.tie_word_embeddings, max_position_embeddings=cfg.max_position_embeddings,
+        rope_scaling=cfg.rope_scaling, attention_bias=cfg.attention_bias, bos_token_id=cfg.bos_token_id,
+        eos_token_id=list(cfg.eos_token_ids), attn_implementation="sdpa")
+    model = transformers.LlamaForCausalLM(hf_cfg)
+    missing, unexpected = model.load_state_dict(weights, strict=False)
+    assert not unexpected and set(missing) <= {"lm_head.weight"}, (missing, unexpected)
+    if cfg.tie_word_embeddings:
+        model.tie_weights()
+    return model.to(dtype).eval()
