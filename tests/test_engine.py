@@ -13,7 +13,6 @@ import pytest
 from engine.config import CacheConfig, EngineConfig, SamplingParams, SchedulerConfig
 from engine.engine import AsyncEngine
 from engine.llm import LLM
-from engine.loader import load_checkpoint
 from engine.request import Status
 
 CORES = sorted(os.sched_getaffinity(0))
@@ -28,11 +27,6 @@ TEXT = ("Disaggregated serving splits the prefill phase, which is compute bound,
         "bound by memory bandwidth. Each phase runs on its own device with its own batch sizes, and the key-value "
         "cache moves from one to the other after the first token. The scheduler picks a layout that maximizes "
         "goodput: the rate of requests that meet both latency objectives. ") * 8
-
-
-@pytest.fixture(scope="module")
-def ckpt():
-    return load_checkpoint()
 
 
 @pytest.fixture(scope="module")

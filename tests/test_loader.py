@@ -16,11 +16,6 @@ from engine.loader import default_model_path, load_checkpoint, load_tokenizer  #
 
 
 @pytest.fixture(scope="module")
-def ckpt() -> loader.Checkpoint:
-    return load_checkpoint()
-
-
-@pytest.fixture(scope="module")
 def ref_state_dict() -> dict[str, torch.Tensor]:
     """transformers dequantizes and un-permutes the same GGUF itself. (What from_pretrained(gguf_file=)
     runs, minus its need for accelerate; the model on the meta device only supplies the names.)"""

@@ -13,7 +13,6 @@ from engine.attention import AttentionMetadata
 from engine.config import CacheConfig, SamplingParams
 from engine.kv_cache import KVPool
 from engine.llm import LLM
-from engine.loader import load_checkpoint
 from engine.model import LlamaModel
 from tests.helpers import hf_from_checkpoint
 
@@ -22,11 +21,6 @@ LENGTHS = [1, 9, 40, 128, 300, 517, 760, 1000]
 TEXT = ("In the beginning of computing, programs were written for one machine at a time. "
         "Later, compilers, operating systems and networks made software portable and shared; "
         "today, large models answer questions, write code and summarize long documents. ") * 60
-
-
-@pytest.fixture(scope="module")
-def ckpt():
-    return load_checkpoint()
 
 
 @pytest.fixture(scope="module")
