@@ -96,9 +96,10 @@ class TorchAttention:
                 scale: float) -> torch.Tensor:
         B, nb = meta.dense_tables.shape
         bs, kvh, d = k_cache.shape[1:]
-        # [B, nb, bs, KVH, D] -> [B, KVH, nb*bs, D]
-        kb = k_cache[meta.dense_tables].view(B, nb * bs, kvh, d).transpose(1, 2)
-        vb = v_cache[meta.dense_tables].view(B, nb * bs, kvh, d).transpose(1, 2)
+        flat = meta.dense_tables.view(-1)  # index_select is ~4x faster than advanced indexing on CPU
+        # [B * nb, bs, KVH, D] -> [B, KVH, nb*bs, D]
+        kb = k_cache.index_select(0, flat).view(B, nb * bs, kvh, d).transpose(1, 2)
+        vb = v_cache.index_select(0, flat).view(B, nb * bs, kvh, d).transpose(1, 2)
         out = F.scaled_dot_product_attention(q.unsqueeze(2), kb, vb, attn_mask=meta.decode_mask, scale=scale,
                                              enable_gqa=True)  # [B, H, 1, D]
         return out.squeeze(2)
@@ -107,7 +108,7 @@ class TorchAttention:
 def gather(cache: torch.Tensor, table: list[int], n: int) -> torch.Tensor:
     """The first n tokens of a sequence from its blocks: [n, KVH, D]."""
     idx = torch.tensor(table[: -(-n // cache.shape[1])], dtype=torch.long, device=cache.device)
-    return cache[idx].flatten(0, 1)[:n]
+    return cache.index_select(0, idx).flatten(0, 1)[:n]
 
 
 def make_backend(name: str, device: torch.device):

