@@ -218,7 +218,8 @@ async def run_mode(mode: Mode, specs: list[RequestSpec], probes: list[RequestSpe
                    f"prompt {probes[0].prompt_len} / output {probes[0].output_len} tokens")
             slos = derive_slos(ttfts, tpots, args.ttft_scale, args.tpot_scale, how)
             print(slos.describe(), flush=True)
-        result = ModeResult(mode, 0.0, {}, sum(ttfts) / len(ttfts), sum(tpots) / len(tpots), {}, others)
+        result = ModeResult(mode, 0.0, {}, unloaded_ttft=sum(ttfts) / len(ttfts),
+                            unloaded_tpot=sum(tpots) / len(tpots), breakdown={}, unloaded_other_cores=others)
         print(f"[{mode.name}] unloaded TTFT {result.unloaded_ttft:.3f} s, TPOT {1000 * result.unloaded_tpot:.1f} ms "
               f"(other processes: {others or 0:.2f} cores)", flush=True)  # fmt: skip
         # The load tester's own argument set and output (results-*.json, summary.json, its plots).
