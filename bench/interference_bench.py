@@ -2,7 +2,7 @@
 (one instance on all cores; prefill-first and chunked) against disaggregated (prefill and decode
 instances on their own cores), on the same cores, in one run.
 
-    python -m bench.interference_bench [--decodes 8] [--prompt-len 768] [--interval 1.5] [--duration 20]
+    python -m bench.interference_bench [--decodes 8] [--decode-tokens 64] [--prompt-len 512] [--interval 2]
 """
 from __future__ import annotations
 
@@ -43,7 +43,7 @@ async def scenario(engine: AsyncEngine, ids: list[int], args, with_prompts: bool
     prompts = []
     if with_prompts:
         await asyncio.sleep(args.interval / 2)
-        while not all(t.done() for t in decodes):
+        while not all(t.done() for t in decodes) and len(prompts) < args.max_prompts:
             long = SamplingParams(max_tokens=2, temperature=0, ignore_eos=True)
             start = len(prompts) * 7
             prompts.append(asyncio.create_task(run(engine.add_request(ids[start:start + args.prompt_len], long))))
@@ -73,12 +73,16 @@ async def measure(name: str, config: EngineConfig, ckpt, args) -> dict:
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--decodes", type=int, default=8, help="steady decoding requests")
-    ap.add_argument("--decode-tokens", type=int, default=96)
-    ap.add_argument("--prompt-len", type=int, default=768)
-    ap.add_argument("--interval", type=float, default=1.5, help="seconds between long prompts")
+    ap.add_argument("--decode-tokens", type=int, default=64)
+    ap.add_argument("--prompt-len", type=int, default=512)
+    ap.add_argument("--interval", type=float, default=2.0, help="seconds between long prompts")
+    ap.add_argument("--max-prompts", type=int, default=6, help="long prompts at most (bounds the run time)")
     args = ap.parse_args(argv)
     ckpt = load_checkpoint()
-    rows = [asyncio.run(measure(name, cfg, ckpt, args)) for name, cfg in layouts().items()]
+    rows = []
+    for name, cfg in layouts().items():
+        rows.append(asyncio.run(measure(name, cfg, ckpt, args)))
+        print(f"{name}: {rows[-1]}", flush=True)
     print(f"# Interference, {today()}, {machine()}, float32; {args.decodes} steady decodes x {args.decode_tokens} "
           f"tokens, a {args.prompt_len}-token prompt every {args.interval} s")
     print("| layout | TPOT quiet (ms) | TPOT with prompts (ms) | P90 with prompts (ms) | slowdown | "
