@@ -19,7 +19,10 @@ published A100 files are read into the same structure (`load_profile`):
       "transfer_bandwidth_Bps": 3e11,     # prefill -> decode KV link (bytes/s)
       "swap_bandwidth_Bps": 2.5e10,       # device <-> host link for decode swapping (bytes/s)
       "block_size": 16,
-      "scheduler": {"max_num_seqs": 256}  # optional SchedulerConfig defaults for this device
+      "scheduler": {"max_num_seqs": 256}, # optional SchedulerConfig defaults for this device
+      "interference": {"prefill": 1.3, "decode": 1.6}  # optional: step-time factor while another
+                                          # instance of the same process is busy (CPU instances are
+                                          # threads of one process: GIL, memory bandwidth); default 1
     }
 
 With pipeline degree pp, every time is divided by pp and a prefill pays pp ms more (1 ms at pp=1),
@@ -85,6 +88,7 @@ class Profile:
     swap_bandwidth_Bps: float = PCIE4_BPS
     block_size: int = 16
     scheduler: dict = field(default_factory=dict)
+    interference: dict[str, float] = field(default_factory=dict)  # phase -> factor (see the file's top)
 
     def __post_init__(self) -> None:
         if self.device_kind not in ("cuda", "cpu"):
@@ -120,7 +124,7 @@ class Profile:
                 "kv_capacity_tokens": cap if isinstance(cap, int) else {f"{t}x{p}": n for (t, p), n in cap.items()},
                 "kv_bytes_per_token": self.kv_bytes_per_token, "transfer_bandwidth_Bps": self.transfer_bandwidth_Bps,
                 "swap_bandwidth_Bps": self.swap_bandwidth_Bps, "block_size": self.block_size,
-                "scheduler": self.scheduler}
+                "scheduler": self.scheduler, "interference": self.interference}
 
 
 class LatencyModel:
@@ -232,7 +236,8 @@ def load_profile(path: str | Path, model: str | None = None) -> Profile:
                        kv_bytes_per_token=int(data["kv_bytes_per_token"]),
                        transfer_bandwidth_Bps=float(data.get("transfer_bandwidth_Bps", A100_NVLINK_BPS)),
                        swap_bandwidth_Bps=float(data.get("swap_bandwidth_Bps", PCIE4_BPS)),
-                       block_size=int(data.get("block_size", 16)), scheduler=dict(data.get("scheduler", {})))
+                       block_size=int(data.get("block_size", 16)), scheduler=dict(data.get("scheduler", {})),
+                       interference={k: float(v) for k, v in data.get("interference", {}).items()})
     if model is None:
         if len(data) != 1:
             raise ValueError(f"{path} holds several models ({', '.join(data)}); pass --model")

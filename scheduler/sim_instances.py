@@ -40,6 +40,13 @@ class SimInstance:
     def config(self) -> SchedulerConfig:
         return self.sim.sched_config
 
+    def slowdown(self, phase: str) -> float:
+        """The profile's interference factor for `phase` if another instance is busy as this step starts
+        (an approximation: the overlap is judged once, at the start)."""
+        if any(i.busy for i in self.sim.prefills + self.sim.decodes if i is not self):
+            return self.sim.profile.interference.get(phase, 1.0)
+        return 1.0
+
 
 class PrefillInstance(SimInstance):
     """FCFS token-budget batches; a request's blocks stay here until a decode instance pulls it."""
@@ -59,7 +66,8 @@ class PrefillInstance(SimInstance):
         for r, _ in step.items:
             r.metrics.prefill_start = now
             r.instance = self
-        self.sim.at(now + self.model.prefill_ms([n for _, n in step.items]) / 1e3, self._done, step)
+        secs = self.model.prefill_ms([n for _, n in step.items]) / 1e3 * self.slowdown("prefill")
+        self.sim.at(now + secs, self._done, step)
 
     def _done(self, step: Step) -> None:
         now = self.sim.now
@@ -128,7 +136,8 @@ class DecodeInstance(SimInstance):
         self.busy = True
         secs = _swap_seconds(self.sim, step)
         if step.items:
-            secs += self.model.decode_ms(sum(r.num_tokens for r, _ in step.items), len(step.items)) / 1e3
+            secs += (self.model.decode_ms(sum(r.num_tokens for r, _ in step.items), len(step.items)) / 1e3
+                     * self.slowdown("decode"))
         self.sim.at(self.sim.now + secs, self._done, step)
 
     def _done(self, step: Step) -> None:
@@ -171,7 +180,7 @@ class ColocatedInstance(SimInstance):
                 batch += 1
         secs = _swap_seconds(self.sim, step)
         if step.items:
-            secs += self.model.mixed_ms(chunks, ctx, batch) / 1e3
+            secs += self.model.mixed_ms(chunks, ctx, batch) / 1e3 * self.slowdown("prefill" if chunks else "decode")
         self.sim.at(now + secs, self._done, step)
 
     def _done(self, step: Step) -> None:
