@@ -181,6 +181,9 @@ def build_parser() -> argparse.ArgumentParser:
     a("--dtype", choices=("auto", "bfloat16", "float32", "float16"), default="auto", help="weights and KV dtype")
     a("--max-num-seqs", type=int, default=64, help="running decodes per instance")
     a("--max-waiting", type=int, default=4096, help="admission queue bound; beyond it requests get 503")
+    a("--max-prefill-tokens", type=int, default=4096, help="prompt tokens per prefill batch (FCFS)")
+    a("--chunk-budget", type=int, default=512,
+      help="--chunked-prefill: tokens per step (decode tokens first, then prompt chunks)")
     a("--kv-cache-memory", default="512MiB", help="KV cache budget per instance, e.g. 512MiB, 2GiB")
     a("--api-key", default=os.environ.get(API_KEY_ENV),
       help=f"require 'Authorization: Bearer KEY' on /v1/* (default: ${API_KEY_ENV}; unset: no auth)")
@@ -209,7 +212,9 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         layout.update(devices=args.devices or ["cpu"], chunked_prefill=args.chunked_prefill)
     return EngineConfig(model=args.model, dtype=args.dtype, **layout,
                         cache=CacheConfig(memory_bytes=args.kv_cache_memory),
-                        scheduler=SchedulerConfig(max_num_seqs=args.max_num_seqs, max_waiting=args.max_waiting))
+                        scheduler=SchedulerConfig(max_num_seqs=args.max_num_seqs, max_waiting=args.max_waiting,
+                                                  max_prefill_tokens=args.max_prefill_tokens,
+                                                  chunk_budget=args.chunk_budget))
 
 
 def main(argv: list[str] | None = None) -> int:
