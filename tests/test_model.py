@@ -98,3 +98,27 @@ def test_loading_rejects_missing_and_leftover_weights():
     extra = dict(weights, **{"model.layers.9.extra.weight": torch.zeros(1)})
     with pytest.raises(ValueError, match="model.layers.9.extra.weight"):
         LlamaModel(cfg, extra)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_xformers_backend_matches_torch_backend_on_cuda():
+    pytest.importorskip("xformers")
+    from engine.attention_xformers import XFormersAttention
+
+    g = torch.Generator().manual_seed(0)
+    dev = torch.device("cuda")
+    kvh, h, d, bs = 2, 4, 64, 16
+    caches = [torch.zeros(32, bs, kvh, d, device=dev, dtype=torch.float16) for _ in range(4)]
+    q_lens, ctx_lens, tables = [5, 1, 3], [5, 20, 40], [[0], [3, 4], [7, 8, 9]]
+    T = sum(q_lens)
+    q = torch.randn(T, h, d, generator=g).half().to(dev)
+    k = torch.randn(T, kvh, d, generator=g).half().to(dev)
+    v = torch.randn(T, kvh, d, generator=g).half().to(dev)
+    for c in caches:
+        c.normal_()
+    meta = AttentionMetadata.build(q_lens, ctx_lens, tables, bs, dev, torch.float16)
+    ref = TorchAttention().forward(q, k, v, caches[0], caches[1], meta, d ** -0.5)
+    caches[2].copy_(caches[0])
+    caches[3].copy_(caches[1])
+    out = XFormersAttention().forward(q, k, v, caches[2], caches[3], meta, d ** -0.5)
+    torch.testing.assert_close(out, ref, atol=2e-3, rtol=2e-3)
