@@ -39,7 +39,8 @@ def layouts(cores: list[int], kv_total_mib: int, splits: list[int] | None = None
     kv = f"{kv_total_mib}MiB"
     modes = [
         Mode(BASELINE, ("--mode", "colocated", "--devices", "cpu", "--kv-cache-memory", kv), f"cpu ({n} cores)", n),
-        Mode("chunked", ("--mode", "colocated", "--chunked-prefill", "--devices", "cpu", "--kv-cache-memory", kv),
+        Mode("chunked", ("--mode", "colocated", "--chunked-prefill", "--chunk-budget", "128", "--devices", "cpu",
+                         "--kv-cache-memory", kv),
              f"cpu ({n} cores), chunked prefill", n),
     ]  # fmt: skip
     for p in splits if splits is not None else range(1, n):
