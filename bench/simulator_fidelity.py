@@ -38,7 +38,7 @@ from bench.datasets import RequestSpec, load_dataset
 from bench.metrics import summarize
 from engine.config import CacheConfig, SchedulerConfig
 from scheduler.latency import Profile, load_profile
-from scheduler.profile import QUICK_GRID, Grid, build_profile, fold_overhead, profile_json
+from scheduler.profile import Grid, build_profile, fold_overhead, profile_json
 from scheduler.simulator import Layout, Parallel, simulate
 from scheduler.workload import SLO
 
@@ -206,6 +206,18 @@ def markdown(doc: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def workload_grid(args) -> Grid:
+    """The profile grid over the sizes this workload runs: prompts up to --max-prompt (batches of a few),
+    decode contexts up to prompt + output, batches to 32. One linear formula fits a narrow range far
+    better than the profiler's default 16-1024 tokens."""
+    hi = args.max_prompt
+    lens = tuple(sorted({args.min_prompt, hi // 4, hi // 2, 3 * hi // 4, hi}))
+    ctx = tuple(sorted({args.min_prompt, (args.min_prompt + hi) // 2, hi + args.max_output}))
+    return Grid(prefill_batch=(1, 2, 4), prefill_len=lens, max_prefill_tokens=4 * hi,
+                mixed=((args.min_prompt, hi), (hi // 4, hi // 2, hi)), decode_batch=(1, 2, 4, 8, 16, 32),
+                decode_ctx=ctx, warmup=1, repeats=2 if args.quick else 3)
+
+
 def get_profile(args) -> Profile:
     if args.profile_dir:
         return load_profile(Path(args.profile_dir) / "profile.json")
@@ -218,7 +230,7 @@ def get_profile(args) -> Profile:
     ckpt = load_checkpoint()
     model = LlamaModel(ckpt.config, ckpt.weights, resolve_dtype("float32", torch.device("cpu")))
     devices = [f"cpu:{C0}"] + ([f"cpu:{C0}-{C1}"] if any(m != "disagg" for m in args.modes) else [])
-    prof, details = build_profile(model, ckpt.name, devices, QUICK_GRID if args.quick else Grid(), CacheConfig(),
+    prof, details = build_profile(model, ckpt.name, devices, workload_grid(args), CacheConfig(),
                                   neighbor=f"cpu:{C1}" if C1 != C0 else None)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

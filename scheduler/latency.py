@@ -165,7 +165,10 @@ class Fit:
 
 
 def _lstsq(x: np.ndarray, y: np.ndarray) -> Fit:
-    coef, *_ = np.linalg.lstsq(x, y, rcond=None)
+    # Minimize relative, not absolute, error (rows scaled by 1/y): SLOs judge every size alike, and an
+    # absolute fit lets a few long batches pull the constant term negative, mispricing short prompts.
+    w = 1.0 / np.maximum(np.abs(y), 1e-9)
+    coef, *_ = np.linalg.lstsq(x * w[:, None], y * w, rcond=None)
     rel = np.abs(x @ coef - y) / np.maximum(np.abs(y), 1e-9)
     return Fit(tuple(float(v) for v in coef), float(rel.mean()), float(rel.max()), len(y))
 

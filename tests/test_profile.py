@@ -100,3 +100,16 @@ def test_simulator_slows_steps_that_overlap_a_busy_instance():
     two = simulate(prof({"decode": 2.0, "prefill": 3.0}), lay, [0.0, 0.021], [(10, 3), (10, 2)]).requests
     assert two[0].tpot == pytest.approx(0.010, abs=1e-6)  # both its decode steps overlap request 1's prefill
     assert two[1].ttft == pytest.approx(0.021 * 3, abs=1e-6)  # its prefill starts while request 0 decodes
+
+
+def test_decode_threshold_is_chosen_where_the_fit_is_best():
+    from scheduler.profile import fit_decode_threshold
+
+    # batch 1 on its own line (matrix-vector kernels): 50 ms; batch >= 2: 80 + 5*batch + 0.01*context
+    dec = [(c, 1, 50.0 + 0.01 * c) for c in (32, 128, 256)]
+    dec += [(b * c, b, 80.0 + 5 * b + 0.01 * b * c) for b in (2, 4, 8) for c in (32, 128, 256)]
+    pre = [([n], 10.0 + n) for n in (16, 64, 128)]
+    coeffs, report = fit_decode_threshold(pre, dec, (2, 4, 95))
+    assert coeffs.threshold == 2
+    assert coeffs.decode_large == pytest.approx((80.0, 0.01, 5.0))
+    assert report["decoding_largebs"]["max_rel_error"] < 1e-9
