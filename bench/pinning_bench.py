@@ -40,8 +40,8 @@ def run(instances: list[Instance], n: int, size: int) -> tuple[float, list[float
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--iters", type=int, default=40)
-    ap.add_argument("--size", type=int, default=512)
+    ap.add_argument("--iters", type=int, default=60)
+    ap.add_argument("--size", type=int, default=1024)
     args = ap.parse_args(argv)
     cores = sorted(os.sched_getaffinity(0))
     if len(cores) < 2:
