@@ -44,6 +44,11 @@ def plot_attainment_vs_rate(
     if goodput:
         ax.axvline(goodput, color="red", linestyle=":", linewidth=1, label=f"goodput {goodput:.3g}/s")
     ax.set_xlabel("request rate (req/s)")
+    _finish_attainment(fig, ax, out)
+
+
+def _finish_attainment(fig, ax, out: str | Path) -> None:
+    """The attainment axis every attainment plot shares, then save."""
     ax.set_ylabel("SLO attainment (%)")
     ax.set_ylim(-2, 102)
     ax.grid(alpha=0.3)
@@ -83,13 +88,7 @@ def plot_slo_scale(curves: dict[str, list[dict]], out: str | Path, target: float
     ax.set_xticks(scales, [f"{x:g}" for x in scales])
     ax.minorticks_off()
     ax.set_xlabel("SLO scale (both SLOs multiplied)")
-    ax.set_ylabel("SLO attainment (%)")
-    ax.set_ylim(-2, 102)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
+    _finish_attainment(fig, ax, out)
 
 
 def _display_label(doc: dict) -> str:
