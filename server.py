@@ -3,7 +3,8 @@
     python server.py [--model PATH] [--mode disagg|colocated] [--port 8000] ...   (see --help)
 
 POST /v1/completions, POST /v1/chat/completions (stream: true -> SSE), GET /v1/models, GET /health,
-GET /metrics (serving/metrics.py lists the series). The generation path is serving/generate.py (parsing in
+GET /metrics (serving/metrics.py lists the series), GET /debug/steps (with --step-trace: the recorded steps,
+drained; engine/step_trace.py). The generation path is serving/generate.py (parsing in
 serving/protocol.py, response shapes in serving/responses.py). This file is the app, its lifecycle and the
 CLI; it knows nothing about blocks or devices.
 """
@@ -36,7 +37,7 @@ log = logging.getLogger("distserve.server")
 API_KEY_ENV = "API_KEY"
 
 
-_ENDPOINTS = {"/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "/metrics"}
+_ENDPOINTS = {"/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "/metrics", "/debug/steps"}
 
 
 def _error(e: ApiError) -> web.Response:
@@ -54,7 +55,7 @@ async def _middleware(request: web.Request, handler) -> web.StreamResponse:
     status = 500
     try:
         key = st.config.api_key
-        if key and request.path.startswith("/v1/"):
+        if key and request.path.startswith(("/v1/", "/debug/")):
             given = request.headers.get("Authorization", "")
             if not hmac.compare_digest(given.encode(), f"Bearer {key}".encode()):
                 raise ApiError(401, "missing or invalid API key (send 'Authorization: Bearer KEY')",
@@ -96,6 +97,15 @@ async def metrics(request: web.Request) -> web.Response:
     return web.Response(body=request.app[STATE].metrics.render(), headers={"Content-Type": CONTENT_TYPE})
 
 
+async def debug_steps(request: web.Request) -> web.Response:
+    """The step trace recorded since the last call (and forgets it), for fitting the planner in-server."""
+    trace = request.app[STATE].engine.step_trace
+    if trace is None:
+        raise ApiError(404, "step tracing is off (start the server with --step-trace N)", "invalid_request_error",
+                       None, "not_found")
+    return web.Response(body=orjson.dumps({"steps": trace.drain()}), content_type="application/json")
+
+
 def create_app(engine: AsyncEngine, config: ServerConfig | None = None) -> web.Application:
     """The app around an engine; the engine starts with the app and shuts down with it."""
     config = config or ServerConfig()
@@ -117,6 +127,7 @@ def create_app(engine: AsyncEngine, config: ServerConfig | None = None) -> web.A
     app.router.add_get("/v1/models", models)
     app.router.add_get("/health", health)
     app.router.add_get("/metrics", metrics)
+    app.router.add_get("/debug/steps", debug_steps)
     return app
 
 
@@ -187,6 +198,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--kv-cache-memory", default="512MiB", help="KV cache budget per instance, e.g. 512MiB, 2GiB")
     a("--api-key", default=os.environ.get(API_KEY_ENV),
       help=f"require 'Authorization: Bearer KEY' on /v1/* (default: ${API_KEY_ENV}; unset: no auth)")
+    a("--step-trace", type=int, default=0, metavar="N",
+      help="record the last N engine steps (shape, iteration time) for GET /debug/steps (default 0: off)")
     a("--plan", default=None, help="placement plan JSON from the planner (overrides mode and devices)")
     a("--max-body-bytes", default="1MiB", help="largest accepted request body (413 beyond)")
     a("--grace-period", type=float, default=30.0, help="seconds to let in-flight requests finish on shutdown")
@@ -210,7 +223,7 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         if args.prefill_devices or args.decode_devices:
             raise ValueError("--prefill-devices and --decode-devices apply to --mode disagg only")
         layout.update(devices=args.devices or ["cpu"], chunked_prefill=args.chunked_prefill)
-    return EngineConfig(model=args.model, dtype=args.dtype, **layout,
+    return EngineConfig(model=args.model, dtype=args.dtype, **layout, step_trace=args.step_trace,
                         cache=CacheConfig(memory_bytes=args.kv_cache_memory),
                         scheduler=SchedulerConfig(max_num_seqs=args.max_num_seqs, max_waiting=args.max_waiting,
                                                   max_prefill_tokens=args.max_prefill_tokens,

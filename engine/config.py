@@ -169,8 +169,11 @@ class EngineConfig:
     cache: CacheConfig = field(default_factory=CacheConfig)
     decode_cache: CacheConfig | None = None  # disagg: decode pools of another size (None: same as cache)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    step_trace: int = 0  # keep the last N steps' shapes and iteration times (engine/step_trace.py); 0: off
 
     def __post_init__(self) -> None:
+        if self.step_trace < 0:
+            raise ValueError(f"step_trace must be >= 0, got {self.step_trace}")
         if self.mode not in ("colocated", "disagg"):
             raise ValueError(f"mode must be 'colocated' or 'disagg', got {self.mode!r}")
         if self.dtype not in ("auto", "bfloat16", "float32", "float16"):

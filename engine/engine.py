@@ -24,6 +24,7 @@ from engine.instance import Instance, Sampled
 from engine.loader import Checkpoint, load_checkpoint
 from engine.model import LlamaModel
 from engine.request import Metrics, Request, Status
+from engine.step_trace import StepTrace
 from engine.stop import StopStringMatcher, check_stop
 from scheduler.batch import Step
 from scheduler.colocated import ColocatedScheduler
@@ -130,6 +131,7 @@ class AsyncEngine:
         self.wake: dict[str, asyncio.Event] = {}
         self.tasks: list[asyncio.Task] = []
         self.transfer_log: list[tuple[str, int, float]] = []  # (request id, bytes, seconds)
+        self.step_trace = StepTrace(config.step_trace) if config.step_trace else None
         self._ids = itertools.count()
         self.closed = False
         self.error: str | None = None
@@ -256,8 +258,10 @@ class AsyncEngine:
 
     async def _run(self, inst: Instance, step: Step) -> list[Sampled]:
         reqs = step.requests + [r for r, _ in step.swap_out] + step.swap_in
-        inst.busy.update(r.id for r in reqs)
         now = time.perf_counter()
+        if self.step_trace is not None:
+            self.step_trace.begin(inst.name, inst.role, step, now, any(i.busy for i in self.instances if i is not inst))
+        inst.busy.update(r.id for r in reqs)
         for r, _ in step.items:
             if r.metrics.prefill_start is None:
                 r.metrics.prefill_start = now
@@ -296,6 +300,7 @@ class AsyncEngine:
             self._emit_all(results)
             self._sweep_aborted(step.requests)
             await asyncio.sleep(0)  # let the server's handlers run between steps
+            self._step_ended(inst)
 
     async def _prefill_loop(self, inst: Instance) -> None:
         sched: PrefillScheduler = self._sched(inst)
@@ -319,6 +324,7 @@ class AsyncEngine:
                     self._sched(dec).add(req)
                     self.wake[dec.name].set()
             await asyncio.sleep(0)
+            self._step_ended(inst)
 
     async def _decode_loop(self, inst: Instance) -> None:
         sched: DecodeScheduler = self._sched(inst)
@@ -337,6 +343,11 @@ class AsyncEngine:
             self._emit_all(results)
             self._sweep_aborted(step.requests)
             await asyncio.sleep(0)
+            self._step_ended(inst)
+
+    def _step_ended(self, inst: Instance) -> None:
+        if self.step_trace is not None:
+            self.step_trace.end(inst.name, time.perf_counter())
 
     async def _pull(self, inst: Instance, req: Request, blocks: list[int]) -> None:
         src_inst, src_blocks = req.pool, req.block_table

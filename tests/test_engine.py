@@ -194,3 +194,32 @@ def test_bad_requests_are_rejected_with_a_reason(ckpt):
         assert_all_free(engine)
 
     run_engine(ckpt, disagg_config(), body)
+
+
+def test_step_trace_records_every_step_shape_and_iteration(ckpt, prompts):
+    """What the planner fits in-server (scheduler/trace_fit.py): each prompt token once in a prefill
+    record, each later token once in a decode record, iteration times from the loop's own clock."""
+    config = disagg_config()
+    config.step_trace = 1000
+
+    async def body(engine):
+        outs = await asyncio.gather(*(collect(engine.add_request(p, params("greedy", i, 6)))
+                                      for i, p in enumerate(prompts)))
+        await asyncio.sleep(0.05)
+        return outs, engine.step_trace.drain(), engine.step_trace.drain()
+
+    outs, trace, again = run_engine(ckpt, config, body)
+    assert again == []  # drained
+    pre = [r for r in trace if r["role"] == "prefill"]
+    dec = [r for r in trace if r["role"] == "decode"]
+    assert len(pre) + len(dec) == len(trace)
+    assert sorted(n for r in pre for n, _ in r["prefill"]) == sorted(len(p) for p in prompts)
+    assert all(c == 0 for r in pre for _, c in r["prefill"]) and not any(r["decode_batch"] for r in pre)
+    assert not any(r["prefill"] for r in dec)
+    assert sum(r["decode_batch"] for r in dec) == sum(len(o.token_ids) - 1 for o in outs) == 5 * len(prompts)
+    # a decode step's context: each request's prompt plus the tokens it has so far
+    assert min(r["decode_ctx"] for r in dec) >= min(len(p) for p in prompts) + 1
+    assert all(r["end"] >= r["start"] and isinstance(r["others_busy"], bool) for r in trace)
+    for role in ("prefill", "decode"):  # one instance's iterations never overlap
+        rs = sorted((r for r in trace if r["role"] == role), key=lambda r: r["start"])
+        assert all(a["end"] <= b["start"] for a, b in zip(rs, rs[1:]))

@@ -50,6 +50,7 @@ class FakeEngine:
     """add_request's contract: "full" -> QueueFullError, "boom" -> a stream that fails, "slow" -> waits for abort."""
 
     model_name, max_model_len = "fake", 64
+    step_trace = None  # --step-trace off
 
     def __init__(self) -> None:
         self.tokenizer, self.aborted, self.waiters = _Tok(), [], {}
@@ -117,6 +118,14 @@ def test_engine_failure_is_500_for_that_request_only():
     _in_process(test)
 
 
+def test_step_trace_endpoint_is_404_when_tracing_is_off():
+    async def test(app, client):
+        r = await client.get("/debug/steps")
+        assert r.status == 404
+        assert "--step-trace" in (await r.json())["error"]["message"]
+    _in_process(test)
+
+
 def test_drain_aborts_what_outlives_the_grace_period():
     async def test(app, client):
         st = app[STATE]
@@ -156,7 +165,7 @@ def server(tmp_path_factory):
     port = _free_port()
     log = str(tmp_path_factory.mktemp("server") / "server.log")
     cmd = [sys.executable, "server.py", "--port", str(port), "--mode", "disagg", "--dtype", "float32",
-           "--kv-cache-memory", "96MiB", "--max-body-bytes", "64KiB", "--grace-period", "60"]
+           "--kv-cache-memory", "96MiB", "--max-body-bytes", "64KiB", "--grace-period", "60", "--step-trace", "100000"]
     with open(log, "w") as out:  # the key comes from the environment, as users are told to pass it
         proc = subprocess.Popen(cmd, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "API_KEY": KEY})
     srv = Server(f"http://127.0.0.1:{port}", proc, log)
@@ -362,6 +371,21 @@ def test_metrics_cover_latencies_tokens_and_statuses(server):
     assert m['distserve_requests_total{endpoint="/v1/completions",status="200"}'] > 0
     assert m['distserve_requests_total{endpoint="/v1/completions",status="400"}'] > 0
     assert sum(v for k, v in m.items() if k.startswith("distserve_kv_blocks_total")) > 0
+
+
+def test_step_trace_endpoint_drains_the_steps_it_returns(server):
+    assert http("GET", server.url + "/debug/steps", key=None)[0] == 401  # behind the API key like /v1/*
+    wait_idle(server, 30)
+    http("GET", server.url + "/debug/steps")
+    server.client().completions.create(model="SmolLM2-135M-Instruct", prompt=[5, 6, 7, 8, 9], max_tokens=4,
+                                       temperature=0, extra_body={"ignore_eos": True})
+    wait_idle(server, 30)
+    status, _, body = http("GET", server.url + "/debug/steps")
+    steps = orjson.loads(body)["steps"]
+    assert status == 200
+    assert [r["prefill"] for r in steps if r["role"] == "prefill"] == [[[5, 0]]]
+    assert [r["decode_batch"] for r in steps if r["role"] == "decode"] == [1, 1, 1]
+    assert orjson.loads(http("GET", server.url + "/debug/steps")[2])["steps"] == []
 
 
 def test_sigterm_drains_in_flight_then_exits_zero(server):  # last: it stops the module's server

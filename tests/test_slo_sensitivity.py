@@ -12,8 +12,9 @@ def write(root, mode: str, rate: float, timings: list[tuple[float, float]], core
     reqs = [RequestResult(i, 10, 10, 0.0, success=True, ttft=t, tpot=p).to_dict() for i, (t, p) in enumerate(timings)]
     d = root / mode
     d.mkdir(exist_ok=True)
-    (d / f"results-{mode}-rate{rate}.json").write_text(json.dumps(
-        {"num_gpus": cores, "ttft_slo": 1.0, "tpot_slo": 0.1, "attainment_target": 0.9, "rate": rate, "requests": reqs}))
+    doc = {"num_gpus": cores, "ttft_slo": 1.0, "tpot_slo": 0.1, "attainment_target": 0.9, "rate": rate,
+           "requests": reqs}
+    (d / f"results-{mode}-rate{rate}.json").write_text(json.dumps(doc))
 
 
 def fixture(tmp_path):

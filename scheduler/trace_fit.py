@@ -1,0 +1,71 @@
+"""Fit the latency model to a running server's step trace (engine/step_trace.py) instead of steps
+timed in isolation: the iteration times then carry what serving adds (the event loop's HTTP and
+token work on the same cores, the GIL shared with the other instance, the gap before the next step).
+
+    coeffs, factors, report = fit_trace(records, roles=("decode",))
+
+Prefill samples are steps with prompt chunks that start at token 0 and no decodes (a chunk after
+cached tokens, or a mixed chunked step, does not fit DistServe's prefill formula); decode samples are
+steps without prompt chunks. Interference: steps that started while another instance was busy are
+slower by a per-phase factor (Profile.interference) that the fit estimates alongside the
+coefficients; with fewer than MIN_SPLIT steps on either side the factor is 1 (nothing to tell apart).
+"""
+from __future__ import annotations
+
+import statistics
+
+from scheduler.latency import LatencyModel, PhaseCoeffs
+from scheduler.profile import fit_decode_threshold
+
+MIN_SPLIT = 5
+PP1_HOP_MS = 1.0  # what LatencyModel.prefill_ms adds at pp=1
+THRESHOLDS = (2, 4, 8, 16, 95)
+
+
+def _ms(rec: dict) -> float:
+    return (rec["end"] - rec["start"]) * 1e3
+
+
+def samples(records: list[dict], roles: tuple[str, ...]) -> tuple[list, list]:
+    """(prefill samples [(lengths, ms, others_busy)], decode samples [(ctx, batch, ms, others_busy)])."""
+    pre, dec = [], []
+    for r in records:
+        if r["role"] not in roles or "end" not in r:
+            continue
+        if r["prefill"] and not r["decode_batch"] and all(c == 0 for _, c in r["prefill"]):
+            pre.append(([n for n, _ in r["prefill"]], _ms(r), r["others_busy"]))
+        elif not r["prefill"] and r["decode_batch"]:
+            dec.append((r["decode_ctx"], r["decode_batch"], _ms(r), r["others_busy"]))
+    return pre, dec
+
+
+def _factor(observed: list[tuple[float, float, bool]]) -> float:
+    """observed: (measured ms, alone-model ms, others_busy) -> median busy ratio (1 if too few either side)."""
+    busy = [m / f for m, f, b in observed if b and f > 0]
+    if len(busy) < MIN_SPLIT or len(observed) - len(busy) < MIN_SPLIT:
+        return 1.0
+    return statistics.median(busy)
+
+
+def fit_trace(records: list[dict], roles: tuple[str, ...] = ("prefill", "decode", "colocated"),
+              thresholds: tuple[int, ...] = THRESHOLDS, rounds: int = 6) -> tuple[PhaseCoeffs, dict[str, float], dict]:
+    """Coefficients (of a step that starts alone) for the instances of `roles` (one device kind and
+    size), interference factors {"prefill", "decode"}, and a report (samples, fit errors).
+
+    Alternates: fit the formulas to the steps with busy-neighbor steps divided by their phase's factor;
+    re-estimate each factor as the median of observed / fitted over the busy-neighbor steps."""
+    pre, dec = samples(records, roles)
+    if len(pre) < 3 or len(dec) < 3:
+        raise ValueError(f"step trace has {len(pre)} prefill and {len(dec)} decode steps usable: need >= 3 of each")
+    factors = {"prefill": 1.0, "decode": 1.0}
+    for _ in range(rounds):
+        fp, fd = factors["prefill"], factors["decode"]
+        # LatencyModel adds the pp=1 stage hop (1 ms) to every prefill: fit what is left of a step
+        coeffs, report = fit_decode_threshold([(ls, (t / fp if b else t) - PP1_HOP_MS) for ls, t, b in pre],
+                                              [(s, n, t / fd if b else t) for s, n, t, b in dec], thresholds)
+        model = LatencyModel(coeffs)
+        factors = {"prefill": _factor([(t, model.prefill_ms(ls), b) for ls, t, b in pre]),
+                   "decode": _factor([(t, model.decode_ms(s, n), b) for s, n, t, b in dec])}
+    report["samples"] = {"prefill": len(pre), "decode": len(dec)}
+    report["busy_neighbor_steps"] = {"prefill": sum(b for *_, b in pre), "decode": sum(b for *_, b in dec)}
+    return coeffs, factors, report

@@ -1,0 +1,68 @@
+"""Fitting the latency model to a server's step trace (scheduler/trace_fit.py), on synthetic traces
+whose true coefficients and interference are known."""
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from scheduler.latency import LatencyModel, PhaseCoeffs
+from scheduler.trace_fit import fit_trace, samples
+
+TRUE = PhaseCoeffs((20.0, 0.5, 0.001), (30.0, 0.002, 4.0), (30.0, 0.002, 4.0), threshold=95)
+
+
+def trace(busy_factor: float, seed: int = 0, n: int = 60) -> list[dict]:
+    """Prefill steps on "prefill0", decode steps on "decode1"; steps started next to a busy neighbor
+    take busy_factor x as long."""
+    rng, model, t, out = random.Random(seed), LatencyModel(TRUE), 0.0, []
+    for i in range(n):
+        busy = i % 2 == 1
+        k = busy_factor if busy else 1.0
+        lens = [rng.randint(16, 256) for _ in range(rng.randint(1, 4))]
+        ms = model.prefill_ms(lens) * k
+        out.append({"instance": "prefill0", "role": "prefill", "start": t, "end": t + ms / 1e3,
+                    "prefill": [[x, 0] for x in lens], "decode_ctx": 0, "decode_batch": 0, "others_busy": busy})
+        b = rng.randint(1, 32)
+        ctx = b * rng.randint(32, 300)
+        ms = model.decode_ms(ctx, b) * k
+        out.append({"instance": "decode1", "role": "decode", "start": t, "end": t + ms / 1e3, "prefill": [],
+                    "decode_ctx": ctx, "decode_batch": b, "others_busy": busy})
+        t += 1.0
+    return out
+
+
+def test_recovers_the_coefficients_of_an_exact_trace():
+    coeffs, factors, report = fit_trace(trace(1.0), thresholds=(95,))
+    for got, want in ((coeffs.prefill, TRUE.prefill), (coeffs.decode_small, TRUE.decode_small)):
+        assert got == pytest.approx(want, rel=1e-6, abs=1e-9)
+    assert factors == pytest.approx({"prefill": 1.0, "decode": 1.0})
+    assert report["samples"] == {"prefill": 60, "decode": 60}
+
+
+def test_splits_interference_out_of_the_steps_that_ran_next_to_a_busy_instance():
+    coeffs, factors, _ = fit_trace(trace(1.5), thresholds=(95,))
+    assert factors["prefill"] == pytest.approx(1.5, rel=0.02)
+    assert factors["decode"] == pytest.approx(1.5, rel=0.02)
+    model, truth = LatencyModel(coeffs), LatencyModel(TRUE)  # scaled back to a step running alone
+    for lens in ([16], [128, 64], [256] * 4):
+        assert model.prefill_ms(lens) == pytest.approx(truth.prefill_ms(lens), rel=0.05)
+    for ctx, b in ((40, 1), (3000, 16), (9000, 32)):
+        assert model.decode_ms(ctx, b) == pytest.approx(truth.decode_ms(ctx, b), rel=0.05)
+
+
+def test_only_steps_the_formulas_describe_are_samples():
+    base = {"instance": "c0", "role": "colocated", "start": 0.0, "end": 0.01, "others_busy": False}
+    recs = [
+        {**base, "prefill": [[64, 0]], "decode_ctx": 0, "decode_batch": 0},  # prefill
+        {**base, "prefill": [], "decode_ctx": 300, "decode_batch": 3},  # decode
+        {**base, "prefill": [[64, 128]], "decode_ctx": 0, "decode_batch": 0},  # a later chunk: no
+        {**base, "prefill": [[32, 0]], "decode_ctx": 100, "decode_batch": 1},  # mixed: no
+        {**base, "role": "prefill", "prefill": [[8, 0]], "decode_ctx": 0, "decode_batch": 0},  # other role
+        {k: v for k, v in base.items() if k != "end"} | {"prefill": [], "decode_ctx": 5, "decode_batch": 1},
+    ]
+    pre, dec = samples(recs, ("colocated",))
+    assert pre == [([64], pytest.approx(10.0), False)]
+    assert dec == [(300, 3, pytest.approx(10.0), False)]
+    with pytest.raises(ValueError, match="need >= 3"):
+        fit_trace(recs, ("colocated",))
