@@ -14,7 +14,11 @@ Per mode (disagg: prefill cpu:C0 + decode cpu:C1; colocated and chunked: one ins
 4. at each rate, the same seeded Poisson send times and lengths go to the server through the load
    tester and to scheduler.simulator.simulate with the same layout and scheduler limits; simulated
    TTFTs get the front-end time added. The table's "sim" is the in-server model; the isolated
-   profile (its unloaded overhead folded into the constant terms) is shown beside it.
+   profile (its unloaded overhead folded into the constant terms) is shown beside it. The last
+   column: the rate's real traced step times over the in-server model's price for the same steps
+   (1.00: the model prices what ran right, so a gap in attainment comes from elsewhere). At the
+   --repeat-at loads the real run is made twice with the same requests and send times: how far two
+   real runs differ is the noise floor any simulator is judged against.
 Writes OUT/fidelity.json and OUT/fidelity.md (the table) and prints it.
 
 Workload: ShareGPT prompts (bench/sharegpt.py, DistServe's preprocessing) cut to a length drawn
@@ -45,7 +49,7 @@ from engine.config import CacheConfig, SchedulerConfig
 from scheduler.latency import Profile, load_profile
 from scheduler.profile import Grid, build_profile, fold_overhead, profile_json
 from scheduler.simulator import Layout, Parallel, simulate
-from scheduler.trace_fit import fit_trace
+from scheduler.trace_fit import fit_trace, model_ratios
 from scheduler.workload import SLO
 
 CORES = sorted(os.sched_getaffinity(0))
@@ -72,9 +76,9 @@ def workload(args, tok, seed: int) -> list[RequestSpec]:
 
 # ---- the real server -------------------------------------------------------------------------------
 
-def start_server(flags: list[str], port: int, max_num_seqs: int) -> subprocess.Popen:
+def start_server(flags: list[str], port: int, sched: SchedulerConfig) -> subprocess.Popen:
     cmd = [sys.executable, "server.py", "--port", str(port), "--dtype", "float32", "--log-level", "WARNING",
-           "--max-num-seqs", str(max_num_seqs), *flags]
+           "--max-num-seqs", str(sched.max_num_seqs), "--max-prefill-tokens", str(sched.max_prefill_tokens), *flags]
     proc = subprocess.Popen(cmd, cwd=Path(__file__).resolve().parent.parent)
     url, deadline = f"http://127.0.0.1:{port}", time.time() + 300
 
@@ -150,11 +154,14 @@ def capacity(prof: Profile, tp: int, mode: str, specs: list[RequestSpec]) -> flo
     return 1.0 / max(pre_s * f.get("prefill", 1.0), dec_s * f.get("decode", 1.0))
 
 
+def roles_of(mode: str) -> tuple[str, ...]:
+    return ("prefill", "decode") if mode == "disagg" else ("colocated",)
+
+
 def in_server_profile(prof: Profile, tp: int, mode: str, records: list[dict]) -> tuple[Profile, dict]:
     """The profile with this layout's coefficients (and, disaggregated, interference factors) fitted to
     the server's own step trace (scheduler/trace_fit.py)."""
-    roles = ("prefill", "decode") if mode == "disagg" else ("colocated",)
-    coeffs, factors, report = fit_trace(records, roles)
+    coeffs, factors, report = fit_trace(records, roles_of(mode))
     inter = factors if mode == "disagg" else prof.interference
     return dataclasses.replace(prof, tp={**prof.tp, tp: coeffs}, interference=inter), {
         "coeffs": coeffs.to_json(), "interference": factors, "fit": report}
@@ -162,8 +169,9 @@ def in_server_profile(prof: Profile, tp: int, mode: str, records: list[dict]) ->
 
 def run_mode(mode: str, args, specs: list[RequestSpec], fit_sets: list[list[RequestSpec]], prof: Profile) -> dict:
     flags, layout, tp = MODES[mode]
-    sched = SchedulerConfig(max_num_seqs=args.max_num_seqs)  # the server's limits (its other flags: defaults)
-    proc = start_server(flags + ["--step-trace", "1000000"], args.port, args.max_num_seqs)
+    # the server's limits (its other flags: defaults)
+    sched = SchedulerConfig(max_num_seqs=args.max_num_seqs, max_prefill_tokens=args.max_prefill_tokens)
+    proc = start_server(flags + ["--step-trace", "1000000"], args.port, sched)
     url = f"http://127.0.0.1:{args.port}"
     try:
         client = ClientConfig(url, asyncio.run(fetch_model_name(url)), progress=False)
@@ -198,6 +206,12 @@ def run_mode(mode: str, args, specs: list[RequestSpec], fit_sets: list[list[Requ
             iso = simulate(iso_prof, layout, times, lengths, slo, sched)
             srv = simulate(srv_prof, layout, times, lengths, slo, sched)
             row = compare(rate, frac, real, iso, srv, front, slo)
+            if frac in args.repeat_at:  # the real server's own run-to-run spread, same requests and times
+                again = summarize(asyncio.run(run_load(specs, times, client)), slo.ttft, slo.tpot)
+                steps(url)
+                row["real_again_both"] = 100 * again["attainment_both"]
+            row["step_ratio"] = model_ratios(traces[str(rate)], srv_prof.model_for(tp, 1), srv_prof.interference,
+                                             roles_of(mode))
             rows.append(row)
             print(fmt_row(mode, row), flush=True)
     finally:
@@ -240,7 +254,8 @@ def compare(rate: float, frac: float, real: dict, iso, srv, front: float, slo: S
 # ---- output --------------------------------------------------------------------------------------
 
 HEADER = ("| mode | rate (req/s) | load | real TTFT/TPOT/both % | sim TTFT/TPOT/both % | diff (pts) | within 2 |"
-          " isolated-profile sim both % (diff) | TTFT mean real/sim ms | TPOT mean real/sim ms |")
+          " isolated-profile sim both % (diff) | TTFT mean real/sim ms | TPOT mean real/sim ms |"
+          " real step / model: prefill, decode | real again both % |")
 
 
 def fmt_row(mode: str, r: dict) -> str:
@@ -248,12 +263,14 @@ def fmt_row(mode: str, r: dict) -> str:
             f"{r['real_both']:.1f} | {r['sim_ttft']:.1f} / {r['sim_tpot']:.1f} / {r['sim_both']:.1f} | "
             f"{r['diff']:+.1f} | {'yes' if r['within_2'] else 'NO'} | {r['iso_both']:.1f} ({r['iso_diff']:+.1f}) | "
             f"{r['real_ttft_mean_ms']:.0f} / {r['sim_ttft_mean_ms']:.0f} | "
-            f"{r['real_tpot_mean_ms']:.1f} / {r['sim_tpot_mean_ms']:.1f} |")
+            f"{r['real_tpot_mean_ms']:.1f} / {r['sim_tpot_mean_ms']:.1f} | "
+            + ", ".join("-" if v is None else f"{v:.2f}" for v in r.get("step_ratio", {}).values())
+            + (f" | {r['real_again_both']:.1f} |" if "real_again_both" in r else " | |"))
 
 
 def markdown(doc: dict) -> str:
     lines = [f"Simulator fidelity ({doc['date']}, {doc['command']})", "",
-             f"Workload: {doc['workload']}", "", HEADER, "|" + "---|" * 10]
+             f"Workload: {doc['workload']}", "", HEADER, "|" + "---|" * 12]
     for m in doc["modes"]:
         lines += [fmt_row(m["mode"], r) for r in m["rows"]]
     lines.append("")
@@ -311,6 +328,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--load", help="comma list of rates as fractions of the estimated capacity")
     p.add_argument("--slo-scale", type=float, default=3.0, help="SLO = scale x unloaded TTFT / TPOT")
     p.add_argument("--calibration-requests", type=int, default=5)
+    p.add_argument("--repeat-at", default="0.9", help="loads at which the real run is repeated (its noise floor)")
     p.add_argument("--fit-load", default="0.5,1.4",
                    help="loads of the runs whose step traces fit the in-server model (other requests: seed + 1, ...)")
     p.add_argument("--min-prompt", type=int, default=16)
@@ -318,6 +336,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--min-output", type=int, default=8)
     p.add_argument("--max-output", type=int, default=32)
     p.add_argument("--max-num-seqs", type=int, default=64)
+    p.add_argument("--max-prefill-tokens", type=int, default=512,
+                   help="prompt tokens per prefill batch, server and simulator: past ~500 tokens a CPU batch runs "
+                        "slower per token than DistServe's formula can price (it has no (sum l)^2 term)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--port", type=int, default=8471)
     p.add_argument("--out", default="bench/out/simulator-fidelity")
@@ -326,6 +347,7 @@ def main(argv: list[str] | None = None) -> int:
     args.num_requests = args.num_requests or (24 if args.quick else 80)
     args.load = [float(x) for x in (args.load or "0.3,0.6,0.9,1.2,1.5").split(",")]
     args.fit_load = [float(x) for x in args.fit_load.split(",")]
+    args.repeat_at = [float(x) for x in args.repeat_at.split(",") if x]
     from engine.loader import load_tokenizer
 
     tok = load_tokenizer()

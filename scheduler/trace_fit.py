@@ -69,3 +69,16 @@ def fit_trace(records: list[dict], roles: tuple[str, ...] = ("prefill", "decode"
     report["samples"] = {"prefill": len(pre), "decode": len(dec)}
     report["busy_neighbor_steps"] = {"prefill": sum(b for *_, b in pre), "decode": sum(b for *_, b in dec)}
     return coeffs, factors, report
+
+
+def model_ratios(records: list[dict], model: LatencyModel, factors: dict[str, float],
+                 roles: tuple[str, ...]) -> dict[str, float | None]:
+    """Mean observed / predicted step time per phase over a trace (the model's error on those steps;
+    busy-neighbor steps predicted with their factor). None: no such steps."""
+    pre, dec = samples(records, roles)
+    out: dict[str, float | None] = {}
+    for phase, obs in (("prefill", [(t, model.prefill_ms(ls), b) for ls, t, b in pre]),
+                       ("decode", [(t, model.decode_ms(s, n), b) for s, n, t, b in dec])):
+        r = [m / (f * (factors.get(phase, 1.0) if b else 1.0)) for m, f, b in obs if f > 0]
+        out[phase] = statistics.fmean(r) if r else None
+    return out

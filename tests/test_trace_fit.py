@@ -7,7 +7,7 @@ import random
 import pytest
 
 from scheduler.latency import LatencyModel, PhaseCoeffs
-from scheduler.trace_fit import fit_trace, samples
+from scheduler.trace_fit import fit_trace, model_ratios, samples
 
 TRUE = PhaseCoeffs((20.0, 0.5, 0.001), (30.0, 0.002, 4.0), (30.0, 0.002, 4.0), threshold=95)
 
@@ -66,3 +66,14 @@ def test_only_steps_the_formulas_describe_are_samples():
     assert dec == [(300, 3, pytest.approx(10.0), False)]
     with pytest.raises(ValueError, match="need >= 3"):
         fit_trace(recs, ("colocated",))
+
+
+def test_model_ratios_are_one_on_the_trace_the_model_came_from_and_show_a_slowdown():
+    coeffs, factors, _ = fit_trace(trace(1.5), thresholds=(95,))
+    model = LatencyModel(coeffs)
+    r = model_ratios(trace(1.5, seed=1), model, factors, ("prefill", "decode"))
+    assert r == pytest.approx({"prefill": 1.0, "decode": 1.0}, rel=0.02)
+    slower = [{**x, "end": x["start"] + 1.2 * (x["end"] - x["start"])} for x in trace(1.5, seed=2)]
+    assert model_ratios(slower, model, factors, ("prefill", "decode")) == pytest.approx(
+        {"prefill": 1.2, "decode": 1.2}, rel=0.02)
+    assert model_ratios([], model, factors, ("decode",)) == {"prefill": None, "decode": None}
