@@ -158,10 +158,15 @@ def roles_of(mode: str) -> tuple[str, ...]:
     return ("prefill", "decode") if mode == "disagg" else ("colocated",)
 
 
-def in_server_profile(prof: Profile, tp: int, mode: str, records: list[dict]) -> tuple[Profile, dict]:
+def in_server_profile(prof: Profile, tp: int, mode: str, iso: Profile, records: list[dict]) -> tuple[Profile, dict]:
     """The profile with this layout's coefficients (and, disaggregated, interference factors) fitted to
-    the server's own step trace (scheduler/trace_fit.py)."""
-    coeffs, factors, report = fit_trace(records, roles_of(mode))
+    the server's own step trace (scheduler/trace_fit.py); `iso` (the isolated profile) where the trace
+    has too few steps the formulas describe (e.g. chunked prefill, whose steps are mostly mixed)."""
+    try:
+        coeffs, factors, report = fit_trace(records, roles_of(mode))
+    except ValueError as e:
+        print(f"[{mode}] in-server fit impossible ({e}): the isolated profile stands in", flush=True)
+        return iso, {"coeffs": None, "interference": iso.interference, "fit": {"error": str(e), "samples": None}}
     inter = factors if mode == "disagg" else prof.interference
     return dataclasses.replace(prof, tp={**prof.tp, tp: coeffs}, interference=inter), {
         "coeffs": coeffs.to_json(), "interference": factors, "fit": report}
@@ -188,7 +193,7 @@ def run_mode(mode: str, args, specs: list[RequestSpec], fit_sets: list[list[Requ
         for i, (fit_rate, fit_specs) in enumerate(zip(fit_rates, fit_sets, strict=True)):
             asyncio.run(run_load(fit_specs, send_times(ArrivalSpec("poisson"), fit_rate, len(fit_specs),
                                                        args.seed + 1 + i), client))
-        srv_prof, fitted = in_server_profile(prof, tp, mode, steps(url))
+        srv_prof, fitted = in_server_profile(prof, tp, mode, iso_prof, steps(url))
         front = cal["front_end_ttft_ms"] / 1e3
         print(f"[{mode}] unloaded TTFT {cal['ttft_s'] * 1e3:.0f} ms TPOT {cal['tpot_s'] * 1e3:.1f} ms; overhead "
               f"prefill {cal['overhead_prefill_ms']:.1f} ms decode {cal['overhead_decode_ms']:.1f} ms; front end "
@@ -276,10 +281,12 @@ def markdown(doc: dict) -> str:
     lines.append("")
     for m in doc["modes"]:
         c, f = m["calibration"], m["in_server_fit"]
+        fit = (f"fitted to {f['fit']['samples']} traced steps at {f['rates']} req/s (other requests, "
+               f"{f['fit'].get('rounds', '?')} rounds), interference {f['interference']}" if f["coeffs"] else
+               f"not fitted ({f['fit']['error']}): the isolated profile stands in")
         lines.append(f"- {m['mode']}: SLO TTFT {m['slo']['ttft'] * 1e3:.0f} ms / TPOT {m['slo']['tpot'] * 1e3:.0f} ms "
                      f"({doc['slo_scale']} x unloaded {c['ttft_s'] * 1e3:.0f} / {c['tpot_s'] * 1e3:.1f} ms). "
-                     f"In-server model: fitted to {f['fit']['samples']} traced steps at {f['rates']} req/s "
-                     f"(other requests), interference {f['interference']}, front end "
+                     f"In-server model: {fit}, front end "
                      f"{c['front_end_ttft_ms']:.1f} ms per TTFT. Isolated profile: overhead folded into the "
                      f"constants, prefill {c['overhead_prefill_ms']:.1f} ms, decode {c['overhead_decode_ms']:.1f} ms")
     lines.append(f"- isolated profile's interference factors (step time while the other instance is busy): "
@@ -362,12 +369,12 @@ def main(argv: list[str] | None = None) -> int:
            "slo_scale": args.slo_scale, "interference": prof.interference, "modes": []}
     print(HEADER, flush=True)
     fit_sets = [workload(args, tok, args.seed + 1 + i) for i in range(len(args.fit_load))]
-    for mode in args.modes:
-        doc["modes"].append(run_mode(mode, args, specs, fit_sets, prof))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "fidelity.json").write_text(json.dumps(doc, indent=1))
-    (out / "fidelity.md").write_text(markdown(doc))
+    for mode in args.modes:  # written after each mode: a later failure keeps what was measured
+        doc["modes"].append(run_mode(mode, args, specs, fit_sets, prof))
+        (out / "fidelity.json").write_text(json.dumps(doc, indent=1))
+        (out / "fidelity.md").write_text(markdown(doc))
     print(markdown(doc))
     rows = [r for m in doc["modes"] for r in m["rows"]]
     print(f"{sum(r['within_2'] for r in rows)}/{len(rows)} rows within 2 points; total {time.time() - t0:.0f} s")

@@ -57,10 +57,14 @@ def table(modes: dict[str, dict], ttft_scales: list[float], tpot_scales: list[fl
         for ts in ttft_scales:
             g0 = goodput(base, ts, ps) / base["cores"]
             best = max(((goodput(modes[d], ts, ps) / modes[d]["cores"], d) for d in disagg), default=(0.0, "-"))
-            lowest = min(r for r, _ in base["runs"]) / base["cores"]  # colocated 0: below its lowest rate
-            ratio = f"{best[0] / g0:.2f}x" if g0 else (f"> {best[0] / lowest:.2f}x" if best[0] else "-")
-            cells.append(f"{ratio} ({best[0] * modes[best[1]]['cores'] if disagg else 0:g} vs "
-                         f"{g0 * base['cores']:g})")
+            lowest = min(r for r, _ in base["runs"])  # colocated 0: below its lowest measured rate
+            best_rate = best[0] * modes[best[1]]["cores"] if disagg else 0.0
+            if g0:
+                cells.append(f"{best[0] / g0:.2f}x ({best_rate:g} vs {g0 * base['cores']:g})")
+            elif best[0]:
+                cells.append(f"> {best[0] / (lowest / base['cores']):.2f}x ({best_rate:g} vs < {lowest:g})")
+            else:
+                cells.append(f"- (0 vs < {lowest:g})")
         lines.append(f"| {ps:g}x | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

@@ -4,13 +4,16 @@ The planner's latency model is normally fitted from steps timed in isolation (sc
 Inside a serving process the same step also pays for what shares the cores with it: the event loop
 (HTTP parsing, token emission, detokenizing), the other instances' Python work (one GIL), and the gap
 before the loop schedules the next step. A trace of real iterations lets the planner fit the model
-to that (`scheduler.profile.fit_trace`). Off unless EngineConfig.step_trace > 0 (server: --step-trace N).
+to that (`scheduler.trace_fit.fit_trace`). Off unless EngineConfig.step_trace > 0 (server: --step-trace N).
 
 One record per step (a plain dict, JSON-ready; times from time.perf_counter, seconds):
     {"instance": "decode1", "role": "decode", "start": t0, "end": t1,
      "prefill": [[new_tokens, cached_tokens], ...],   # prompt chunks in the step
      "decode_ctx": 812, "decode_batch": 6,              # decoding requests: sum of contexts, count
-     "others_busy": true}                               # another instance was mid-step at t0
+     "swap_tokens": 0,                                  # KV tokens swapped out / in before the forward
+     "others_busy": true}                               # another instance was inside a forward or a
+                                                        # KV pull at t0 (the simulator counts a whole
+                                                        # iteration as busy: a slightly wider window)
 `end` is when the loop is ready to schedule this instance's next step (after the tokens were emitted),
 so end - start is the iteration time a simulator should charge.
 """
@@ -30,7 +33,8 @@ def step_shape(step: Step) -> dict:
         else:
             ctx += r.num_tokens
             batch += 1
-    return {"prefill": chunks, "decode_ctx": ctx, "decode_batch": batch}
+    swapped = sum(r.num_computed for r, _ in step.swap_out) + sum(r.num_computed for r in step.swap_in)
+    return {"prefill": chunks, "decode_ctx": ctx, "decode_batch": batch, "swap_tokens": swapped}
 
 
 class StepTrace:

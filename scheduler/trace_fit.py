@@ -6,9 +6,10 @@ token work on the same cores, the GIL shared with the other instance, the gap be
 
 Prefill samples are steps with prompt chunks that start at token 0 and no decodes (a chunk after
 cached tokens, or a mixed chunked step, does not fit DistServe's prefill formula); decode samples are
-steps without prompt chunks. Interference: steps that started while another instance was busy are
-slower by a per-phase factor (Profile.interference) that the fit estimates alongside the
-coefficients; with fewer than MIN_SPLIT steps on either side the factor is 1 (nothing to tell apart).
+steps without prompt chunks; steps that swapped KV are left out. Interference: steps that started
+while another instance was busy are slower by a per-phase factor (Profile.interference) that the
+fit estimates alongside the coefficients; with fewer than MIN_SPLIT steps on either side the factor
+is 1 (nothing to tell apart).
 """
 from __future__ import annotations
 
@@ -30,8 +31,8 @@ def samples(records: list[dict], roles: tuple[str, ...]) -> tuple[list, list]:
     """(prefill samples [(lengths, ms, others_busy)], decode samples [(ctx, batch, ms, others_busy)])."""
     pre, dec = [], []
     for r in records:
-        if r["role"] not in roles or "end" not in r:
-            continue
+        if r["role"] not in roles or "end" not in r or r.get("swap_tokens"):
+            continue  # a step that also copied KV to / from the host: the simulator prices copies apart
         if r["prefill"] and not r["decode_batch"] and all(c == 0 for _, c in r["prefill"]):
             pre.append(([n for n, _ in r["prefill"]], _ms(r), r["others_busy"]))
         elif not r["prefill"] and r["decode_batch"]:
@@ -48,17 +49,22 @@ def _factor(observed: list[tuple[float, float, bool]]) -> float:
 
 
 def fit_trace(records: list[dict], roles: tuple[str, ...] = ("prefill", "decode", "colocated"),
-              thresholds: tuple[int, ...] = THRESHOLDS, rounds: int = 6) -> tuple[PhaseCoeffs, dict[str, float], dict]:
+              thresholds: tuple[int, ...] = THRESHOLDS, tol: float = 1e-4,
+              max_rounds: int = 200) -> tuple[PhaseCoeffs, dict[str, float], dict]:
     """Coefficients (of a step that starts alone) for the instances of `roles` (one device kind and
-    size), interference factors {"prefill", "decode"}, and a report (samples, fit errors).
+    size), interference factors {"prefill", "decode"}, and a report (samples, fit errors, rounds).
 
-    Alternates: fit the formulas to the steps with busy-neighbor steps divided by their phase's factor;
-    re-estimate each factor as the median of observed / fitted over the busy-neighbor steps."""
+    Alternates until the factors settle (within `tol`): fit the formulas to the steps with
+    busy-neighbor steps divided by their phase's factor; re-estimate each factor as the median of
+    observed / fitted over the busy-neighbor steps. Each round closes about the alone steps' share of
+    the remaining gap, so a trace that is mostly busy-neighbor steps needs many rounds."""
     pre, dec = samples(records, roles)
     if len(pre) < 3 or len(dec) < 3:
         raise ValueError(f"step trace has {len(pre)} prefill and {len(dec)} decode steps usable: need >= 3 of each")
     factors = {"prefill": 1.0, "decode": 1.0}
-    for _ in range(rounds):
+    rounds = 0
+    while rounds < max_rounds:
+        rounds += 1
         fp, fd = factors["prefill"], factors["decode"]
         # LatencyModel adds the pp=1 stage hop (1 ms) to every prefill: fit what is left of a step
         coeffs, report = fit_decode_threshold([(ls, (t / fp if b else t) - PP1_HOP_MS) for ls, t, b in pre],
@@ -66,6 +72,9 @@ def fit_trace(records: list[dict], roles: tuple[str, ...] = ("prefill", "decode"
         model = LatencyModel(coeffs)
         factors = {"prefill": _factor([(t, model.prefill_ms(ls), b) for ls, t, b in pre]),
                    "decode": _factor([(t, model.decode_ms(s, n), b) for s, n, t, b in dec])}
+        if abs(factors["prefill"] - fp) <= tol * fp and abs(factors["decode"] - fd) <= tol * fd:
+            break
+    report["rounds"] = rounds
     report["samples"] = {"prefill": len(pre), "decode": len(dec)}
     report["busy_neighbor_steps"] = {"prefill": sum(b for *_, b in pre), "decode": sum(b for *_, b in dec)}
     return coeffs, factors, report

@@ -77,3 +77,24 @@ def test_model_ratios_are_one_on_the_trace_the_model_came_from_and_show_a_slowdo
     assert model_ratios(slower, model, factors, ("prefill", "decode")) == pytest.approx(
         {"prefill": 1.2, "decode": 1.2}, rel=0.02)
     assert model_ratios([], model, factors, ("decode",)) == {"prefill": None, "decode": None}
+
+
+def test_interference_settles_when_almost_every_step_had_a_busy_neighbor():
+    """A loaded disaggregated server: ~10% of steps start alone. The fit must still find the factor."""
+    recs = trace(1.5, n=150)
+    for i, r in enumerate(recs):
+        was_busy = (i // 2) % 2 == 1  # trace() slowed the odd step pairs by 1.5
+        r["others_busy"] = i % 20 >= 2  # 2 alone in every 20 steps
+        k = (1.5 if r["others_busy"] else 1.0) / (1.5 if was_busy else 1.0)
+        r["end"] = r["start"] + k * (r["end"] - r["start"])
+    coeffs, factors, report = fit_trace(recs, thresholds=(95,))
+    assert factors == pytest.approx({"prefill": 1.5, "decode": 1.5}, rel=0.01)
+    assert LatencyModel(coeffs).decode_ms(3000, 16) == pytest.approx(LatencyModel(TRUE).decode_ms(3000, 16), rel=0.01)
+    assert report["rounds"] > 6
+
+
+def test_steps_that_swapped_kv_are_not_samples():
+    recs = trace(1.0)[:6]
+    for r in recs:
+        r["swap_tokens"] = 32
+    assert samples(recs, ("prefill", "decode")) == ([], [])
