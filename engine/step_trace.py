@@ -26,15 +26,8 @@ from scheduler.batch import Step
 
 def step_shape(step: Step) -> dict:
     """Call before the step's tokens are counted as computed."""
-    chunks, ctx, batch = [], 0, 0
-    for r, n in step.items:
-        if r.num_computed < r.num_prompt:
-            chunks.append([n, r.num_computed])
-        else:
-            ctx += r.num_tokens
-            batch += 1
-    swapped = sum(r.num_computed for r, _ in step.swap_out) + sum(r.num_computed for r in step.swap_in)
-    return {"prefill": chunks, "decode_ctx": ctx, "decode_batch": batch, "swap_tokens": swapped}
+    chunks, ctx, batch = step.shape()
+    return {"prefill": chunks, "decode_ctx": ctx, "decode_batch": batch, "swap_tokens": step.swap_tokens}
 
 
 class StepTrace:

@@ -28,5 +28,22 @@ class Step:
     def requests(self) -> list[Request]:
         return [r for r, _ in self.items]
 
+    @property
+    def swap_tokens(self) -> int:
+        """KV tokens this step copies to or from host memory before its forward."""
+        return sum(r.num_computed for r, _ in self.swap_out) + sum(r.num_computed for r in self.swap_in)
+
+    def shape(self) -> tuple[list[tuple[int, int]], int, int]:
+        """(prompt chunks [(new tokens, cached tokens)], sum of the decoding requests' contexts, their
+        count): what the latency model prices. Call before the step's tokens are counted as computed."""
+        chunks, ctx, batch = [], 0, 0
+        for r, n in self.items:
+            if r.num_computed < r.num_prompt:
+                chunks.append((n, r.num_computed))
+            else:
+                ctx += r.num_tokens
+                batch += 1
+        return chunks, ctx, batch
+
     def __bool__(self) -> bool:
         return bool(self.items or self.swap_out or self.swap_in)

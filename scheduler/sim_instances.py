@@ -23,7 +23,7 @@ if TYPE_CHECKING:
 
 def _swap_seconds(sim: Simulation, step: Step) -> float:
     """Host <-> device copies of a step's swapped requests (the worker does them before the forward)."""
-    tokens = sum(r.num_computed for r, _ in step.swap_out) + sum(r.num_computed for r in step.swap_in)
+    tokens = step.swap_tokens
     return tokens * sim.profile.kv_bytes_per_token / sim.profile.swap_bandwidth_Bps if tokens else 0.0
 
 
@@ -169,15 +169,10 @@ class ColocatedInstance(SimInstance):
             return
         self.busy = True
         now = self.sim.now
-        chunks, ctx, batch = [], 0, 0
-        for r, n in step.items:
-            if r.status is Status.PREFILLING:
-                if r.metrics.prefill_start is None:
-                    r.metrics.prefill_start = now
-                chunks.append((n, r.num_computed))
-            else:
-                ctx += r.num_tokens
-                batch += 1
+        for r, _ in step.items:
+            if r.status is Status.PREFILLING and r.metrics.prefill_start is None:
+                r.metrics.prefill_start = now
+        chunks, ctx, batch = step.shape()
         secs = _swap_seconds(self.sim, step)
         if step.items:
             secs += self.model.mixed_ms(chunks, ctx, batch) / 1e3 * self.slowdown("prefill" if chunks else "decode")

@@ -48,6 +48,12 @@ def _factor(observed: list[tuple[float, float, bool]]) -> float:
     return statistics.median(busy)
 
 
+def _priced(model: LatencyModel, pre: list, dec: list) -> dict[str, list[tuple[float, float, bool]]]:
+    """Per phase: (measured ms, the model's ms for that step alone, others_busy) of each sample."""
+    return {"prefill": [(t, model.prefill_ms(ls), b) for ls, t, b in pre],
+            "decode": [(t, model.decode_ms(s, n), b) for s, n, t, b in dec]}
+
+
 def fit_trace(records: list[dict], roles: tuple[str, ...] = ("prefill", "decode", "colocated"),
               thresholds: tuple[int, ...] = THRESHOLDS, tol: float = 1e-4,
               max_rounds: int = 200) -> tuple[PhaseCoeffs, dict[str, float], dict]:
@@ -69,9 +75,7 @@ def fit_trace(records: list[dict], roles: tuple[str, ...] = ("prefill", "decode"
         # LatencyModel adds the pp=1 stage hop (1 ms) to every prefill: fit what is left of a step
         coeffs, report = fit_decode_threshold([(ls, (t / fp if b else t) - PP1_HOP_MS) for ls, t, b in pre],
                                               [(s, n, t / fd if b else t) for s, n, t, b in dec], thresholds)
-        model = LatencyModel(coeffs)
-        factors = {"prefill": _factor([(t, model.prefill_ms(ls), b) for ls, t, b in pre]),
-                   "decode": _factor([(t, model.decode_ms(s, n), b) for s, n, t, b in dec])}
+        factors = {phase: _factor(obs) for phase, obs in _priced(LatencyModel(coeffs), pre, dec).items()}
         if abs(factors["prefill"] - fp) <= tol * fp and abs(factors["decode"] - fd) <= tol * fd:
             break
     report["rounds"] = rounds
@@ -86,8 +90,7 @@ def model_ratios(records: list[dict], model: LatencyModel, factors: dict[str, fl
     busy-neighbor steps predicted with their factor). None: no such steps."""
     pre, dec = samples(records, roles)
     out: dict[str, float | None] = {}
-    for phase, obs in (("prefill", [(t, model.prefill_ms(ls), b) for ls, t, b in pre]),
-                       ("decode", [(t, model.decode_ms(s, n), b) for s, n, t, b in dec])):
+    for phase, obs in _priced(model, pre, dec).items():
         r = [m / (f * (factors.get(phase, 1.0) if b else 1.0)) for m, f, b in obs if f > 0]
         out[phase] = statistics.fmean(r) if r else None
     return out
