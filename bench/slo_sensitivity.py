@@ -17,8 +17,7 @@ import sys
 from pathlib import Path
 
 from bench.metrics import RequestResult, attainment
-
-BASELINE = "colocated"
+from bench.serving_report import BASELINE
 
 
 def load(out_dir: Path) -> dict[str, dict]:
