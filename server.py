@@ -18,12 +18,15 @@ import os
 import signal
 import sys
 from collections.abc import AsyncIterator
+from dataclasses import replace
 
 import orjson
 from aiohttp import web
 
-from engine.config import CacheConfig, EngineConfig, SchedulerConfig
-from engine.engine import AsyncEngine
+from engine.args import EngineArgs
+from engine.config import EngineConfig
+from serving.api import EngineClient
+from serving.engine import AsyncEngine
 from serving.generate import chat_completions, completions
 from serving.metrics import CONTENT_TYPE, ServerMetrics
 from serving.plan import PlanError, load_plan
@@ -106,7 +109,7 @@ async def debug_steps(request: web.Request) -> web.Response:
     return web.Response(body=orjson.dumps({"steps": trace.drain()}), content_type="application/json")
 
 
-def create_app(engine: AsyncEngine, config: ServerConfig | None = None) -> web.Application:
+def create_app(engine: EngineClient, config: ServerConfig | None = None) -> web.Application:
     """The app around an engine; the engine starts with the app and shuts down with it."""
     config = config or ServerConfig()
     model = config.served_model_name or engine.model_name
@@ -153,7 +156,7 @@ async def drain(app: web.Application, runner: web.AppRunner) -> None:
     await runner.cleanup()
 
 
-async def serve(engine: AsyncEngine, config: ServerConfig) -> int:
+async def serve(engine: EngineClient, config: ServerConfig) -> int:
     app = create_app(engine, config)
     verbose = log.isEnabledFor(logging.DEBUG)
     runner = web.AppRunner(app, handler_cancellation=True, access_log=log if verbose else None, shutdown_timeout=2)
@@ -164,8 +167,7 @@ async def serve(engine: AsyncEngine, config: ServerConfig) -> int:
     st = app[STATE]
     lines = [f"distserve listening on http://{host}:{port} (model {st.model}, {engine.config.mode}, "
              f"dtype {str(engine.dtype).removeprefix('torch.')}, max context {engine.max_model_len})"]
-    lines += [f"  {s['instance']}: {s['role']} on {s['device']}, {s['kv_blocks_total']} KV blocks"
-              for s in engine.stats()]
+    lines += [f"  {s.instance}: {s.role} on {s.device}, {s.kv_blocks_total} KV blocks" for s in engine.stats()]
     print("\n".join(lines), flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -180,54 +182,26 @@ async def serve(engine: AsyncEngine, config: ServerConfig) -> int:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="OpenAI-compatible server over the disaggregated engine.")
     a = p.add_argument
-    a("--model", default=None, help="GGUF file or HF directory (default: the bundled SmolLM2 model)")
     a("--served-model-name", default=None, help="model name clients use (default: the checkpoint's name)")
     a("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
     a("--port", type=int, default=8000, help="port (0: any free port)")
-    a("--mode", choices=("disagg", "colocated"), default="disagg", help="prefill/decode layout (default: disagg)")
-    a("--chunked-prefill", action="store_true", help="colocated only: Sarathi-style chunked prefill")
-    a("--devices", nargs="+", default=None, help="colocated: one instance per device (default: cpu)")
-    a("--prefill-devices", nargs="+", default=None, help="disagg: one prefill instance per device")
-    a("--decode-devices", nargs="+", default=None, help="disagg: one decode instance per device")
-    a("--dtype", choices=("auto", "bfloat16", "float32", "float16"), default="auto", help="weights and KV dtype")
-    a("--max-num-seqs", type=int, default=64, help="running decodes per instance")
-    a("--max-waiting", type=int, default=4096, help="admission queue bound; beyond it requests get 503")
-    a("--max-prefill-tokens", type=int, default=4096, help="prompt tokens per prefill batch (FCFS)")
-    a("--chunk-budget", type=int, default=512,
-      help="--chunked-prefill: tokens per step (decode tokens first, then prompt chunks)")
-    a("--kv-cache-memory", default="512MiB", help="KV cache budget per instance, e.g. 512MiB, 2GiB")
     a("--api-key", default=os.environ.get(API_KEY_ENV),
       help=f"require 'Authorization: Bearer KEY' on /v1/* (default: ${API_KEY_ENV}; unset: no auth)")
-    a("--step-trace", type=int, default=0, metavar="N",
-      help="record the last N engine steps (shape, iteration time) for GET /debug/steps (default 0: off)")
     a("--plan", default=None, help="placement plan JSON from the planner (overrides mode and devices)")
     a("--max-body-bytes", default="1MiB", help="largest accepted request body (413 beyond)")
     a("--grace-period", type=float, default=30.0, help="seconds to let in-flight requests finish on shutdown")
     a("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"), help="logging level")
+    EngineArgs.add_cli_args(p, mode="disagg")
     return p
 
 
 def engine_config(args: argparse.Namespace) -> EngineConfig:
     """Flags (and --plan) -> EngineConfig. ValueError/PlanError say what is wrong."""
-    from engine.llm import default_disagg_devices
-
-    layout: dict = {"mode": args.mode}
+    eargs = EngineArgs.from_cli(args)
     if args.plan:
-        layout = load_plan(args.plan)
-    elif args.mode == "disagg":
-        if args.chunked_prefill or args.devices:
-            raise ValueError("--chunked-prefill and --devices apply to --mode colocated only")
-        pre, dec = default_disagg_devices()
-        layout.update(prefill_devices=args.prefill_devices or pre, decode_devices=args.decode_devices or dec)
-    else:
-        if args.prefill_devices or args.decode_devices:
-            raise ValueError("--prefill-devices and --decode-devices apply to --mode disagg only")
-        layout.update(devices=args.devices or ["cpu"], chunked_prefill=args.chunked_prefill)
-    return EngineConfig(model=args.model, dtype=args.dtype, **layout, step_trace=args.step_trace,
-                        cache=CacheConfig(memory_bytes=args.kv_cache_memory),
-                        scheduler=SchedulerConfig(max_num_seqs=args.max_num_seqs, max_waiting=args.max_waiting,
-                                                  max_prefill_tokens=args.max_prefill_tokens,
-                                                  chunk_budget=args.chunk_budget))
+        layout = dict(devices=None, prefill_devices=None, decode_devices=None, chunked_prefill=False)
+        eargs = replace(eargs, **(layout | load_plan(args.plan)))
+    return eargs.engine_config()
 
 
 def main(argv: list[str] | None = None) -> int:

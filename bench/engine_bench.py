@@ -100,7 +100,7 @@ def resolve(args: argparse.Namespace) -> list[str]:
         if name == "auto":
             import torch
 
-            from engine.engine import resolve_dtype
+            from engine.instance import resolve_dtype
             name = {torch.float32: "float32", torch.bfloat16: "bfloat16"}[resolve_dtype("auto", torch.device("cpu"))]
         if name not in ("float32", "bfloat16"):
             raise SystemExit(f"unknown dtype {name!r}: use float32, bfloat16 or auto")

@@ -62,7 +62,7 @@ class Ours:
     name = "ours"
 
     def __init__(self, ckpt: Checkpoint, dtype: str, cores: list[int], w: Workload, block_size: int = 16) -> None:
-        from engine.llm import LLM
+        from serving.llm import LLM
 
         batch = max(*w.decode_batches, *w.prefill_batches)
         self.llm = LLM(dtype=dtype, checkpoint=ckpt, devices=["cpu:" + ",".join(map(str, cores))],

@@ -23,10 +23,10 @@ import time
 import orjson
 from aiohttp import ClientSession, ClientTimeout, TCPConnector, web
 
+from engine.args import default_disagg_devices
 from engine.config import CacheConfig, EngineConfig, SamplingParams, SchedulerConfig
-from engine.engine import AsyncEngine
-from engine.llm import default_disagg_devices
 from server import ServerConfig, create_app
+from serving.engine import AsyncEngine
 
 WORDS = "the quick brown fox jumps over the lazy dog while a small cat watches from the old stone wall".split()
 

@@ -11,10 +11,10 @@ import asyncio
 import statistics
 
 from bench.common import machine, today
+from engine.args import default_disagg_devices
 from engine.config import EngineConfig, SamplingParams, SchedulerConfig
-from engine.engine import AsyncEngine
-from engine.llm import default_disagg_devices
 from engine.loader import load_checkpoint
+from serving.engine import AsyncEngine
 
 TEXT = "Large language models serve chat, code and summaries; their latency has two parts. " * 400
 

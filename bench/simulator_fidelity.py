@@ -46,11 +46,12 @@ from bench.client import ClientConfig, fetch_model_name, run_load
 from bench.datasets import RequestSpec, load_dataset
 from bench.metrics import summarize
 from engine.config import CacheConfig, SchedulerConfig
-from scheduler.latency import Profile, load_profile
-from scheduler.profile import Grid, build_profile, fold_overhead, profile_json
-from scheduler.simulator import Layout, Parallel, simulate
-from scheduler.trace_fit import fit_trace, model_ratios
-from scheduler.workload import SLO
+from scheduler.planner.latency import Profile, load_profile
+from scheduler.planner.profile import Grid, build_profile, fold_overhead, profile_json
+from scheduler.planner.simulator import Layout, Parallel, simulate
+from scheduler.planner.trace_fit import fit_trace, model_ratios
+from scheduler.planner.workload import SLO
+from scheduler.runtime.trace import StepRecord
 
 CORES = sorted(os.sched_getaffinity(0))
 C0, C1 = CORES[0], CORES[-1]
@@ -105,13 +106,13 @@ def stop_server(proc: subprocess.Popen) -> None:
         proc.wait()
 
 
-def steps(url: str) -> list[dict]:
+def steps(url: str) -> list[StepRecord]:
     """The server's step trace since the last call (GET /debug/steps drains it)."""
     async def get() -> list[dict]:
         async with aiohttp.ClientSession() as s, s.get(f"{url}/debug/steps") as r:
             r.raise_for_status()
             return (await r.json())["steps"]
-    return asyncio.run(get())
+    return [StepRecord.from_json(d) for d in asyncio.run(get())]
 
 
 def calibrate(cfg: ClientConfig, specs: list[RequestSpec], prof: Profile, tp: int, n: int) -> dict:
@@ -127,11 +128,11 @@ def calibrate(cfg: ClientConfig, specs: list[RequestSpec], prof: Profile, tp: in
         r = asyncio.run(run_load([s], [0.0], cfg))[0]
         if not r.success:
             raise RuntimeError(f"calibration request failed: {r.error}")
-        first = next(x for x in steps(cfg.url) if x["prefill"])
+        first = next(x for x in steps(cfg.url) if x.prefill)
         ttft.append(r.ttft)
         tpot.append(r.tpot)
         d_pre.append(r.ttft * 1e3 - model.prefill_ms([s.prompt_len]))
-        front.append(r.ttft - (first["end"] - first["start"]))
+        front.append(r.ttft - (first.end - first.start))
         if s.output_len > 1:
             d_dec.append(r.tpot * 1e3 - model.decode_ms(s.prompt_len + s.output_len // 2, 1))
     return {"ttft_s": statistics.median(ttft), "tpot_s": statistics.median(tpot),
@@ -223,7 +224,7 @@ def run_mode(mode: str, args, specs: list[RequestSpec], fit_sets: list[list[Requ
         stop_server(proc)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / f"traces-{mode}.json").write_text(json.dumps(traces))
+    (out / f"traces-{mode}.json").write_text(json.dumps({k: [x.to_json() for x in v] for k, v in traces.items()}))
     return {"mode": mode, "server_flags": flags, "calibration": cal, "slo": dataclasses.asdict(slo),
             "capacity_estimate": cap, "profile_tp": tp, "in_server_fit": {"rates": fit_rates, **fitted},
             "rows": rows}
@@ -311,7 +312,7 @@ def get_profile(args) -> Profile:
         return load_profile(Path(args.profile_dir) / "profile.json")
     import torch
 
-    from engine.engine import resolve_dtype
+    from engine.instance import resolve_dtype
     from engine.loader import load_checkpoint
     from engine.model import LlamaModel
 

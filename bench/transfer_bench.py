@@ -41,7 +41,7 @@ def copy_speed(cfg, tokens_list: list[int], dtype: torch.dtype) -> list[dict]:
 
 
 def handoff_share(ckpt, num: int, dtype: str) -> dict:
-    from engine.llm import LLM
+    from serving.llm import LLM
 
     ids = ckpt.tokenizer.encode("The history of computing is long and varied. " * 200)
     rng = random.Random(1)

@@ -1,14 +1,7 @@
-"""The engine: a Llama-family runtime on a paged KV cache, and the offline / async APIs over it."""
+"""The engine: a Llama-family runtime on a paged KV cache (model, loader, tokenizer, sampler, KV pool,
+instance workers) and the types every layer above shares (configs, the request, the step).
+The async and offline APIs built on it are serving.AsyncEngine and serving.LLM."""
+from engine.args import EngineArgs
 from engine.config import EngineConfig, SamplingParams
 
-__all__ = ["LLM", "AsyncEngine", "EngineConfig", "SamplingParams"]
-
-
-def __getattr__(name: str):  # lazy: importing the package must not load torch-heavy modules
-    if name == "LLM":
-        from engine.llm import LLM
-        return LLM
-    if name == "AsyncEngine":
-        from engine.engine import AsyncEngine
-        return AsyncEngine
-    raise AttributeError(name)
+__all__ = ["EngineArgs", "EngineConfig", "SamplingParams"]

@@ -3,30 +3,47 @@
 `run(step)` is blocking and runs on the instance's thread: swap copies, one forward pass over the
 step's packed tokens, sampling. Request state is updated by the caller (the event loop) from what
 it returns, never from this thread, so the asyncio side stays the single writer.
+`build_instances(config, checkpoint)` makes the instances of a layout, one copy of the weights per
+physical device.
 """
 from __future__ import annotations
 
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 
 import torch
 
 from engine.attention import AttentionMetadata, make_backend
-from engine.config import CacheConfig, parse_device
+from engine.config import CacheConfig, EngineConfig, parse_device
 from engine.kv_cache import KVPool
+from engine.loader import Checkpoint
 from engine.model import LlamaModel
-from engine.request import Request
 from engine.sampler import Sampler
-from scheduler.batch import Step
+from engine.step import Sampled, Step
+
+# Instances are threads of one process. A thread returning from a torch op (GIL released) waits for
+# the GIL until the thread holding it drops it, forced after the switch interval (CPython: 5 ms). A
+# forward is hundreds of small ops, so two busy instances slowed each other ~2x (decode next to a
+# prefill, measured by bench/simulator_fidelity.py's investigation); 0.2 ms cuts that to ~1.2x.
+GIL_SWITCH_INTERVAL_S = 2e-4
 
 
-@dataclass
-class Sampled:
-    req: Request
-    token: int
-    logprobs: dict | None
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """'auto': bfloat16 on CUDA and on CPUs with native bf16 (AVX-512 BF16 / AMX), else float32."""
+    if name == "auto":
+        if device.type == "cuda":
+            return torch.bfloat16
+        return torch.bfloat16 if torch.backends.mkldnn.is_available() and _cpu_has_bf16() else torch.float32
+    return {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}[name]
+
+
+def _cpu_has_bf16() -> bool:
+    try:
+        flags = open("/proc/cpuinfo").read()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 def cpu_cores(spec: str) -> list[int]:
@@ -55,7 +72,6 @@ class Instance:
         self.stream = torch.cuda.Stream(self.device) if kind == "cuda" else None
         self.thread_id: int | None = None
         self.executor = ThreadPoolExecutor(1, thread_name_prefix=name, initializer=self._init_thread)
-        self.busy: set[str] = set()  # ids of requests inside a step running on the thread now
 
     def _init_thread(self) -> None:
         """Pin this thread to its cores and size torch's intra-op pool to them (per-thread on OpenMP)."""
@@ -111,3 +127,20 @@ class Instance:
             return []
         tokens, logprobs = self.sampler(logits, samplers)
         return [Sampled(r, t, lp) for r, t, lp in zip(samplers, tokens, logprobs)]
+
+
+def build_instances(config: EngineConfig, ckpt: Checkpoint) -> list[Instance]:
+    """The layout's instances, named role + index ("prefill0", "decode1", "colocated0")."""
+    specs = ([("prefill", d) for d in config.prefill_devices] + [("decode", d) for d in config.decode_devices]
+             if config.mode == "disagg" else [("colocated", d) for d in config.devices])
+    models: dict[str, LlamaModel] = {}  # one copy of the weights per physical device
+    out = []
+    for i, (role, dev) in enumerate(specs):
+        kind, idx = parse_device(dev)
+        key = "cpu" if kind == "cpu" else f"cuda:{idx}"
+        if key not in models:
+            device = torch.device(key)
+            models[key] = LlamaModel(ckpt.config, ckpt.weights, resolve_dtype(config.dtype, device), device)
+        cache = config.decode_cache if role == "decode" and config.decode_cache else config.cache
+        out.append(Instance(f"{role}{i}", role, dev, models[key], cache))
+    return out

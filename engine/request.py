@@ -53,11 +53,11 @@ class Metrics:
 
 
 class Request:
-    """One sequence. `num_computed` prompt+output tokens have KV in `block_table` of `pool`."""
+    """One sequence. `num_computed` prompt+output tokens have KV in `block_table`, blocks of the pool of
+    the instance `kv_home` (a scheduler.runtime.cluster.Slot)."""
 
-    __slots__ = ("id", "prompt_ids", "params", "output_ids", "num_computed", "block_table", "pool",
-                 "status", "finish_reason", "metrics", "logprobs", "generator", "instance", "stop_text_len",
-                 "swapped", "aborted")
+    __slots__ = ("id", "prompt_ids", "params", "output_ids", "num_computed", "block_table", "kv_home",
+                 "status", "finish_reason", "metrics", "logprobs", "generator", "swapped", "aborted")
 
     def __init__(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
                  arrival: float | None = None) -> None:
@@ -67,14 +67,12 @@ class Request:
         self.output_ids: list[int] = []
         self.num_computed = 0  # tokens whose K/V are in the cache
         self.block_table: list[int] = []
-        self.pool = None  # the KVPool holding block_table (None: no KV anywhere)
-        self.instance = None  # the Instance currently responsible for it
+        self.kv_home = None  # the instance whose pool holds block_table (None: no KV anywhere)
         self.status = Status.WAITING
         self.finish_reason: str | None = None
         self.metrics = Metrics(arrival=time.perf_counter() if arrival is None else arrival)
-        self.logprobs: list[dict] = []  # one entry per output token when params.logprobs is set
+        self.logprobs: list = []  # engine.step.TokenLogprobs per output token when params.logprobs is set
         self.generator = None  # torch.Generator when params.seed is set
-        self.stop_text_len = 0  # chars of decoded text released to the client (stop-string holdback)
         self.swapped = None  # host copy of the KV while swapped out
         self.aborted = False
 

@@ -21,6 +21,7 @@ import itertools
 import torch
 
 from engine.request import Request
+from engine.step import TokenLogprobs
 
 _NEG_INF = float("-inf")
 
@@ -35,7 +36,7 @@ class Sampler:
         else:
             self.generator.manual_seed(seed)
 
-    def __call__(self, logits: torch.Tensor, reqs: list[Request]) -> tuple[list[int], list[dict | None]]:
+    def __call__(self, logits: torch.Tensor, reqs: list[Request]) -> tuple[list[int], list[TokenLogprobs | None]]:
         """logits: [B, V'] with V' >= vocab_size (extra padded columns are ignored), one row per request."""
         assert logits.dim() == 2 and logits.shape[0] == len(reqs), (tuple(logits.shape), len(reqs))
         logits = logits[:, : self.vocab_size]
@@ -66,7 +67,7 @@ class Sampler:
             tokens[rows] = self._sample(xs, [reqs[i] for i in sampled])
 
         token_list = tokens.tolist()
-        entries: list[dict | None] = [None] * len(reqs)
+        entries: list[TokenLogprobs | None] = [None] * len(reqs)
         if lp_rows is not None:
             chosen = lp_rows.gather(1, tokens[self._index(want_lp)].unsqueeze(1)).squeeze(1).tolist()
             n_top = min(max(ps[i].logprobs for i in want_lp), x.shape[1])
@@ -74,8 +75,7 @@ class Sampler:
             top_v, top_i = top_v.tolist(), top_i.tolist()
             for j, i in enumerate(want_lp):
                 n = ps[i].logprobs
-                entries[i] = {"token_id": token_list[i], "logprob": chosen[j],
-                              "top": list(zip(top_i[j][:n], top_v[j][:n], strict=True))}
+                entries[i] = TokenLogprobs(token_list[i], chosen[j], list(zip(top_i[j][:n], top_v[j][:n], strict=True)))
         return token_list, entries
 
     def _index(self, rows: list[int]) -> torch.Tensor:

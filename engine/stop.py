@@ -1,7 +1,27 @@
 """Stop conditions: token-level (EOS, stop_token_ids, lengths) and incremental stop strings."""
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from engine.request import Request
+
+
+@dataclass(frozen=True)
+class StopRule:
+    """The model's token-level stops, shared by every policy of an engine (the simulator: none but lengths)."""
+
+    eos_ids: frozenset[int] = frozenset()
+    max_model_len: int = 1 << 62
+
+    def check(self, req: Request) -> str | None:
+        return check_stop(req, self.eos_ids, self.max_model_len)
+
+    def stop_ids(self, req: Request) -> set[int]:
+        """Token ids that end req (their text is not shown, as in vLLM)."""
+        ids = set(req.params.stop_token_ids)
+        if not req.params.ignore_eos:
+            ids |= self.eos_ids
+        return ids
 
 
 def check_stop(req: Request, eos_ids: set[int] | frozenset[int], max_model_len: int) -> str | None:

@@ -210,6 +210,12 @@ class Tokenizer:
             return text[len(prefix):], read_offset, len(ids)
         return "", prefix_offset, read_offset
 
+    def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True, **kwargs: Any) -> list[int]:
+        """Chat messages -> prompt token ids, as transformers' apply_chat_template(tokenize=True): the
+        template places every special token itself, so none is added (a BOS it emits is not doubled)."""
+        text = self.apply_chat_template(messages, add_generation_prompt, **kwargs)
+        return self.encode(text, add_special_tokens=False)
+
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True, **kwargs: Any) -> str:
         """Render like transformers' apply_chat_template(tokenize=False)."""
         if self.chat_template is None:

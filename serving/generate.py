@@ -14,8 +14,8 @@ from collections.abc import AsyncIterator
 import orjson
 from aiohttp import web
 
-from engine.engine import QueueFullError, RequestOutput
 from serving import sse
+from serving.api import QueueFullError, RequestOutput
 from serving.protocol import ApiError, GenerateRequest, bad, parse_chat, parse_completion
 from serving.responses import Choice
 from serving.state import STATE, State, unavailable
@@ -89,7 +89,8 @@ async def _merged(streams: list[AsyncIterator[RequestOutput]]) -> AsyncIterator[
 
 
 def _update(st: State, c: Choice, out: RequestOutput) -> None:
-    c.text, c.num_tokens, c.prompt_tokens = out.text, len(out.token_ids), len(out.prompt_token_ids)
+    c.text += out.new_text
+    c.num_tokens, c.prompt_tokens = out.num_tokens, len(out.prompt_token_ids)
     if out.finished:
         c.finish_reason = out.finish_reason
         st.metrics.observe_finished(out.metrics, out.finish_reason, c.prompt_tokens, c.num_tokens)
@@ -100,7 +101,7 @@ async def _generate(request: web.Request, endpoint: str) -> web.StreamResponse:
     if st.phase != "ready":
         raise unavailable(f"server is {st.phase}", st, "unavailable")
     body = await read_json(request, st.config.max_body_bytes)
-    render = lambda msgs: st.engine.tokenizer.apply_chat_template(msgs, add_generation_prompt=True)  # noqa: E731
+    render = st.engine.tokenizer.encode_chat  # token ids: the template's own special tokens, none added
     req = parse_completion(body) if endpoint == "completions" else parse_chat(body, render)
     if req.model is not None and req.model not in (st.model, st.engine.model_name):
         raise ApiError(404, f"model '{req.model}' does not exist; this server serves '{st.model}'",

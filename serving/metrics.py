@@ -12,8 +12,8 @@ Exposed at GET /metrics:
   distserve_prompt_tokens_total, distserve_generation_tokens_total
   distserve_kv_blocks_used{instance,role,device}     gauges read from the engine at scrape time
   distserve_kv_blocks_total{instance,role,device}
-  distserve_running_requests{instance,role,device}
-  distserve_waiting_requests{instance,role,device}
+  distserve_{waiting,prefilling,migrating,running,swapped}_requests{instance,role,device}
+                                                     requests by where they are (serving.api.InstanceStats)
 """
 from __future__ import annotations
 
@@ -24,6 +24,7 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from engine.request import Metrics
+from serving.api import InstanceStats
 
 PREFIX = "distserve"
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -31,13 +32,15 @@ _LATENCY = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
 _TPOT = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 _TRANSFER = (0.0001, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
 _GAUGES = (("kv_blocks_used", "KV cache blocks in use"), ("kv_blocks_total", "KV cache blocks in the pool"),
-           ("running", "requests decoding"), ("waiting", "requests queued (prefill, migration or swapped)"))
+           ("waiting", "requests queued for prefill"), ("prefilling", "requests in a prefill step"),
+           ("migrating", "requests waiting for their KV to be pulled to this instance"),
+           ("running", "requests decoding"), ("swapped", "requests preempted, waiting to resume"))
 
 
 class EngineCollector(Collector):
     """Per-instance gauges straight from engine.stats(), so a scrape never sees stale values."""
 
-    def __init__(self, stats: Callable[[], list[dict]]) -> None:
+    def __init__(self, stats: Callable[[], list[InstanceStats]]) -> None:
         self.stats = stats
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
@@ -46,12 +49,12 @@ class EngineCollector(Collector):
             name = f"{PREFIX}_{key}" if key.startswith("kv") else f"{PREFIX}_{key}_requests"
             g = GaugeMetricFamily(name, doc, labels=["instance", "role", "device"])
             for r in rows:
-                g.add_metric([r["instance"], r["role"], r["device"]], r[key])
+                g.add_metric([r.instance, r.role, r.device], getattr(r, key))
             yield g
 
 
 class ServerMetrics:
-    def __init__(self, stats: Callable[[], list[dict]]) -> None:
+    def __init__(self, stats: Callable[[], list[InstanceStats]]) -> None:
         self.registry = r = CollectorRegistry(auto_describe=True)
         p = PREFIX
         self.requests = Counter(f"{p}_requests", "HTTP requests", ["endpoint", "status"], registry=r)

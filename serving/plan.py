@@ -2,7 +2,8 @@
 
     {"mode": "disagg", "prefill": {"tp": 1, "pp": 1, "instances": 1}, "decode": {...},
      "devices": {"prefill_devices": ["cuda:0"], "decode_devices": ["cuda:1"]}}
-    {"mode": "colocated", "colocated": {"tp": 1, "pp": 1, "instances": 2}, "devices": ["cuda:0", "cuda:1"]}
+    {"mode": "colocated", "colocated": {"tp": 1, "pp": 1, "instances": 2}, "devices": ["cuda:0", "cuda:1"],
+     "chunked_prefill": true}
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ class PlanError(ValueError):
 
 
 def load_plan(path: str) -> dict:
-    """Plan file -> EngineConfig keyword overrides: mode and device lists."""
+    """Plan file -> engine.args.EngineArgs overrides: mode, device lists, and chunked prefill (colocated)."""
     try:
         with open(path, encoding="utf-8") as f:
             plan = json.load(f)
@@ -48,7 +49,10 @@ def load_plan(path: str) -> dict:
     else:
         if isinstance(devices, dict):
             devices = devices.get("devices")
-        out = {"mode": mode, "devices": devices or []}
+        chunked = plan.get("chunked_prefill", False)
+        if not isinstance(chunked, bool):
+            raise PlanError(f"plan {path}: 'chunked_prefill' must be true or false")
+        out = {"mode": mode, "devices": devices or [], "chunked_prefill": chunked}
         lists = {"colocated": out["devices"]}
     for role, devs in lists.items():
         if not isinstance(devs, list) or not devs or not all(isinstance(d, str) for d in devs):

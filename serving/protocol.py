@@ -243,8 +243,8 @@ def _prompts(v: Any) -> list[str | list[int]]:
     return v
 
 
-def parse_chat(body: Any, render: Callable[[list[dict]], str]) -> GenerateRequest:
-    """POST /v1/chat/completions. `render` turns validated messages into the prompt (the chat template)."""
+def parse_chat(body: Any, render: Callable[[list[dict]], list[int]]) -> GenerateRequest:
+    """POST /v1/chat/completions. `render` turns validated messages into prompt token ids (the chat template)."""
     if not isinstance(body, dict):
         raise bad(f"request body must be a JSON object, got {_type_name(body)}")
     _check_fields(body, CHAT_FIELDS)

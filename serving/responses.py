@@ -4,6 +4,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from engine.step import TokenLogprobs
+
 
 @dataclass
 class Choice:
@@ -14,7 +16,7 @@ class Choice:
     num_tokens: int = 0
     prompt_tokens: int = 0
     text_offset: int = 0  # completions logprobs: characters of token text reported so far
-    logprobs: list[dict] = field(default_factory=list)  # engine entries {"token_id","logprob","top"}
+    logprobs: list[TokenLogprobs] = field(default_factory=list)
     finish_reason: str | None = None
     sent_role: bool = False  # chat streams open each choice with a role delta
 
@@ -34,34 +36,34 @@ class Formatter:
         return s
 
     # ---------------- logprobs ----------------
-    def completion_logprobs(self, choice: Choice, entries: list[dict]) -> dict:
+    def completion_logprobs(self, choice: Choice, entries: list[TokenLogprobs]) -> dict:
         """Legacy shape: parallel arrays; top_logprobs maps token text -> logprob."""
         tokens, lps, tops, offsets = [], [], [], []
         for e in entries:
-            t = self.token_str(e["token_id"])
+            t = self.token_str(e.token_id)
             tokens.append(t)
-            lps.append(e["logprob"])
-            tops.append({self.token_str(i): lp for i, lp in e["top"]})
+            lps.append(e.logprob)
+            tops.append({self.token_str(i): lp for i, lp in e.top})
             offsets.append(choice.text_offset)
             choice.text_offset += len(t)
         return {"tokens": tokens, "token_logprobs": lps, "top_logprobs": tops, "text_offset": offsets}
 
-    def chat_logprobs(self, entries: list[dict]) -> dict:
+    def chat_logprobs(self, entries: list[TokenLogprobs]) -> dict:
         def item(token_id: int, lp: float) -> dict:
             t = self.token_str(token_id)
             return {"token": t, "logprob": lp, "bytes": list(t.encode("utf-8"))}
 
-        return {"content": [{**item(e["token_id"], e["logprob"]), "top_logprobs": [item(i, lp) for i, lp in e["top"]]}
+        return {"content": [{**item(e.token_id, e.logprob), "top_logprobs": [item(i, lp) for i, lp in e.top]}
                             for e in entries]}
 
     # ---------------- streaming chunks ----------------
-    def completion_chunk(self, rid: str, created: int, choice: Choice, text: str, entries: list[dict] | None,
+    def completion_chunk(self, rid: str, created: int, choice: Choice, text: str, entries: list[TokenLogprobs] | None,
                          finish: str | None, include_usage: bool) -> dict:
         lp = self.completion_logprobs(choice, entries) if entries is not None else None
         c = {"index": choice.index, "text": text, "logprobs": lp, "finish_reason": finish}
         return self._chunk(rid, created, "text_completion", c, include_usage)
 
-    def chat_chunk(self, rid: str, created: int, choice: Choice, text: str | None, entries: list[dict] | None,
+    def chat_chunk(self, rid: str, created: int, choice: Choice, text: str | None, entries: list[TokenLogprobs] | None,
                    finish: str | None, include_usage: bool) -> dict:
         delta: dict[str, Any] = {}
         if not choice.sent_role:

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from aiohttp import web
 
 from engine.config import parse_size
-from engine.engine import AsyncEngine
+from serving.api import EngineClient
 from serving.metrics import ServerMetrics
 from serving.protocol import ApiError
 from serving.responses import Formatter
@@ -36,7 +36,7 @@ class ServerConfig:
 class State:
     """Everything the handlers share, stored on the app (no module globals)."""
 
-    engine: AsyncEngine
+    engine: EngineClient
     config: ServerConfig
     model: str
     formatter: Formatter

@@ -11,9 +11,9 @@ import random
 import pytest
 
 from engine.config import CacheConfig, EngineConfig, SamplingParams, SchedulerConfig
-from engine.engine import AsyncEngine
-from engine.llm import LLM
 from engine.request import Status
+from serving.engine import AsyncEngine
+from serving.llm import LLM
 
 CORES = sorted(os.sched_getaffinity(0))
 C0, C1 = f"cpu:{CORES[0]}", f"cpu:{CORES[-1]}"
@@ -50,9 +50,9 @@ def make_llm(ckpt, **kw) -> LLM:
 def assert_all_free(engine: AsyncEngine) -> None:
     engine.check()
     for s in engine.stats():
-        assert s["kv_blocks_used"] == 0, s
-        assert s["running"] == 0 and s["waiting"] == 0, s
-    assert not engine.tracks
+        assert s.kv_blocks_used == 0, s
+        assert s.running == s.waiting == s.prefilling == s.migrating == s.swapped == 0, s
+    assert not engine.cluster.requests and not engine.outputs.tracks
 
 
 @pytest.fixture(scope="module")
@@ -142,11 +142,11 @@ def test_abort_in_every_phase_frees_every_block(ckpt, prompts):
         tasks = [asyncio.create_task(collect(s)) for s in crowd]
         aborted: dict[Status, str] = {}
         for _ in range(40000):
-            for t in list(engine.tracks.values()):
-                phase = t.req.status
+            for req in list(engine.cluster.requests.values()):
+                phase = req.status
                 if phase in PHASES and phase not in aborted:
-                    aborted[phase] = t.req.id
-                    engine.abort(t.req.id)
+                    aborted[phase] = req.id
+                    engine.abort(req.id)
             if len(aborted) == len(PHASES) or all(t.done() for t in tasks):
                 break
             await asyncio.sleep(0.0005)
@@ -210,16 +210,16 @@ def test_step_trace_records_every_step_shape_and_iteration(ckpt, prompts):
 
     outs, trace, again = run_engine(ckpt, config, body)
     assert again == []  # drained
-    pre = [r for r in trace if r["role"] == "prefill"]
-    dec = [r for r in trace if r["role"] == "decode"]
+    pre = [r for r in trace if r.role == "prefill"]
+    dec = [r for r in trace if r.role == "decode"]
     assert len(pre) + len(dec) == len(trace)
-    assert sorted(n for r in pre for n, _ in r["prefill"]) == sorted(len(p) for p in prompts)
-    assert all(c == 0 for r in pre for _, c in r["prefill"]) and not any(r["decode_batch"] for r in pre)
-    assert not any(r["prefill"] for r in dec)
-    assert sum(r["decode_batch"] for r in dec) == sum(len(o.token_ids) - 1 for o in outs) == 5 * len(prompts)
+    assert sorted(n for r in pre for n, _ in r.prefill) == sorted(len(p) for p in prompts)
+    assert all(c == 0 for r in pre for _, c in r.prefill) and not any(r.decode_batch for r in pre)
+    assert not any(r.prefill for r in dec)
+    assert sum(r.decode_batch for r in dec) == sum(len(o.token_ids) - 1 for o in outs) == 5 * len(prompts)
     # a decode step's context: each request's prompt plus the tokens it has so far
-    assert min(r["decode_ctx"] for r in dec) >= min(len(p) for p in prompts) + 1
-    assert all(r["end"] >= r["start"] and isinstance(r["others_busy"], bool) for r in trace)
+    assert min(r.decode_ctx for r in dec) >= min(len(p) for p in prompts) + 1
+    assert all(r.end >= r.start and isinstance(r.others_busy, bool) for r in trace)
     for role in ("prefill", "decode"):  # one instance's iterations never overlap
-        rs = sorted((r for r in trace if r["role"] == role), key=lambda r: r["start"])
-        assert all(a["end"] <= b["start"] for a, b in zip(rs, rs[1:]))
+        rs = sorted((r for r in trace if r.role == role), key=lambda r: r.start)
+        assert all(a.end <= b.start for a, b in zip(rs, rs[1:]))

@@ -7,9 +7,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from scheduler.latency import LatencyModel, PhaseCoeffs, fit_coeffs, fit_decode, fit_prefill, load_profile
+from scheduler.planner.latency import LatencyModel, PhaseCoeffs, fit_coeffs, fit_decode, fit_prefill, load_profile
 
-DATA = Path(__file__).resolve().parents[1] / "scheduler" / "data" / "distserve-a100"
+DATA = Path(__file__).resolve().parents[1] / "scheduler" / "planner" / "data" / "distserve-a100"
 
 
 def test_formulas_match_distserve():

@@ -10,13 +10,13 @@ import numpy as np
 import pytest
 
 from engine.config import SchedulerConfig, parse_device
-from scheduler.goodput import Workload
-from scheduler.latency import PhaseCoeffs, Profile, load_profile
-from scheduler.placement import main, run_search
-from scheduler.search import Cluster, Planner
-from scheduler.workload import SLO, synth_lengths, unit_arrivals
+from scheduler.planner.goodput import Workload
+from scheduler.planner.latency import PhaseCoeffs, Profile, load_profile
+from scheduler.planner.placement import main, run_search
+from scheduler.planner.search import Cluster, Planner
+from scheduler.planner.workload import SLO, synth_lengths, unit_arrivals
 
-A100 = Path(__file__).resolve().parents[1] / "scheduler/data/distserve-a100/profiler-a100-80g.distserve.json"
+A100 = Path(__file__).resolve().parents[1] / "scheduler/planner/data/distserve-a100/profiler-a100-80g.distserve.json"
 
 
 def crafted(kind: str = "cuda") -> Profile:

@@ -10,8 +10,8 @@ import pytest
 
 from engine.config import CacheConfig
 from engine.model import LlamaModel
-from scheduler.latency import LatencyModel, load_profile
-from scheduler.profile import Grid, build_profile, fold_overhead, profile_json
+from scheduler.planner.latency import LatencyModel, load_profile
+from scheduler.planner.profile import Grid, build_profile, fold_overhead, profile_json
 from tests.helpers import hf_model, tiny_config
 
 CORES = sorted(os.sched_getaffinity(0))
@@ -85,11 +85,11 @@ def test_interference_factors_are_measured_against_a_neighbor():
 
 def test_simulator_slows_steps_that_overlap_a_busy_instance():
     # Hand timeline (ms): prefill 10 + 1*l + 1 (pp term); decode 5 + 0*ctx + 0*batch.
-    # Request 0 (l=10) prefills 0-21, decodes its 2nd token 21-26 alone. Request 1 arrives at 21 and
-    # prefills 21-42: decode steps that start while it runs take 2x (10 ms), prefill starts next to
-    # a busy decode take 3x.
-    from scheduler.latency import PhaseCoeffs, Profile
-    from scheduler.simulator import Layout, Parallel, simulate
+    # Request 0 (l=10) prefills 0-21, decodes its 2nd token 21-26 alone. Request 1 arrives just after
+    # 21 (while request 0's KV is being pulled) and prefills from there: decode steps that start while
+    # it runs take 2x (10 ms), prefill starts next to a busy decode take 3x.
+    from scheduler.planner.latency import PhaseCoeffs, Profile
+    from scheduler.planner.simulator import Layout, Parallel, simulate
 
     def prof(factors: dict) -> Profile:
         return Profile("toy", "toy", "cpu", {1: PhaseCoeffs((10, 1, 0), (5, 0, 0), (5, 0, 0))}, {(1, 1): 1600}, 1000,
@@ -97,13 +97,13 @@ def test_simulator_slows_steps_that_overlap_a_busy_instance():
     lay = Layout("disagg", prefill=Parallel(1), decode=Parallel(1))
     base = simulate(prof({}), lay, [0.0], [(10, 3)]).requests[0]
     assert base.ttft == pytest.approx(0.021) and base.tpot == pytest.approx(0.005, abs=1e-6)
-    two = simulate(prof({"decode": 2.0, "prefill": 3.0}), lay, [0.0, 0.021], [(10, 3), (10, 2)]).requests
+    two = simulate(prof({"decode": 2.0, "prefill": 3.0}), lay, [0.0, 0.021 + 1e-9], [(10, 3), (10, 2)]).requests
     assert two[0].tpot == pytest.approx(0.010, abs=1e-6)  # both its decode steps overlap request 1's prefill
     assert two[1].ttft == pytest.approx(0.021 * 3, abs=1e-6)  # its prefill starts while request 0 decodes
 
 
 def test_decode_threshold_is_chosen_where_the_fit_is_best():
-    from scheduler.profile import fit_decode_threshold
+    from scheduler.planner.profile import fit_decode_threshold
 
     # batch 1 on its own line (matrix-vector kernels): 50 ms; batch >= 2: 80 + 5*batch + 0.01*context
     dec = [(c, 1, 50.0 + 0.01 * c) for c in (32, 128, 256)]

@@ -3,11 +3,14 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import replace
 
 import orjson
 import pytest
 
+from engine.step import TokenLogprobs
 from serving import sse
+from serving.api import InstanceStats
 from serving.metrics import ServerMetrics
 from serving.plan import PlanError, load_plan
 from serving.protocol import MAX_N, ApiError, parse_chat, parse_completion
@@ -169,7 +172,7 @@ class _Tok:
 def test_completion_logprobs_offsets_and_usage():
     f = Formatter(_Tok(), "m")
     c = Choice(0, text="Hello wörld", num_tokens=3, prompt_tokens=4,
-               logprobs=[{"token_id": i, "logprob": -0.5, "top": [(i, -0.5), (4, -2.0)]} for i in (1, 2, 3)])
+               logprobs=[TokenLogprobs(i, -0.5, [(i, -0.5), (4, -2.0)]) for i in (1, 2, 3)])
     resp = f.completion_response("id", 0, [c], 1, logprobs=True)
     lp = resp["choices"][0]["logprobs"]
     assert lp["tokens"] == ["He", "llo", " wörld"] and lp["text_offset"] == [0, 2, 5]
@@ -207,7 +210,21 @@ def test_plan_runs_as_is_when_it_fits(tmp_path):
     assert load_plan(_plan(tmp_path, plan)) == {"mode": "disagg", "prefill_devices": [f"cpu:{core}"],
                                                 "decode_devices": [f"cpu:{core}"]}
     plan = {"mode": "colocated", "devices": ["cpu", "cpu"]}
-    assert load_plan(_plan(tmp_path, plan)) == {"mode": "colocated", "devices": ["cpu", "cpu"]}
+    assert load_plan(_plan(tmp_path, plan)) == {"mode": "colocated", "devices": ["cpu", "cpu"],
+                                                "chunked_prefill": False}
+
+
+def test_colocated_plan_with_chunked_prefill_runs_chunked(tmp_path):
+    """The planner writes "chunked_prefill" for a chunked colocated layout: the server must run it chunked."""
+    import server
+
+    plan = {"mode": "colocated", "colocated": {"tp": 1, "pp": 1, "instances": 1}, "devices": ["cpu"],
+            "chunked_prefill": True}
+    assert load_plan(_plan(tmp_path, plan))["chunked_prefill"] is True
+    config = server.engine_config(server.build_parser().parse_args(["--plan", _plan(tmp_path, plan)]))
+    assert config.mode == "colocated" and config.chunked_prefill and config.devices == ["cpu"]
+    with pytest.raises(PlanError, match="chunked_prefill"):
+        load_plan(_plan(tmp_path, {**plan, "chunked_prefill": "yes"}))
 
 
 @pytest.mark.parametrize("plan, words", [
@@ -226,15 +243,16 @@ def test_plan_that_cannot_run_here_says_why(tmp_path, plan, words):
 
 # ---------------- metrics ----------------
 def test_metrics_registry_is_per_app_and_reads_engine_stats():
-    rows = [{"instance": "prefill0", "role": "prefill", "device": "cpu:0", "kv_blocks_used": 3,
-             "kv_blocks_total": 10, "running": 0, "waiting": 2}]
+    rows = [InstanceStats("prefill0", "prefill", "cpu:0", kv_blocks_used=3, kv_blocks_total=10, waiting=2,
+                          prefilling=1, migrating=0, running=0, swapped=0)]
     a, b = ServerMetrics(lambda: rows), ServerMetrics(lambda: rows)  # a second registry: no duplicate error
     a.requests.labels("/v1/completions", "200").inc()
     text = a.render().decode()
     assert 'distserve_kv_blocks_used{device="cpu:0",instance="prefill0",role="prefill"} 3.0' in text
     assert 'distserve_waiting_requests{device="cpu:0",instance="prefill0",role="prefill"} 2.0' in text
+    assert 'distserve_prefilling_requests{device="cpu:0",instance="prefill0",role="prefill"} 1.0' in text
     assert 'distserve_requests_total{endpoint="/v1/completions",status="200"} 1.0' in text
-    rows[0]["kv_blocks_used"] = 0  # read at scrape time
+    rows[0] = replace(rows[0], kv_blocks_used=0)  # read at scrape time
     assert 'distserve_kv_blocks_used{device="cpu:0",instance="prefill0",role="prefill"} 0.0' in b.render().decode()
 
 

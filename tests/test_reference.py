@@ -12,8 +12,8 @@ import torch
 from engine.attention import AttentionMetadata
 from engine.config import CacheConfig, SamplingParams
 from engine.kv_cache import KVPool
-from engine.llm import LLM
 from engine.model import LlamaModel
+from serving.llm import LLM
 from tests.helpers import hf_from_checkpoint
 
 pytestmark = pytest.mark.slow

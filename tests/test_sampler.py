@@ -39,8 +39,9 @@ def test_greedy_is_argmax_in_any_dtype():
 
 
 def test_padded_vocab_columns_are_never_chosen():
-    logits = torch.cat([_logits(2), torch.full((2, 8), 100.0)], dim=1)  # lm_head padded to V + 8
-    assert Sampler(V)(logits, [_req(temperature=0.0), _req()])[0] == logits[:, :V].argmax(-1).tolist()
+    logits = torch.cat([_logits(64), torch.full((64, 8), 100.0)], dim=1)  # lm_head padded to V + 8
+    toks = Sampler(V)(logits, [_req(temperature=0.0)] + [_req() for _ in range(63)])[0]
+    assert toks[0] == logits[0, :V].argmax() and all(0 <= t < V for t in toks)  # greedy and sampled rows alike
 
 
 def test_greedy_rows_unaffected_by_sampled_rows():
@@ -143,7 +144,7 @@ def _processed(logits: torch.Tensor, req: Request) -> torch.Tensor:
     req.params.temperature = 0.0
     _, (entry,) = Sampler(len(logits))(logits.unsqueeze(0), [req])
     out = torch.full_like(logits, float("nan"))
-    for tok, lp in entry["top"]:
+    for tok, lp in entry.top:
         out[tok] = lp
     return out
 
@@ -172,7 +173,7 @@ def test_penalties_only_touch_their_rows():
     _, lps = Sampler(V)(logits, reqs)
     for i in (0, 2):
         top = logits[i].log_softmax(-1).topk(5)
-        assert [t for t, _ in lps[i]["top"]] == top.indices.tolist()
+        assert [t for t, _ in lps[i].top] == top.indices.tolist()
 
 
 def test_penalty_can_change_greedy_choice():
@@ -188,10 +189,10 @@ def test_logprobs_entries():
     assert lps[2] is None
     ref = logits.log_softmax(-1)  # before temperature: the model's distribution
     for i in (0, 1):
-        assert lps[i]["token_id"] == toks[i]
-        assert lps[i]["logprob"] == pytest.approx(ref[i, toks[i]].item(), abs=1e-5)
-    assert lps[0]["top"] == []
-    top = lps[1]["top"]
+        assert lps[i].token_id == toks[i]
+        assert lps[i].logprob == pytest.approx(ref[i, toks[i]].item(), abs=1e-5)
+    assert lps[0].top == []
+    top = lps[1].top
     assert [t for t, _ in top] == ref[1].topk(5).indices.tolist()
     assert [lp for _, lp in top] == sorted((lp for _, lp in top), reverse=True)
     assert top[0][1] == pytest.approx(ref[1].max().item(), abs=1e-5)

@@ -26,10 +26,10 @@ import pytest
 from aiohttp import ClientSession, ClientTimeout
 from aiohttp.test_utils import TestClient, TestServer, make_mocked_request
 
-from engine.config import SamplingParams
-from engine.engine import QueueFullError, RequestOutput
+from engine.config import EngineConfig, SamplingParams
 from server import STATE, ServerConfig, create_app, drain, health
 from serving import sse
+from serving.api import InstanceStats, QueueFullError, RequestOutput
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 KEY = "test-key"
@@ -42,14 +42,16 @@ class _Tok:
     def decode(self, ids, skip_special_tokens=True):
         return "".join(f"<{i}>" for i in ids)
 
-    def apply_chat_template(self, messages, add_generation_prompt=True):
-        return " ".join(m["content"] for m in messages)
+    def encode_chat(self, messages, add_generation_prompt=True):  # characters as token ids
+        return [ord(c) for c in " ".join(m["content"] for m in messages)]
 
 
 class FakeEngine:
-    """add_request's contract: "full" -> QueueFullError, "boom" -> a stream that fails, "slow" -> waits for abort."""
+    """A serving.api.EngineClient without a model. add_request's contract: "full" -> QueueFullError,
+    "boom" -> a stream that fails, "slow" -> waits for abort; otherwise max_tokens "x"s."""
 
     model_name, max_model_len = "fake", 64
+    config = EngineConfig()
     step_trace = None  # --step-trace off
 
     def __init__(self) -> None:
@@ -59,9 +61,8 @@ class FakeEngine:
 
     async def shutdown(self) -> None: ...
 
-    def stats(self) -> list[dict]:
-        return [{"instance": "c0", "role": "colocated", "device": "cpu", "kv_blocks_used": 0, "kv_blocks_total": 8,
-                 "running": 0, "waiting": 0}]
+    def stats(self) -> list[InstanceStats]:
+        return [InstanceStats("c0", "colocated", "cpu", 0, 8, 0, 0, 0, 0, 0)]
 
     def abort(self, rid: str) -> None:
         self.aborted.append(rid)
@@ -69,6 +70,7 @@ class FakeEngine:
             self.waiters[rid].set()
 
     def add_request(self, prompt, params: SamplingParams, request_id: str):
+        prompt = prompt if isinstance(prompt, str) else "".join(map(chr, prompt))
         if prompt == "full":
             raise QueueFullError("admission queue full (9 waiting)")
         return self._stream(prompt, params, request_id)
@@ -79,12 +81,13 @@ class FakeEngine:
         if prompt == "slow":
             self.waiters[rid] = ev = asyncio.Event()
             await ev.wait()
-            yield RequestOutput(rid, [1], [], "", finished=True, finish_reason="abort")
+            yield RequestOutput(rid, [1], finished=True, finish_reason="abort", token_ids=[], text="")
             return
         for i in range(params.max_tokens):
             last = i == params.max_tokens - 1
-            yield RequestOutput(rid, [1, 2], list(range(i + 1)), "x" * (i + 1), [i], "x", finished=last,
-                                finish_reason="length" if last else None)
+            yield RequestOutput(rid, [1, 2], [i], "x", num_tokens=i + 1, finished=last,
+                                finish_reason="length" if last else None,
+                                token_ids=list(range(i + 1)) if last else None, text="x" * (i + 1) if last else None)
 
 
 def _in_process(test, **config):
@@ -294,7 +297,7 @@ def test_64_concurrent_streams_match_offline_greedy(server):
     texts = asyncio.run(all_streams())
     wait_idle(server, timeout=10)  # every KV block back, nothing running
 
-    from engine.llm import LLM
+    from serving.llm import LLM
     with LLM(mode="colocated", dtype="float32", num_kv_blocks=256) as llm:
         want = [o.text for o in llm.generate(prompts, SamplingParams(max_tokens=8, temperature=0))]
     assert texts == want

@@ -3,16 +3,18 @@ whose true coefficients and interference are known."""
 from __future__ import annotations
 
 import random
+from dataclasses import replace
 
 import pytest
 
-from scheduler.latency import LatencyModel, PhaseCoeffs
-from scheduler.trace_fit import fit_trace, model_ratios, samples
+from scheduler.planner.latency import LatencyModel, PhaseCoeffs
+from scheduler.planner.trace_fit import fit_trace, model_ratios, samples
+from scheduler.runtime.trace import StepRecord
 
 TRUE = PhaseCoeffs((20.0, 0.5, 0.001), (30.0, 0.002, 4.0), (30.0, 0.002, 4.0), threshold=95)
 
 
-def trace(busy_factor: float, seed: int = 0, n: int = 60) -> list[dict]:
+def trace(busy_factor: float, seed: int = 0, n: int = 60) -> list[StepRecord]:
     """Prefill steps on "prefill0", decode steps on "decode1"; steps started next to a busy neighbor
     take busy_factor x as long."""
     rng, model, t, out = random.Random(seed), LatencyModel(TRUE), 0.0, []
@@ -21,13 +23,11 @@ def trace(busy_factor: float, seed: int = 0, n: int = 60) -> list[dict]:
         k = busy_factor if busy else 1.0
         lens = [rng.randint(16, 256) for _ in range(rng.randint(1, 4))]
         ms = model.prefill_ms(lens) * k
-        out.append({"instance": "prefill0", "role": "prefill", "start": t, "end": t + ms / 1e3,
-                    "prefill": [[x, 0] for x in lens], "decode_ctx": 0, "decode_batch": 0, "others_busy": busy})
+        out.append(StepRecord("prefill0", "prefill", t, [(x, 0) for x in lens], 0, 0, 0, busy, t + ms / 1e3))
         b = rng.randint(1, 32)
         ctx = b * rng.randint(32, 300)
         ms = model.decode_ms(ctx, b) * k
-        out.append({"instance": "decode1", "role": "decode", "start": t, "end": t + ms / 1e3, "prefill": [],
-                    "decode_ctx": ctx, "decode_batch": b, "others_busy": busy})
+        out.append(StepRecord("decode1", "decode", t, [], ctx, b, 0, busy, t + ms / 1e3))
         t += 1.0
     return out
 
@@ -52,14 +52,15 @@ def test_splits_interference_out_of_the_steps_that_ran_next_to_a_busy_instance()
 
 
 def test_only_steps_the_formulas_describe_are_samples():
-    base = {"instance": "c0", "role": "colocated", "start": 0.0, "end": 0.01, "others_busy": False}
+    def rec(prefill, ctx, batch, role="colocated", end=0.01):
+        return StepRecord("c0", role, 0.0, prefill, ctx, batch, 0, False, end)
     recs = [
-        {**base, "prefill": [[64, 0]], "decode_ctx": 0, "decode_batch": 0},  # prefill
-        {**base, "prefill": [], "decode_ctx": 300, "decode_batch": 3},  # decode
-        {**base, "prefill": [[64, 128]], "decode_ctx": 0, "decode_batch": 0},  # a later chunk: no
-        {**base, "prefill": [[32, 0]], "decode_ctx": 100, "decode_batch": 1},  # mixed: no
-        {**base, "role": "prefill", "prefill": [[8, 0]], "decode_ctx": 0, "decode_batch": 0},  # other role
-        {k: v for k, v in base.items() if k != "end"} | {"prefill": [], "decode_ctx": 5, "decode_batch": 1},
+        rec([(64, 0)], 0, 0),  # prefill
+        rec([], 300, 3),  # decode
+        rec([(64, 128)], 0, 0),  # a later chunk: no
+        rec([(32, 0)], 100, 1),  # mixed: no
+        rec([(8, 0)], 0, 0, role="prefill"),  # other role
+        rec([], 5, 1, end=None),  # never ended
     ]
     pre, dec = samples(recs, ("colocated",))
     assert pre == [([64], pytest.approx(10.0), False)]
@@ -73,7 +74,7 @@ def test_model_ratios_are_one_on_the_trace_the_model_came_from_and_show_a_slowdo
     model = LatencyModel(coeffs)
     r = model_ratios(trace(1.5, seed=1), model, factors, ("prefill", "decode"))
     assert r == pytest.approx({"prefill": 1.0, "decode": 1.0}, rel=0.02)
-    slower = [{**x, "end": x["start"] + 1.2 * (x["end"] - x["start"])} for x in trace(1.5, seed=2)]
+    slower = [replace(x, end=x.start + 1.2 * (x.end - x.start)) for x in trace(1.5, seed=2)]
     assert model_ratios(slower, model, factors, ("prefill", "decode")) == pytest.approx(
         {"prefill": 1.2, "decode": 1.2}, rel=0.02)
     assert model_ratios([], model, factors, ("decode",)) == {"prefill": None, "decode": None}
@@ -84,9 +85,9 @@ def test_interference_settles_when_almost_every_step_had_a_busy_neighbor():
     recs = trace(1.5, n=150)
     for i, r in enumerate(recs):
         was_busy = (i // 2) % 2 == 1  # trace() slowed the odd step pairs by 1.5
-        r["others_busy"] = i % 20 >= 2  # 2 alone in every 20 steps
-        k = (1.5 if r["others_busy"] else 1.0) / (1.5 if was_busy else 1.0)
-        r["end"] = r["start"] + k * (r["end"] - r["start"])
+        r.others_busy = i % 20 >= 2  # 2 alone in every 20 steps
+        k = (1.5 if r.others_busy else 1.0) / (1.5 if was_busy else 1.0)
+        r.end = r.start + k * (r.end - r.start)
     coeffs, factors, report = fit_trace(recs, thresholds=(95,))
     assert factors == pytest.approx({"prefill": 1.5, "decode": 1.5}, rel=0.01)
     assert LatencyModel(coeffs).decode_ms(3000, 16) == pytest.approx(LatencyModel(TRUE).decode_ms(3000, 16), rel=0.01)
@@ -96,5 +97,5 @@ def test_interference_settles_when_almost_every_step_had_a_busy_neighbor():
 def test_steps_that_swapped_kv_are_not_samples():
     recs = trace(1.0)[:6]
     for r in recs:
-        r["swap_tokens"] = 32
+        r.swap_tokens = 32
     assert samples(recs, ("prefill", "decode")) == ([], [])

@@ -1,4 +1,4 @@
-"""Fit the latency model to a running server's step trace (engine/step_trace.py) instead of steps
+"""Fit the latency model to a running server's step trace (scheduler/runtime/trace.py) instead of steps
 timed in isolation: the iteration times then carry what serving adds (the event loop's HTTP and
 token work on the same cores, the GIL shared with the other instance, the gap before the next step).
 
@@ -15,28 +15,25 @@ from __future__ import annotations
 
 import statistics
 
-from scheduler.latency import LatencyModel, PhaseCoeffs
-from scheduler.profile import fit_decode_threshold
+from scheduler.planner.latency import LatencyModel, PhaseCoeffs
+from scheduler.planner.profile import fit_decode_threshold
+from scheduler.runtime.trace import StepRecord
 
 MIN_SPLIT = 5
 PP1_HOP_MS = 1.0  # what LatencyModel.prefill_ms adds at pp=1
 THRESHOLDS = (2, 4, 8, 16, 95)
 
 
-def _ms(rec: dict) -> float:
-    return (rec["end"] - rec["start"]) * 1e3
-
-
-def samples(records: list[dict], roles: tuple[str, ...]) -> tuple[list, list]:
+def samples(records: list[StepRecord], roles: tuple[str, ...]) -> tuple[list, list]:
     """(prefill samples [(lengths, ms, others_busy)], decode samples [(ctx, batch, ms, others_busy)])."""
     pre, dec = [], []
     for r in records:
-        if r["role"] not in roles or "end" not in r or r.get("swap_tokens"):
+        if r.role not in roles or r.end is None or r.swap_tokens:
             continue  # a step that also copied KV to / from the host: the simulator prices copies apart
-        if r["prefill"] and not r["decode_batch"] and all(c == 0 for _, c in r["prefill"]):
-            pre.append(([n for n, _ in r["prefill"]], _ms(r), r["others_busy"]))
-        elif not r["prefill"] and r["decode_batch"]:
-            dec.append((r["decode_ctx"], r["decode_batch"], _ms(r), r["others_busy"]))
+        if r.prefill and not r.decode_batch and all(c == 0 for _, c in r.prefill):
+            pre.append(([n for n, _ in r.prefill], r.ms, r.others_busy))
+        elif not r.prefill and r.decode_batch:
+            dec.append((r.decode_ctx, r.decode_batch, r.ms, r.others_busy))
     return pre, dec
 
 
@@ -54,7 +51,7 @@ def _priced(model: LatencyModel, pre: list, dec: list) -> dict[str, list[tuple[f
             "decode": [(t, model.decode_ms(s, n), b) for s, n, t, b in dec]}
 
 
-def fit_trace(records: list[dict], roles: tuple[str, ...] = ("prefill", "decode", "colocated"),
+def fit_trace(records: list[StepRecord], roles: tuple[str, ...] = ("prefill", "decode", "colocated"),
               thresholds: tuple[int, ...] = THRESHOLDS, tol: float = 1e-4,
               max_rounds: int = 200) -> tuple[PhaseCoeffs, dict[str, float], dict]:
     """Coefficients (of a step that starts alone) for the instances of `roles` (one device kind and
@@ -84,7 +81,7 @@ def fit_trace(records: list[dict], roles: tuple[str, ...] = ("prefill", "decode"
     return coeffs, factors, report
 
 
-def model_ratios(records: list[dict], model: LatencyModel, factors: dict[str, float],
+def model_ratios(records: list[StepRecord], model: LatencyModel, factors: dict[str, float],
                  roles: tuple[str, ...]) -> dict[str, float | None]:
     """Mean observed / predicted step time per phase over a trace (the model's error on those steps;
     busy-neighbor steps predicted with their factor). None: no such steps."""

@@ -1,4 +1,4 @@
-"""What a policy hands a worker: which requests run how many new tokens this step."""
+"""What a policy hands a worker (Step: which requests run how many new tokens) and what comes back (Sampled)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -47,3 +47,21 @@ class Step:
 
     def __bool__(self) -> bool:
         return bool(self.items or self.swap_out or self.swap_in)
+
+
+@dataclass(frozen=True)
+class TokenLogprobs:
+    """The chosen token's log-probability and the top alternatives (after penalties, before temperature)."""
+
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]]  # (token id, logprob), most likely first
+
+
+@dataclass
+class Sampled:
+    """One request's new token from a step (the request's computed tokens reached all its known tokens)."""
+
+    req: Request
+    token: int
+    logprobs: TokenLogprobs | None = None  # when the request asked for them

@@ -17,9 +17,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from scheduler.goodput import Workload, goodput
-from scheduler.latency import Profile
-from scheduler.simulator import Layout, Parallel
+from scheduler.planner.goodput import Workload, goodput
+from scheduler.planner.latency import Profile
+from scheduler.planner.simulator import Layout, Parallel
 
 
 @dataclass(frozen=True)

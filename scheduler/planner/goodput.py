@@ -11,9 +11,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from engine.config import SchedulerConfig
-from scheduler.latency import Profile
-from scheduler.simulator import Layout, Parallel, Simulation
-from scheduler.workload import SLO
+from scheduler.planner.latency import Profile
+from scheduler.planner.simulator import Layout, Parallel, Simulation
+from scheduler.planner.workload import SLO
 
 
 @dataclass

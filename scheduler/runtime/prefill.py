@@ -1,7 +1,8 @@
 """Prefill policy: FCFS batches bounded by tokens and sequences, admission by free blocks.
 
 A prefill instance keeps each request's blocks until a decode instance has pulled them, so a full
-pool stops admission: backpressure, nothing dropped.
+pool stops admission: backpressure, nothing dropped. After its step a prompt is handed off
+(HandOff event) unless its first token already finished it.
 """
 from __future__ import annotations
 
@@ -10,31 +11,39 @@ from collections import deque
 from engine.config import SchedulerConfig
 from engine.kv_cache import BlockAllocator
 from engine.request import Request, Status
-from scheduler.batch import Step
+from engine.step import Sampled, Step
+from engine.stop import StopRule
+from scheduler.runtime.lifecycle import Event, HandOff, advance, finishing
 
 
 class PrefillScheduler:
-    def __init__(self, config: SchedulerConfig, allocator: BlockAllocator) -> None:
+    def __init__(self, config: SchedulerConfig, allocator: BlockAllocator, rule: StopRule) -> None:
         self.config = config
         self.allocator = allocator
+        self.rule = rule
         self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []  # in the step being computed now
 
     def add(self, req: Request) -> None:
         req.status = Status.WAITING
         self.waiting.append(req)
 
     def remove(self, req: Request) -> bool:
-        """Drop a queued request (abort). True if it was queued here."""
-        try:
-            self.waiting.remove(req)
-            return True
-        except ValueError:
-            return False
+        """Drop a queued or running request (abort, finish). True if it was here."""
+        for queue in (self.waiting, self.running):
+            if req in queue:
+                queue.remove(req)
+                return True
+        return False
 
     @property
     def load(self) -> int:
         """Tokens queued: what least-loaded dispatch compares."""
         return sum(r.num_prompt for r in self.waiting)
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.waiting)
 
     def schedule(self, max_seqs: int | None = None) -> Step:
         """Take waiting requests in order while the batch limits and the pool allow; allocate their blocks."""
@@ -53,6 +62,7 @@ class PrefillScheduler:
             self.waiting.popleft()
             req.block_table = self.allocator.allocate(req.id, need)
             req.status = Status.PREFILLING
+            self.running.append(req)
             step.items.append((req, n))
             tokens += n
         return step
@@ -72,6 +82,15 @@ class PrefillScheduler:
             budget -= n
         return step
 
-    def pop_done(self, req: Request) -> None:
-        """A prompt whose last chunk ran leaves the queue."""
-        self.waiting.remove(req)
+    def complete(self, step: Step, sampled: list[Sampled], now: float) -> list[Event]:
+        """Every prompt of the step is done: hand it off, unless its first token finished it."""
+        events = advance(step, sampled, now, self.rule)
+        done = finishing(events)
+        for req, _ in step.items:
+            req.metrics.prefill_end = now
+            if req in self.running:
+                self.running.remove(req)
+            if req.id not in done:
+                req.status = Status.MIGRATING
+                events.append(HandOff(req))
+        return events

@@ -1,6 +1,7 @@
 """Placement planner CLI: search layouts for a cluster, print the ranking, write the plan file.
 
-    python -m scheduler.placement --profile scheduler/data/distserve-a100/profiler-a100-80g.distserve.json \
+    python -m scheduler.planner.placement \
+        --profile scheduler/planner/data/distserve-a100/profiler-a100-80g.distserve.json \
         --model facebook/opt-13b --num-nodes 1 --devices-per-node 4 --dataset sharegpt \
         --ttft-slo 0.25 --tpot-slo 0.1 --attainment 0.9 --out plan.json
 
@@ -21,11 +22,11 @@ from pathlib import Path
 import numpy as np
 
 from engine.config import SchedulerConfig
-from scheduler.goodput import Workload
-from scheduler.latency import Profile, load_profile
-from scheduler.search import Candidate, Cluster, Planner
-from scheduler.simulator import Parallel
-from scheduler.workload import SLO, parse_fixed, read_lengths_file, synth_lengths, unit_arrivals
+from scheduler.planner.goodput import Workload
+from scheduler.planner.latency import Profile, load_profile
+from scheduler.planner.search import Candidate, Cluster, Planner
+from scheduler.planner.simulator import Parallel
+from scheduler.planner.workload import SLO, parse_fixed, read_lengths_file, synth_lengths, unit_arrivals
 
 
 def dataset_lengths(args: argparse.Namespace) -> tuple[list[tuple[int, int]], str]:
@@ -125,7 +126,7 @@ def run_search(profile: Profile, cluster: Cluster, work: Workload, algorithm: st
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(prog="python -m scheduler.placement", description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m scheduler.planner.placement", description=__doc__.split("\n")[0])
     ap.add_argument("--profile", required=True, help="profile JSON (ours, or DistServe's with max_num_tokens.csv)")
     ap.add_argument("--model", help="model key inside a DistServe profile (e.g. facebook/opt-13b)")
     ap.add_argument("--num-nodes", type=int, default=1)

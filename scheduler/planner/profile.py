@@ -1,6 +1,6 @@
 """Profiler: time the real engine's forward passes and fit DistServe's latency model (scheduler/latency.py).
 
-    python -m scheduler.profile [--model PATH] --devices cpu:0 cpu:0-1 [--dtype float32] --out profile.json
+    python -m scheduler.planner.profile [--model PATH] --devices cpu:0 cpu:0-1 [--dtype float32] --out profile.json
 
 Per device spec it builds one Instance (its thread pinned to the spec's cores, as the engine does),
 hands it Steps over requests whose blocks come from the instance's own pool, and times
@@ -35,12 +35,12 @@ from pathlib import Path
 import torch
 
 from engine.config import CacheConfig, SamplingParams
-from engine.instance import Instance, cpu_cores
+from engine.instance import GIL_SWITCH_INTERVAL_S, Instance, cpu_cores, resolve_dtype
 from engine.kv_cache import KVPool
 from engine.model import LlamaModel
 from engine.request import Request
-from scheduler.batch import Step
-from scheduler.latency import PhaseCoeffs, Profile, fit_coeffs
+from engine.step import Step
+from scheduler.planner.latency import PhaseCoeffs, Profile, fit_coeffs
 from transfer.torch_copy import TorchTransfer
 
 
@@ -118,7 +118,6 @@ def _request(inst: Instance, rid: str, prompt_len: int, decoding: bool, rng: ran
         req.num_computed = prompt_len
     alloc = inst.pool.allocator
     req.block_table = alloc.allocate(rid, alloc.blocks_for(req.num_tokens))
-    req.pool, req.instance = inst.pool, inst
     return req
 
 
@@ -202,8 +201,6 @@ def interference(inst: Instance, neighbor: Instance, repeats: int = 5) -> dict[s
     """Step-time factors while another instance of this process (other cores) is busy: a decode step
     next to a running prefill, a prefill next to running decodes (the disaggregated layout's overlap).
     CPU instances are threads of one process; they share the GIL and the memory bus."""
-    from engine.engine import GIL_SWITCH_INTERVAL_S  # lazy: measure under the engine's GIL setting
-
     old = sys.getswitchinterval()
     sys.setswitchinterval(min(old, GIL_SWITCH_INTERVAL_S))
     rng = random.Random(0)
@@ -311,7 +308,7 @@ def profile_json(prof: Profile, details: dict) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m scheduler.profile", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m scheduler.planner.profile", description=__doc__.split("\n")[0])
     p.add_argument("--model", help="GGUF file or HF directory (default: the bundled SmolLM2 model)")
     p.add_argument("--devices", nargs="+", default=["cpu"], help="one instance spec per core count, e.g. cpu:0 cpu:0-1")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "auto"])
@@ -321,7 +318,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="a smaller grid (about a quarter of the time)")
     p.add_argument("--out", default="profile.json")
     args = p.parse_args(argv)
-    from engine.engine import resolve_dtype  # lazy: the engine module pulls in the whole serving stack
     from engine.loader import load_checkpoint
 
     ckpt = load_checkpoint(args.model)

@@ -10,18 +10,22 @@ from __future__ import annotations
 
 from engine.config import SchedulerConfig
 from engine.kv_cache import BlockAllocator
-from engine.request import Request
-from scheduler.batch import Step
-from scheduler.decode import DecodeScheduler
-from scheduler.prefill import PrefillScheduler
+from engine.request import Request, Status
+from engine.step import Sampled, Step
+from engine.stop import StopRule
+from scheduler.runtime.decode import DecodeScheduler
+from scheduler.runtime.lifecycle import Event, advance, finishing
+from scheduler.runtime.prefill import PrefillScheduler
 
 
 class ColocatedScheduler:
-    def __init__(self, config: SchedulerConfig, allocator: BlockAllocator, chunked: bool = False) -> None:
+    def __init__(self, config: SchedulerConfig, allocator: BlockAllocator, rule: StopRule, chunked: bool = False,
+                 swap_blocks: int | None = None) -> None:
         self.config = config
         self.chunked = chunked
-        self.prefill = PrefillScheduler(config, allocator)
-        self.decode = DecodeScheduler(config, allocator)
+        self.rule = rule
+        self.prefill = PrefillScheduler(config, allocator, rule)
+        self.decode = DecodeScheduler(config, allocator, rule, swap_blocks)
 
     def add(self, req: Request) -> None:
         self.prefill.add(req)
@@ -35,9 +39,11 @@ class ColocatedScheduler:
 
     @property
     def has_work(self) -> bool:
-        return bool(self.prefill.waiting or self.decode.running or self.decode.swapped)
+        return self.prefill.has_work or self.decode.has_work
 
     def schedule(self) -> Step:
+        if not self.has_work:
+            return Step()
         if self.chunked:
             step = self.decode.schedule()
             room = self.config.max_num_seqs - len(self.decode.running)
@@ -52,8 +58,16 @@ class ColocatedScheduler:
                     return step
         return self.decode.schedule()
 
-    def finished_prompt(self, req: Request) -> None:
-        """Called after a step in which req's last prompt token ran: it decodes from now on."""
-        if self.chunked:
-            self.prefill.pop_done(req)
-        self.decode.add_running(req)
+    def complete(self, step: Step, sampled: list[Sampled], now: float) -> list[Event]:
+        """A prompt whose last token ran decodes from the next step, unless its first token finished it."""
+        prompts = [r for r, _ in step.items if r.status is Status.PREFILLING]
+        events = advance(step, sampled, now, self.rule)
+        done = finishing(events)
+        for req in prompts:
+            if req.num_computed < req.num_prompt:
+                continue  # a chunk that is not the prompt's last
+            req.metrics.prefill_end = now
+            self.prefill.remove(req)  # chunked: leaves the queue's head; prefill-first: leaves `running`
+            if req.id not in done:
+                self.decode.add_running(req)
+        return events

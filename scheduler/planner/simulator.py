@@ -1,11 +1,16 @@
-"""Discrete-event simulation of a serving layout, driving the runtime policies (scheduler/prefill.py,
-decode.py, colocated.py) over simulated time.
+"""Discrete-event simulation of a serving layout: the engine's own scheduling (scheduler/runtime/cluster.py
+and the policies it drives) on a virtual clock, with step times from a latency model.
+
+The simulator is a second driver of the same Cluster the engine drives (serving/engine.py): it asks
+`next_action`, prices the action instead of running it, and reports back at the priced time. Every
+scheduling decision and every piece of request bookkeeping is therefore the engine's. A wake-up is a
+zero-delay event, as it is an asyncio wake-up in the engine: requests that arrive at the very same
+instant are batched together.
 
 Modes:
-- disagg: prefill instances -> KV hand-off -> decode instances. New requests go to the least-loaded
-  prefill instance, prefilled ones to the least-loaded decode instance (`.load` of each policy).
-  The decode side pulls; copies serialize on the pulling decode instance (bytes / link bandwidth),
-  before its next step, and the prefill side frees its blocks when the copy lands.
+- disagg: prefill instances -> KV hand-off -> decode instances. The decode side pulls; copies
+  serialize on the pulling decode instance (bytes / link bandwidth), before its next step, and the
+  prefill side frees its blocks as each copy lands.
 - colocated: one pool per instance, prefill-first or chunked.
 - prefill / decode: one phase alone, for Algorithm 1's independent search. "prefill": KV leaves the
   instance the moment its prefill ends (only TTFT is judged). "decode": requests arrive prefilled,
@@ -19,10 +24,14 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from engine.config import SamplingParams, SchedulerConfig
-from engine.request import Request, Status
-from scheduler.latency import Profile
-from scheduler.sim_instances import ColocatedInstance, DecodeInstance, PrefillInstance
-from scheduler.workload import SLO
+from engine.kv_cache import BlockAllocator
+from engine.request import Request
+from engine.step import Sampled, Step
+from engine.stop import StopRule
+from scheduler.planner.latency import LatencyModel, Profile
+from scheduler.planner.workload import SLO
+from scheduler.runtime.cluster import Cluster, Execute, Pull, Slot, make_policy
+from scheduler.runtime.lifecycle import Token
 
 Mode = Literal["disagg", "colocated", "prefill", "decode"]
 
@@ -114,8 +123,10 @@ class Simulation:
     slo: SLO | None = None
     max_failures: int | None = None  # stop once this many requests are sure to miss (bisection speed-up)
     now: float = 0.0
-    prefills: list[Any] = field(default_factory=list)  # PrefillInstance | ColocatedInstance
-    decodes: list[DecodeInstance] = field(default_factory=list)
+    slots: list[Slot] = field(default_factory=list)
+    cluster: Cluster = field(init=False)
+    _models: dict[str, LatencyModel] = field(default_factory=dict)
+    _kicks: set[str] = field(default_factory=set)  # slots with a wake-up pending
     _heap: list = field(default_factory=list)
     _seq: int = 0
     _failed: set[str] = field(default_factory=set)
@@ -131,36 +142,70 @@ class Simulation:
             if spec.tp not in prof.tp or not cap:
                 raise ValueError(f"profile has no tp={spec.tp} pp={spec.pp} layout")
             for i in range(spec.count):
-                model = prof.model_for(spec.tp, spec.pp)
-                if role == "prefill":
-                    self.prefills.append(PrefillInstance(self, f"prefill{i}", model, cap))
-                elif role == "decode":
-                    self.decodes.append(DecodeInstance(self, f"decode{i}", model, cap))
-                else:
-                    self.prefills.append(ColocatedInstance(self, f"colocated{i}", model, cap, lay.chunked))
+                alloc = BlockAllocator(cap // prof.block_size, prof.block_size)
+                slot = Slot(f"{role}{i}", role, make_policy(role, self.sched_config, alloc, _RULE, lay.chunked), alloc)
+                self.slots.append(slot)
+                self._models[slot.name] = prof.model_for(spec.tp, spec.pp)
+        self.cluster = Cluster(self.slots, lambda: self.now, self._wake, self)
 
     # ---- the event heap ----
     def at(self, t: float, fn: Callable, arg: Any) -> None:
         self._seq += 1
         heapq.heappush(self._heap, (t, self._seq, fn, arg))
 
-    # ---- request lifecycle, called by the instances ----
-    def first_token(self, r: Request) -> None:
-        if self.judge[0] and self.slo and r.metrics.ttft > self.slo.ttft:
-            self._fail(r)
+    # ---- the driver: price each action, report it back when its time has come ----
+    def _wake(self, slot: Slot) -> None:
+        if slot.name not in self._kicks:
+            self._kicks.add(slot.name)
+            self.at(self.now, self._kick, slot)
 
-    def hand_off(self, r: Request) -> None:
-        if self.layout.mode == "prefill":  # phase alone: the KV leaves at once
-            r.instance.alloc.free(r.block_table)
-            self.finish(r)
+    def _kick(self, slot: Slot) -> None:
+        self._kicks.discard(slot.name)
+        if slot.busy:
             return
-        dec = min(self.decodes, key=lambda d: d.sched.load)
-        dec.sched.add(r)
-        dec.kick()
+        action = self.cluster.next_action(slot)
+        if isinstance(action, Execute):
+            self.at(self.now + self._step_seconds(slot, action.step), self._executed, (slot, action.step))
+        elif action:  # pulls: they serialize on the pulling instance, bytes / link bandwidth each
+            t = self.now
+            for pull in action:
+                t += self._pull_bytes(pull) / self.profile.transfer_bandwidth_Bps
+                self.at(t, self._pulled, pull)
 
-    def finish(self, r: Request) -> None:
-        r.status = Status.FINISHED
-        r.metrics.finish = self.now
+    def _executed(self, arg: tuple[Slot, Step]) -> None:
+        slot, step = arg
+        sampled = [Sampled(r, 0) for r, n in step.items if r.num_computed + n >= r.num_tokens]
+        self.cluster.executed(slot, step, sampled)
+        self._wake(slot)
+
+    def _pulled(self, pull: Pull) -> None:
+        self.cluster.pulled(pull, self._pull_bytes(pull))
+        if not pull.dst.busy:
+            self._wake(pull.dst)
+
+    def _pull_bytes(self, pull: Pull) -> int:
+        return pull.req.num_computed * self.profile.kv_bytes_per_token
+
+    def _step_seconds(self, slot: Slot, step: Step) -> float:
+        """Swap copies (host <-> device, before the forward), then the forward as the latency model prices
+        it, slowed by the profile's interference factor if another instance is busy as it starts."""
+        secs = step.swap_tokens * self.profile.kv_bytes_per_token / self.profile.swap_bandwidth_Bps
+        if step.items:
+            chunks, ctx, batch = step.shape()
+            phase = "prefill" if chunks else "decode"
+            slow = self.profile.interference.get(phase, 1.0) if any(
+                s.busy for s in self.slots if s is not slot) else 1.0
+            secs += self._models[slot.name].mixed_ms(chunks, ctx, batch) / 1e3 * slow
+        return secs
+
+    # ---- the Sink: SLO judgement as tokens and endings come ----
+    def on_token(self, event: Token) -> str | None:
+        r = event.req
+        if len(r.output_ids) == 1 and self.judge[0] and self.slo and r.metrics.ttft > self.slo.ttft:
+            self._fail(r)
+        return None
+
+    def on_finish(self, r: Request, reason: str) -> None:
         tpot = r.metrics.tpot
         if self.judge[1] and self.slo and tpot is not None and tpot > self.slo.tpot:
             self._fail(r)
@@ -172,32 +217,26 @@ class Simulation:
         if self.max_failures is not None and len(self._failed) > self.max_failures:
             self._stopped = True
 
+    # ---- running a workload ----
     def _arrive(self, r: Request) -> None:
-        if self.layout.mode == "decode":
-            r.num_computed = r.num_prompt
-            r.output_ids.append(0)
-            r.metrics.token_times.append(self.now)
-            if len(r.output_ids) >= r.params.max_tokens:
-                self.finish(r)
-                return
-            self.hand_off(r)
+        if self.layout.mode != "decode":
+            self.cluster.add(r)
             return
-        inst = min(self.prefills, key=lambda p: p.sched.load)
-        inst.sched.add(r)
-        inst.kick()
+        r.num_computed = r.num_prompt  # prefilled elsewhere: first token at arrival
+        r.output_ids.append(0)
+        r.metrics.token_times.append(self.now)
+        self.cluster.add_prefilled(r)
+        if len(r.output_ids) >= r.params.max_tokens:
+            self.cluster.finish(r, "length")
 
     def _check_fits(self, lengths: list[tuple[int, int]]) -> None:
         """A request larger than a pool would wait forever: refuse the layout instead."""
         longest_prompt = max(p for p, _ in lengths)
         longest = max(p + o for p, o in lengths)
-        for inst in self.prefills:
-            need = longest if isinstance(inst, ColocatedInstance) else longest_prompt
-            if inst.alloc.blocks_for(need) > inst.alloc.num_blocks:
-                raise ValueError(f"{inst.name}: {inst.alloc.num_blocks} KV blocks cannot hold a {need}-token request")
-        for inst in self.decodes:
-            if inst.alloc.blocks_for(longest) > inst.alloc.num_blocks:
-                raise ValueError(f"{inst.name}: {inst.alloc.num_blocks} KV blocks cannot hold a {longest}-token "
-                                 "request")
+        for s in self.slots:
+            need = longest_prompt if s.role == "prefill" else longest
+            if s.allocator.blocks_for(need) > s.allocator.num_blocks:
+                raise ValueError(f"{s.name}: {s.allocator.num_blocks} KV blocks cannot hold a {need}-token request")
 
     def run(self, arrivals: list[float], lengths: list[tuple[int, int]]) -> SimResult:
         if len(arrivals) != len(lengths) or not lengths:
@@ -219,8 +258,10 @@ class Simulation:
 
     def check(self) -> None:
         """Allocator invariants of every pool (tests call it after a run)."""
-        for inst in self.prefills + self.decodes:
-            inst.alloc.check()
+        self.cluster.check()
+
+
+_RULE = StopRule()  # simulated requests stop on length alone (they run with ignore_eos, as DistServe's)
 
 
 def simulate(profile: Profile, layout: Layout, arrivals: list[float], lengths: list[tuple[int, int]],

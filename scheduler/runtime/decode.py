@@ -1,9 +1,10 @@
-"""Decode policy: continuous batching, admission by free blocks, preemption of the newest by swapping.
+"""Decode policy: continuous batching, admission by free blocks, preemption of the newest.
 
-Requests join from the migration queue (KV still in a prefill pool) or from the swapped list
-(KV in host memory); swapped requests resume before new admissions. When the running batch would
-overflow the pool, the newest decoding request is swapped out; it keeps its tokens and resumes
-later bit-exactly.
+Requests join from the migration queue (KV still in a prefill pool) or from the swapped list;
+preempted requests resume before new admissions. When the running batch would overflow the pool,
+the newest decoding request is preempted: swapped to host memory while the swap space allows
+(it resumes bit-exactly by copying its KV back), else its KV is dropped and recomputed on resume
+(one prefill-like chunk over its prompt and outputs; its tokens so far are kept).
 """
 from __future__ import annotations
 
@@ -12,16 +13,23 @@ from collections import deque
 from engine.config import SchedulerConfig
 from engine.kv_cache import BlockAllocator
 from engine.request import Request, Status
-from scheduler.batch import Step
+from engine.step import Sampled, Step
+from engine.stop import StopRule
+from scheduler.runtime.lifecycle import Event, advance
 
 
 class DecodeScheduler:
-    def __init__(self, config: SchedulerConfig, allocator: BlockAllocator) -> None:
+    def __init__(self, config: SchedulerConfig, allocator: BlockAllocator, rule: StopRule,
+                 swap_blocks: int | None = None) -> None:
+        """swap_blocks: host memory for swapped-out KV, in blocks (None: unbounded)."""
         self.config = config
         self.allocator = allocator
+        self.rule = rule
+        self.swap_blocks = swap_blocks
         self.migrating: deque[Request] = deque()  # prefilled elsewhere, waiting to be pulled
-        self.swapped: deque[Request] = deque()  # preempted, KV on the host
+        self.swapped: deque[Request] = deque()  # preempted: KV on the host, or dropped (recompute)
         self.running: list[Request] = []  # DECODING, or MIGRATING while its pull is in flight
+        self.on_host: dict[str, int] = {}  # request id -> blocks of KV it holds in host memory
 
     def add(self, req: Request) -> None:
         """A request whose prefill has finished and whose KV sits in another pool."""
@@ -37,12 +45,21 @@ class DecodeScheduler:
         for queue in (self.migrating, self.swapped, self.running):
             if req in queue:
                 queue.remove(req)
+                self.on_host.pop(req.id, None)
                 return True
         return False
 
     @property
     def load(self) -> int:
         return len(self.running) + len(self.migrating) + len(self.swapped)
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.running or self.swapped)
+
+    @property
+    def host_blocks_used(self) -> int:
+        return sum(self.on_host.values())
 
     def _fits(self, req: Request) -> bool:
         # room for its KV and the token the next step computes
@@ -57,7 +74,7 @@ class DecodeScheduler:
         """
         pulled: list[tuple[Request, list[int]]] = []
         if self.swapped:
-            return pulled  # resuming swapped requests comes first
+            return pulled  # resuming preempted requests comes first
         while self.migrating and self._fits(self.migrating[0]):
             req = self.migrating.popleft()
             pulled.append((req, self.allocator.allocate(req.id, self.allocator.blocks_for(req.num_tokens))))
@@ -70,10 +87,16 @@ class DecodeScheduler:
             if victim.status is not Status.DECODING:
                 continue  # a pull in flight is never preempted
             del self.running[i]
+            blocks = list(victim.block_table)
             if victim in step.swap_in:  # swapped in this very step: its KV is still on the host
                 step.swap_in.remove(victim)
-            else:
-                step.swap_out.append((victim, list(victim.block_table)))
+                self.on_host[victim.id] = len(blocks)
+            elif victim.num_computed and (self.swap_blocks is None
+                                          or self.host_blocks_used + len(blocks) <= self.swap_blocks):
+                step.swap_out.append((victim, blocks))
+                self.on_host[victim.id] = len(blocks)
+            else:  # no host room: drop its KV; it is recomputed when it resumes
+                victim.num_computed = 0
             self.allocator.free(victim.block_table)
             victim.status = Status.PREEMPTED
             victim.metrics.preemptions += 1
@@ -82,14 +105,15 @@ class DecodeScheduler:
         return None
 
     def schedule(self) -> Step:
-        """One decode step over the running batch, swapping in or out as memory allows."""
+        """One decode step over the running batch, resuming or preempting as memory allows."""
         step = Step()
         while self.swapped and self._fits(self.swapped[0]):
             req = self.swapped.popleft()
             req.block_table = self.allocator.allocate(req.id, self.allocator.blocks_for(req.num_tokens))
             req.status = Status.DECODING
             self.running.append(req)
-            step.swap_in.append(req)
+            if self.on_host.pop(req.id, None) is not None:
+                step.swap_in.append(req)
         i = 0
         while i < len(self.running):
             req = self.running[i]
@@ -102,3 +126,6 @@ class DecodeScheduler:
                 i = self.running.index(req)
         step.items = [(r, r.num_uncomputed) for r in self.running if r.status is Status.DECODING]
         return step
+
+    def complete(self, step: Step, sampled: list[Sampled], now: float) -> list[Event]:
+        return advance(step, sampled, now, self.rule)

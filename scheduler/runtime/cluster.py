@@ -1,0 +1,273 @@
+"""The instances as the scheduler sees them, and everything that happens to a request between steps.
+
+Sans-IO: the Cluster never runs a forward pass or a copy and never waits. A driver asks
+`next_action(slot)`, performs what it gets (Execute a step, or Pull KV blocks), and reports back with
+`executed(...)` / `pulled(...)`. The engine (serving/engine.py) performs actions on the instances'
+threads under the wall clock; the simulator (scheduler/planner/simulator.py) prices them with a latency
+model on a virtual clock. Both therefore share every decision and every piece of request bookkeeping:
+
+    add ──> least-loaded entry slot ──next_action──> Execute(step) ──executed──> policy.complete ──> events
+    events: Token -> sink (stream it; a stop string may finish it) | HandOff -> least-loaded decode slot
+            | Finished -> finish (free blocks, tell the sink)
+    decode slot ──next_action──> Pull (its admit() allotted blocks) ──pulled──> the prefill side frees its copy
+
+A request inside a step or a pull (`slot.in_flight`) is never finished under the driver's feet: an
+abort marks it, and the Cluster finishes it when the step or pull reports back.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Literal, Protocol
+
+from engine.config import SchedulerConfig
+from engine.kv_cache import BlockAllocator
+from engine.request import Request, Status
+from engine.step import Sampled, Step
+from engine.stop import StopRule
+from scheduler.runtime.colocated import ColocatedScheduler
+from scheduler.runtime.decode import DecodeScheduler
+from scheduler.runtime.dispatch import least_loaded
+from scheduler.runtime.lifecycle import Event, Finished, HandOff, Policy, Token
+from scheduler.runtime.prefill import PrefillScheduler
+from scheduler.runtime.trace import StepTrace
+
+Role = Literal["prefill", "decode", "colocated"]
+
+
+@dataclass(frozen=True)
+class QueueCounts:
+    """Requests by where they are on one instance (what /metrics and the dashboard show)."""
+
+    waiting: int = 0  # queued for prefill
+    prefilling: int = 0  # in a prefill step now (prefill-first and disagg; chunked: partly prefilled)
+    migrating: int = 0  # prefilled elsewhere, waiting for their KV to be pulled here
+    running: int = 0  # decoding (or being pulled in)
+    swapped: int = 0  # preempted, waiting to resume
+
+
+def make_policy(role: Role, config: SchedulerConfig, allocator: BlockAllocator, rule: StopRule,
+                chunked: bool = False, swap_blocks: int | None = None) -> Policy:
+    if role == "prefill":
+        return PrefillScheduler(config, allocator, rule)
+    if role == "decode":
+        return DecodeScheduler(config, allocator, rule, swap_blocks)
+    return ColocatedScheduler(config, allocator, rule, chunked, swap_blocks)
+
+
+def queue_counts(policy: Policy) -> QueueCounts:
+    pre = policy.prefill if isinstance(policy, ColocatedScheduler) else policy
+    dec = policy.decode if isinstance(policy, ColocatedScheduler) else policy
+    prefilling = 0
+    waiting = 0
+    if isinstance(pre, PrefillScheduler):
+        partial = sum(r.status is Status.PREFILLING for r in pre.waiting)  # chunked: started prompts
+        waiting, prefilling = len(pre.waiting) - partial, len(pre.running) + partial
+    if isinstance(dec, DecodeScheduler):
+        return QueueCounts(waiting, prefilling, len(dec.migrating), len(dec.running), len(dec.swapped))
+    return QueueCounts(waiting, prefilling)
+
+
+@dataclass(eq=False)
+class Slot:
+    """One instance: its policy and block allocator. What executes its steps is the driver's business."""
+
+    name: str
+    role: Role
+    policy: Policy
+    allocator: BlockAllocator
+    busy: bool = False  # inside a step or a pull
+    in_flight: set[str] = field(default_factory=set)  # ids of the requests in that step or pull
+
+
+@dataclass(frozen=True)
+class Execute:
+    step: Step
+
+
+@dataclass(frozen=True)
+class Pull:
+    """Copy req's prompt KV from src_blocks of src's pool into dst_blocks of dst's pool (the rest of
+    dst_blocks is room for the tokens decode adds). src None: the KV comes from outside the cluster
+    (the simulator's decode-only phase)."""
+
+    req: Request
+    src: Slot | None
+    dst: Slot
+    src_blocks: list[int]
+    dst_blocks: list[int]
+
+
+Action = Execute | list[Pull]
+
+
+class Sink(Protocol):
+    """Where tokens and endings go: the engine's output processor, or the simulator's recorder."""
+
+    def on_token(self, event: Token) -> str | None:
+        """A token was appended to event.req. Returns a finish reason found on the output side (a stop
+        string), or None."""
+        ...
+
+    def on_finish(self, req: Request, reason: str) -> None: ...
+
+
+class Cluster:
+    def __init__(self, slots: list[Slot], clock: Callable[[], float], wake: Callable[[Slot], None], sink: Sink,
+                 trace: StepTrace | None = None) -> None:
+        self.slots = slots
+        self.entry = [s for s in slots if s.role in ("prefill", "colocated")]
+        self.decoders = [s for s in slots if s.role == "decode"]
+        self.clock, self.wake, self.sink, self.trace = clock, wake, sink, trace
+        self.requests: dict[str, Request] = {}  # live requests by id
+        self.pending: dict[str, Pull] = {}  # pulls in flight: their destination blocks are held here
+
+    # ---------------- requests in and out ----------------
+    def add(self, req: Request, slot: Slot | None = None) -> None:
+        """A new request goes to the least-loaded entry slot (prefill or colocated), or to `slot`."""
+        if req.id in self.requests:
+            raise ValueError(f"duplicate request id {req.id!r}")
+        self.requests[req.id] = req
+        slot = slot or least_loaded(self.entry, lambda s: s.policy.load)
+        req.kv_home = slot
+        slot.policy.add(req)
+        self.wake(slot)
+
+    def add_prefilled(self, req: Request) -> None:
+        """A request whose prompt KV exists outside the cluster (decode-only simulation): decoders pull it."""
+        self.requests[req.id] = req
+        req.kv_home = None
+        self._hand_off(req)
+
+    def abort(self, request_id: str) -> None:
+        """Cancel in any phase; every block the request holds is freed now, or when its step or pull ends."""
+        req = self.requests.get(request_id)
+        if req is None or req.finished:
+            return
+        req.aborted = True
+        if not any(req.id in s.in_flight for s in self.slots):
+            self.finish(req, "abort")
+
+    def finish(self, req: Request, reason: str) -> None:
+        """The one way a request ends: out of every queue, every block freed, the sink told."""
+        if req.finished:
+            return
+        req.status, req.finish_reason = Status.FINISHED, reason
+        req.metrics.finish = self.clock()
+        for slot in self.slots:
+            if slot.policy.remove(req):
+                self.wake(slot)
+        if req.block_table and req.kv_home is not None:
+            req.kv_home.allocator.free(req.block_table)
+        pull = self.pending.pop(req.id, None)
+        if pull is not None:  # blocks allotted for a pull that will not land
+            pull.dst.allocator.free(pull.dst_blocks)
+        req.swapped = None
+        del self.requests[req.id]
+        self.sink.on_finish(req, reason)
+
+    # ---------------- the step lifecycle ----------------
+    def next_action(self, slot: Slot) -> Action | None:
+        """What `slot` should do now (None: nothing; wait to be woken). Marks the slot busy."""
+        if isinstance(slot.policy, DecodeScheduler):
+            admitted = slot.policy.admit()
+            if admitted:
+                now = self.clock()
+                pulls = [Pull(r, r.kv_home, slot, list(r.block_table), blocks) for r, blocks in admitted]
+                for p in pulls:
+                    p.req.metrics.transfer_start = now
+                    self.pending[p.req.id] = p
+                self._enter(slot, [p.req for p in pulls])
+                return pulls
+        step = slot.policy.schedule()
+        if not step:
+            return None
+        now = self.clock()
+        for r, _ in step.items:
+            if r.metrics.prefill_start is None:
+                r.metrics.prefill_start = now
+            elif r.metrics.decode_start is None and r.num_computed >= r.num_prompt:
+                r.metrics.decode_start = now
+        if self.trace is not None:
+            self.trace.begin(slot.name, slot.role, step, now, any(s.busy for s in self.slots if s is not slot))
+        self._enter(slot, step.requests + [r for r, _ in step.swap_out] + step.swap_in)
+        return Execute(step)
+
+    def executed(self, slot: Slot, step: Step, sampled: list[Sampled]) -> None:
+        """The step ran: apply its events, then end whatever was aborted meanwhile."""
+        events = slot.policy.complete(step, sampled, self.clock())
+        self._leave(slot)
+        self._apply(events)
+        for req in step.requests + [r for r, _ in step.swap_out] + step.swap_in:
+            if req.aborted and not req.finished:
+                self.finish(req, "abort")
+        if self.trace is not None:
+            self.trace.end(slot.name, self.clock())
+
+    def pulled(self, pull: Pull, nbytes: int) -> None:
+        """One pull landed: the request's KV now lives here; the prefill side frees its copy."""
+        req = pull.req
+        self.pending.pop(req.id, None)
+        req.metrics.transfer_end = self.clock()
+        req.metrics.transfer_bytes = nbytes
+        if pull.src is not None:
+            pull.src.allocator.free(req.block_table)
+            self.wake(pull.src)  # its pool has room again: backpressure released
+        slot = pull.dst
+        req.block_table, req.kv_home, req.status = pull.dst_blocks, slot, Status.DECODING
+        slot.in_flight.discard(req.id)
+        if not slot.in_flight:
+            slot.busy = False
+        if req.aborted:
+            self.finish(req, "abort")
+
+    def failed(self, slot: Slot, reason: str) -> list[Request]:
+        """The slot's step or pull raised: its in-flight requests end with `reason`. Returns them."""
+        reqs = [self.requests[i] for i in slot.in_flight if i in self.requests]
+        self._leave(slot)
+        for req in reqs:
+            self.finish(req, reason)
+        return reqs
+
+    # ---------------- views ----------------
+    def counts(self, slot: Slot) -> QueueCounts:
+        return queue_counts(slot.policy)
+
+    def check(self) -> None:
+        """Allocator invariants of every slot (tests call it after each scenario)."""
+        for slot in self.slots:
+            slot.allocator.check()
+
+    # ---------------- internals ----------------
+    def _enter(self, slot: Slot, reqs: list[Request]) -> None:
+        slot.busy = True
+        slot.in_flight = {r.id for r in reqs}
+
+    def _leave(self, slot: Slot) -> None:
+        slot.busy = False
+        slot.in_flight = set()
+
+    def _apply(self, events: list[Event]) -> None:
+        for ev in events:
+            req = ev.req
+            if req.finished:
+                continue
+            if isinstance(ev, Token):
+                reason = self.sink.on_token(ev)
+                if reason is not None:
+                    self.finish(req, reason)
+            elif isinstance(ev, Finished):
+                self.finish(req, ev.reason)
+            elif isinstance(ev, HandOff):
+                if req.aborted:
+                    self.finish(req, "abort")
+                else:
+                    self._hand_off(req)
+
+    def _hand_off(self, req: Request) -> None:
+        if not self.decoders:  # a prefill-only layout (the simulator's phase search): the KV leaves at once
+            self.finish(req, "prefilled")
+            return
+        dec = least_loaded(self.decoders, lambda s: s.policy.load)
+        dec.policy.add(req)
+        self.wake(dec)

@@ -1,0 +1,98 @@
+"""Output processing: tokens -> text deltas, stop strings, and each request's stream of RequestOutputs.
+
+The Cluster (scheduler/runtime/cluster.py) calls `on_token` for every token a step appends and
+`on_finish` once per request; this is the engine's Sink. Text is released incrementally: a stop token
+(EOS, stop_token_ids) is not shown, as in vLLM, and text that may still become a stop string is held
+back until the next token decides (engine/stop.py). Updates carry only what is new (no per-token copy
+of everything so far); the final one carries the whole result.
+"""
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable
+
+from engine.request import Request
+from engine.stop import StopRule, StopStringMatcher
+from scheduler.runtime.lifecycle import Token
+from serving.api import RequestOutput
+
+
+class _Track:
+    """A live request's stream and detokenizer state."""
+
+    def __init__(self, req: Request) -> None:
+        self.req = req
+        p = req.params
+        self.queue: asyncio.Queue[RequestOutput] = asyncio.Queue()
+        self.matcher = StopStringMatcher(p.stop, p.include_stop_str_in_output) if p.stop else None
+        self.parts: list[str] = []  # released text, in pieces
+        self.prefix_offset = 0
+        self.read_offset = 0
+        self.last: RequestOutput | None = None  # the update of the token that finishes the request
+
+
+class OutputProcessor:
+    def __init__(self, tokenizer, rule: StopRule) -> None:
+        self.tokenizer = tokenizer
+        self.rule = rule
+        self.tracks: dict[str, _Track] = {}
+
+    def open(self, req: Request, on_close: Callable[[str], None]) -> AsyncIterator[RequestOutput]:
+        """The request's stream; `on_close(request_id)` runs if the consumer leaves before the end."""
+        track = self.tracks[req.id] = _Track(req)
+        return self._stream(track, on_close)
+
+    # ---------------- the Sink ----------------
+    def on_token(self, event: Token) -> str | None:
+        req = event.req
+        track = self.tracks.get(req.id)
+        if track is None:
+            return None
+        token_level = self.rule.check(req)
+        delta = self._detokenize(track, hide_last=token_level == "stop")
+        reason = None
+        if track.matcher is not None:
+            delta, matched = track.matcher.feed(delta)
+            if matched:
+                reason = "stop"
+            elif token_level is not None:
+                delta += track.matcher.flush()
+        track.parts.append(delta)
+        out = RequestOutput(req.id, req.prompt_ids, [event.token], delta,
+                            [event.logprobs] if event.logprobs is not None else [], len(req.output_ids))
+        if reason is not None or token_level is not None:
+            track.last = out  # the final update carries it
+        else:
+            track.queue.put_nowait(out)
+        return reason
+
+    def on_finish(self, req: Request, reason: str) -> None:
+        track = self.tracks.pop(req.id, None)
+        if track is None:
+            return
+        out = track.last or RequestOutput(req.id, req.prompt_ids, num_tokens=len(req.output_ids))
+        out.finished, out.finish_reason, out.metrics = True, reason, req.metrics
+        out.token_ids, out.text = list(req.output_ids), "".join(track.parts)
+        track.queue.put_nowait(out)
+
+    # ---------------- internals ----------------
+    def _detokenize(self, track: _Track, hide_last: bool) -> str:
+        """Text delta of the newest token."""
+        ids = track.req.output_ids[:-1] if hide_last else track.req.output_ids
+        if len(ids) <= track.read_offset:
+            return ""
+        delta, track.prefix_offset, track.read_offset = self.tokenizer.decode_incremental(
+            ids, track.prefix_offset, track.read_offset, track.req.params.skip_special_tokens)
+        return delta
+
+    @staticmethod
+    async def _stream(track: _Track, on_close: Callable[[str], None]) -> AsyncIterator[RequestOutput]:
+        try:
+            while True:
+                out = await track.queue.get()
+                yield out
+                if out.finished:
+                    return
+        finally:  # the consumer went away (client disconnect): abort
+            if not track.req.finished:
+                on_close(track.req.id)
