@@ -16,7 +16,7 @@ import itertools
 import logging
 import sys
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import replace
 
 import torch
@@ -38,8 +38,11 @@ log = logging.getLogger("engine")
 class AsyncEngine:
     """Implements serving.api.EngineClient."""
 
-    def __init__(self, config: EngineConfig | None = None, checkpoint: Checkpoint | None = None) -> None:
+    def __init__(self, config: EngineConfig | None = None, checkpoint: Checkpoint | None = None,
+                 clock: Callable[[], float] = time.perf_counter) -> None:
+        """clock: seconds for every timestamp (request metrics, step trace); tests pass a virtual one."""
         self.config = config = config or EngineConfig()
+        self.clock = clock
         sys.setswitchinterval(min(sys.getswitchinterval(), GIL_SWITCH_INTERVAL_S))
         ckpt = checkpoint or load_checkpoint(config.model)
         self.model_name, self.model_config, self.tokenizer = ckpt.name, ckpt.config, ckpt.tokenizer
@@ -54,7 +57,7 @@ class AsyncEngine:
         self._instance = {s.name: i for s, i in zip(self.slots, self.instances)}
         self.outputs = OutputProcessor(self.tokenizer, self.rule)
         self.step_trace = StepTrace(config.step_trace) if config.step_trace else None
-        self.cluster = Cluster(self.slots, time.perf_counter, self._wake, self.outputs, self.step_trace)
+        self.cluster = Cluster(self.slots, clock, self._wake, self.outputs, self.step_trace)
         self.transfers = {(p.name, d.name): make_transfer(config.transfer, p.spec, d.spec)
                           for p in self.instances if p.role == "prefill"
                           for d in self.instances if d.role == "decode"}
@@ -91,7 +94,7 @@ class AsyncEngine:
             raise ValueError(f"duplicate request id {request_id!r}")
         if params.max_tokens is None:
             params.max_tokens = self.max_model_len - len(ids)
-        req = Request(request_id, ids, params, arrival)
+        req = Request(request_id, ids, params, self.clock() if arrival is None else arrival)
         if params.seed is not None:
             req.generator = torch.Generator().manual_seed(params.seed)
         stream = self.outputs.open(req, self.abort)

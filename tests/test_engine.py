@@ -7,10 +7,11 @@ from __future__ import annotations
 import asyncio
 import os
 import random
+from collections import deque
 
 import pytest
 
-from engine.config import CacheConfig, EngineConfig, SamplingParams, SchedulerConfig
+from engine.config import CacheConfig, EngineConfig, SamplingParams, SchedulerConfig, parse_size
 from engine.request import Status
 from serving.engine import AsyncEngine
 from serving.llm import LLM
@@ -119,17 +120,24 @@ def test_fifty_requests_at_random_times_match_each_alone(ckpt):
     assert run_engine(ckpt, disagg_config(), body) == alone
 
 
-def test_too_small_decode_pool_preempts_and_still_gives_right_tokens(ckpt, prompts, reference):
-    # 9 prompts need ~60 blocks of 16 tokens at once; the decode pool has 30: requests swap out and back
+@pytest.mark.parametrize("swap_space", ["4GiB", "0"])
+def test_too_small_decode_pool_preempts_and_still_gives_right_tokens(ckpt, prompts, reference, swap_space):
+    # 9 prompts need ~60 blocks of 16 tokens at once; the decode pool has 30: requests are preempted and
+    # resume, by swapping their KV out and back while the host swap space allows, else by recomputing it
+    config = disagg_config(decode_blocks=30)
+    config.swap_space_bytes, config.step_trace = parse_size(swap_space), 10_000
+
     async def body(engine):
         outs = await asyncio.gather(*(collect(engine.add_request(p, params("greedy", i)))
                                       for i, p in enumerate(prompts)))
         assert_all_free(engine)
-        return outs
+        return outs, engine.step_trace.drain()
 
-    outs = run_engine(ckpt, disagg_config(decode_blocks=30), body)
+    outs, trace = run_engine(ckpt, config, body)
     assert [o.token_ids for o in outs] == reference["greedy"]
     assert sum(o.metrics.preemptions for o in outs) > 0  # the scenario really exhausted the pool
+    swapped = sum(r.swap_tokens for r in trace)
+    assert swapped > 0 if swap_space == "4GiB" else swapped == 0  # no host room: recomputed instead
 
 
 PHASES = [Status.WAITING, Status.PREFILLING, Status.MIGRATING, Status.PREEMPTED, Status.DECODING]
@@ -181,6 +189,36 @@ def test_random_aborts_leave_no_blocks_and_others_finish(ckpt, prompts):
     for k, o in outs.items():
         assert o.finish_reason == ("abort" if k in victims and o.finish_reason == "abort" else "length")
     assert sum(o.finish_reason == "abort" for o in outs.values()) >= 6  # most victims were still running
+
+
+def test_streams_carry_deltas_and_nothing_outlives_a_request(ckpt, prompts):
+    """Each update carries only what is new (no copy of the whole output per token); the caller's params
+    are left as they were; once requests end, the engine holds nothing of them."""
+    def held(engine) -> int:  # everything the engine could accumulate per request
+        parts = [engine, engine.cluster, engine.outputs] + [s.policy for s in engine.slots]
+        return sum(len(v) for p in parts for v in vars(p).values() if isinstance(v, (list, dict, set, deque))
+                   and v not in (engine.instances, engine.slots, engine.tasks, engine.cluster.slots,
+                                 engine.cluster.entry, engine.cluster.decoders))
+
+    async def body(engine):
+        before = held(engine)
+        shared = SamplingParams(max_tokens=None, temperature=0.0)
+        for i, p in enumerate(prompts[1:4]):
+            engine.add_request(p, shared, f"never-read{i}")
+            engine.abort(f"never-read{i}")
+        assert shared.max_tokens is None  # the engine filled in its own copy
+        streams = [engine.add_request(prompts[4], params("greedy", 0, 12))]
+        updates = [out async for out in streams[0]]
+        await asyncio.sleep(0.05)
+        assert held(engine) == before
+        return updates
+
+    updates = run_engine(ckpt, disagg_config(), body)
+    final = updates[-1]
+    assert final.finished and len(final.token_ids) == final.num_tokens > 1
+    assert all(u.token_ids is None and u.text is None for u in updates[:-1])
+    assert [t for u in updates for t in u.new_token_ids] == final.token_ids
+    assert "".join(u.new_text for u in updates) == final.text
 
 
 def test_bad_requests_are_rejected_with_a_reason(ckpt):

@@ -55,7 +55,7 @@ class FakeEngine:
     step_trace = None  # --step-trace off
 
     def __init__(self) -> None:
-        self.tokenizer, self.aborted, self.waiters = _Tok(), [], {}
+        self.tokenizer, self.aborted, self.waiters, self.prompts = _Tok(), [], {}, []
 
     async def start(self) -> None: ...
 
@@ -70,6 +70,7 @@ class FakeEngine:
             self.waiters[rid].set()
 
     def add_request(self, prompt, params: SamplingParams, request_id: str):
+        self.prompts.append(prompt)
         prompt = prompt if isinstance(prompt, str) else "".join(map(chr, prompt))
         if prompt == "full":
             raise QueueFullError("admission queue full (9 waiting)")
@@ -118,6 +119,17 @@ def test_engine_failure_is_500_for_that_request_only():
         r = await client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "ok"}],
                                                             "max_tokens": 3})
         assert r.status == 200 and (await r.json())["choices"][0]["message"]["content"] == "xxx"
+    _in_process(test)
+
+
+def test_chat_prompt_is_the_templates_own_token_ids():
+    """The chat template places the special tokens; the engine gets its token ids, so nothing is added to
+    them (a template that writes BOS would otherwise get a second one)."""
+    async def test(app, client):
+        messages = [{"role": "user", "content": "hi there"}]
+        r = await client.post("/v1/chat/completions", json={"messages": messages, "max_tokens": 1})
+        engine = app[STATE].engine
+        assert r.status == 200 and engine.prompts[-1] == engine.tokenizer.encode_chat(messages)
     _in_process(test)
 
 

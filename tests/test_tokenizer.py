@@ -221,3 +221,19 @@ def test_sentencepiece_tokenizers_match_sentencepiece(tmp_path, model_type: str)
         if gg is not None:
             assert gg.encode(text) == want, text
             assert gg.decode(want) == sp.decode(want)
+
+
+def test_chat_prompt_gets_the_templates_bos_once(tmp_path) -> None:
+    """A vocabulary that adds BOS when encoding plain text, with a chat template that writes BOS itself (Llama 2
+    and 3 do): the chat prompt starts with exactly one BOS, as transformers' apply_chat_template(tokenize=True)."""
+    import sentencepiece as spm
+
+    lines = [" ".join(["hello", "world", "chat", "template"] * 3) for _ in range(50)]
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(lines), model_prefix=str(tmp_path / "tokenizer"),
+                                   vocab_size=300, hard_vocab_limit=False, byte_fallback=True, minloglevel=2)
+    tok = Tokenizer.from_dir(str(tmp_path))
+    tok.chat_template = "{{ bos_token }}{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    bos = tok.bos_token_id
+    assert tok.encode("hello", add_special_tokens=True)[0] == bos  # plain prompts do get one
+    ids = tok.encode_chat([{"role": "user", "content": "hello world"}])
+    assert ids[0] == bos and ids.count(bos) == 1

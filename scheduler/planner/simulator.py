@@ -116,6 +116,31 @@ class SimResult:
 
 
 @dataclass
+class Pricer:
+    """What an action costs under a profile: all the simulator knows of time."""
+
+    profile: Profile
+    models: dict[str, LatencyModel] = field(default_factory=dict)  # slot name -> its instance's latency model
+
+    def step_seconds(self, slot: str, step: Step, others_busy: bool) -> float:
+        """Swap copies (host <-> device, before the forward), then the forward as the latency model prices
+        it, slowed by the profile's interference factor if another instance is busy as it starts."""
+        prof = self.profile
+        secs = step.swap_tokens * prof.kv_bytes_per_token / prof.swap_bandwidth_Bps
+        if step.items:
+            chunks, ctx, batch = step.shape()
+            slow = prof.interference.get("prefill" if chunks else "decode", 1.0) if others_busy else 1.0
+            secs += self.models[slot].mixed_ms(chunks, ctx, batch) / 1e3 * slow
+        return secs
+
+    def pull_bytes(self, pull: Pull) -> int:
+        return pull.req.num_computed * self.profile.kv_bytes_per_token
+
+    def pull_seconds(self, pull: Pull) -> float:
+        return self.pull_bytes(pull) / self.profile.transfer_bandwidth_Bps
+
+
+@dataclass
 class Simulation:
     profile: Profile
     layout: Layout
@@ -125,7 +150,7 @@ class Simulation:
     now: float = 0.0
     slots: list[Slot] = field(default_factory=list)
     cluster: Cluster = field(init=False)
-    _models: dict[str, LatencyModel] = field(default_factory=dict)
+    pricer: Pricer = field(init=False)
     _kicks: set[str] = field(default_factory=set)  # slots with a wake-up pending
     _heap: list = field(default_factory=list)
     _seq: int = 0
@@ -135,6 +160,7 @@ class Simulation:
     def __post_init__(self) -> None:
         lay, prof = self.layout, self.profile
         self.judge = (lay.mode != "decode", lay.mode != "prefill")
+        self.pricer = Pricer(prof)
         for role, spec in (("prefill", lay.prefill), ("decode", lay.decode), ("colocated", lay.colocated)):
             if spec is None:
                 continue
@@ -145,7 +171,7 @@ class Simulation:
                 alloc = BlockAllocator(cap // prof.block_size, prof.block_size)
                 slot = Slot(f"{role}{i}", role, make_policy(role, self.sched_config, alloc, _RULE, lay.chunked), alloc)
                 self.slots.append(slot)
-                self._models[slot.name] = prof.model_for(spec.tp, spec.pp)
+                self.pricer.models[slot.name] = prof.model_for(spec.tp, spec.pp)
         self.cluster = Cluster(self.slots, lambda: self.now, self._wake, self)
 
     # ---- the event heap ----
@@ -165,11 +191,13 @@ class Simulation:
             return
         action = self.cluster.next_action(slot)
         if isinstance(action, Execute):
-            self.at(self.now + self._step_seconds(slot, action.step), self._executed, (slot, action.step))
+            busy = any(s.busy for s in self.slots if s is not slot)
+            self.at(self.now + self.pricer.step_seconds(slot.name, action.step, busy), self._executed,
+                    (slot, action.step))
         elif action:  # pulls: they serialize on the pulling instance, bytes / link bandwidth each
             t = self.now
             for pull in action:
-                t += self._pull_bytes(pull) / self.profile.transfer_bandwidth_Bps
+                t += self.pricer.pull_seconds(pull)
                 self.at(t, self._pulled, pull)
 
     def _executed(self, arg: tuple[Slot, Step]) -> None:
@@ -179,24 +207,9 @@ class Simulation:
         self._wake(slot)
 
     def _pulled(self, pull: Pull) -> None:
-        self.cluster.pulled(pull, self._pull_bytes(pull))
+        self.cluster.pulled(pull, self.pricer.pull_bytes(pull))
         if not pull.dst.busy:
             self._wake(pull.dst)
-
-    def _pull_bytes(self, pull: Pull) -> int:
-        return pull.req.num_computed * self.profile.kv_bytes_per_token
-
-    def _step_seconds(self, slot: Slot, step: Step) -> float:
-        """Swap copies (host <-> device, before the forward), then the forward as the latency model prices
-        it, slowed by the profile's interference factor if another instance is busy as it starts."""
-        secs = step.swap_tokens * self.profile.kv_bytes_per_token / self.profile.swap_bandwidth_Bps
-        if step.items:
-            chunks, ctx, batch = step.shape()
-            phase = "prefill" if chunks else "decode"
-            slow = self.profile.interference.get(phase, 1.0) if any(
-                s.busy for s in self.slots if s is not slot) else 1.0
-            secs += self._models[slot.name].mixed_ms(chunks, ctx, batch) / 1e3 * slow
-        return secs
 
     # ---- the Sink: SLO judgement as tokens and endings come ----
     def on_token(self, event: Token) -> str | None:
