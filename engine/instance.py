@@ -8,9 +8,12 @@ physical device.
 """
 from __future__ import annotations
 
+import asyncio
 import os
 import threading
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from typing import Protocol, TypeVar
 
 import torch
 
@@ -58,7 +61,32 @@ def cpu_cores(spec: str) -> list[int]:
     return cores
 
 
+T = TypeVar("T")
+
+
+class Worker(Protocol):
+    """An instance as the engine drives it: Instance (a pinned thread of this process, below), or a worker
+    elsewhere behind the same methods. Awaiting them never blocks the event loop."""
+
+    name: str
+    role: str  # prefill | decode | colocated
+    spec: str  # the device string it was built for
+    pool: KVPool
+
+    async def execute(self, step: Step) -> list[Sampled]:
+        """Swap copies, one forward pass over the step, sampling."""
+        ...
+
+    async def call(self, fn: Callable[..., T], *args) -> T:
+        """Run fn(*args) where the instance runs (e.g. a KV copy into its pool), in order with its steps."""
+        ...
+
+    def close(self) -> None: ...
+
+
 class Instance:
+    """A Worker on a thread of this process, pinned to its cores (CPU) or on its own CUDA stream."""
+
     def __init__(self, name: str, role: str, device: str, model: LlamaModel, cache: CacheConfig,
                  attention: str = "auto") -> None:
         self.name, self.role, self.spec = name, role, device
@@ -84,6 +112,12 @@ class Instance:
 
     def close(self) -> None:
         self.executor.shutdown(wait=True, cancel_futures=True)
+
+    async def execute(self, step: Step) -> list[Sampled]:
+        return await self.call(self.run, step)
+
+    async def call(self, fn: Callable[..., T], *args) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
 
     # ---- runs on the instance thread ----
     def run(self, step: Step) -> list[Sampled]:

@@ -22,7 +22,7 @@ from dataclasses import replace
 import torch
 
 from engine.config import EngineConfig, SamplingParams
-from engine.instance import GIL_SWITCH_INTERVAL_S, Instance, build_instances
+from engine.instance import GIL_SWITCH_INTERVAL_S, Worker, build_instances
 from engine.loader import Checkpoint, load_checkpoint
 from engine.request import Request
 from engine.stop import StopRule
@@ -48,8 +48,8 @@ class AsyncEngine:
         self.model_name, self.model_config, self.tokenizer = ckpt.name, ckpt.config, ckpt.tokenizer
         self.max_model_len = ckpt.config.max_position_embeddings
         self.rule = StopRule(frozenset(ckpt.config.eos_token_ids), self.max_model_len)
-        self.instances: list[Instance] = build_instances(config, ckpt)
-        self.dtype = self.instances[0].model.dtype
+        self.instances: list[Worker] = build_instances(config, ckpt)
+        self.dtype = self.instances[0].pool.cache.dtype
         self.slots = [Slot(i.name, i.role, make_policy(i.role, config.scheduler, i.pool.allocator, self.rule,
                                                        config.chunked_prefill,
                                                        config.swap_space_bytes // i.pool.block_bytes),
@@ -158,7 +158,6 @@ class AsyncEngine:
 
     async def _drive(self, slot: Slot) -> None:
         inst = self._instance[slot.name]
-        loop = asyncio.get_running_loop()
         ev = self.wake[slot.name]
         while True:
             action = self.cluster.next_action(slot)
@@ -169,11 +168,11 @@ class AsyncEngine:
                     await asyncio.sleep(0)
                 continue
             if isinstance(action, Execute):
-                sampled = await loop.run_in_executor(inst.executor, inst.run, action.step)
+                sampled = await inst.execute(action.step)
                 self.cluster.executed(slot, action.step, sampled)
             else:
                 for pull in action:
-                    nbytes = await loop.run_in_executor(inst.executor, self._copy, pull)
+                    nbytes = await inst.call(self._copy, pull)
                     self.cluster.pulled(pull, nbytes)
             await asyncio.sleep(0)  # let the server's handlers run between steps
 
