@@ -17,7 +17,7 @@ Python API (what `make bench-serving` and the simulator-fidelity benchmark call)
   await bench.runner.run_rate(specs, rate, client_cfg, arrival, seed, ttft_slo, tpot_slo) -> Run(results, summary)
   bench.metrics.summarize(results, ttft_slo, tpot_slo) -> dict   (p50/p90/p99, throughput, attainment_*)
   bench.metrics.attainment / slo_scale_attainment(results, ttft_slo, tpot_slo, scales)
-  bench.goodput.find_goodput(measure_sync, SearchConfig) / await find_goodput_async(measure_async, cfg)
+  scheduler.planner.goodput_search.find_goodput(measure_sync, SearchConfig) / find_goodput_async(measure_async, cfg)
       measure(rate) -> joint attainment; returns SearchResult(goodput, history, stop_reason)
   bench.plots.plot_attainment_vs_rate / plot_latency_cdf / plot_slo_scale / load_runs
 """
@@ -34,9 +34,9 @@ from pathlib import Path
 from bench.arrivals import ArrivalSpec
 from bench.client import ClientConfig, fetch_model_name
 from bench.datasets import RequestSpec, is_synthetic, load_dataset
-from bench.goodput import SearchConfig, SearchResult, find_goodput_async
 from bench.metrics import RequestResult, slo_scale_attainment, summarize
 from bench.runner import Run, format_table, run_rate, write_run
+from scheduler.planner.goodput_search import SearchConfig, SearchResult, find_goodput_async
 
 
 def _floats(text: str) -> list[float]:

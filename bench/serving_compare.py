@@ -33,7 +33,6 @@ import aiohttp
 from bench import loadgen
 from bench.client import ClientConfig, fetch_model_name, run_load
 from bench.datasets import RequestSpec, load_dataset
-from bench.goodput import GoodputSearch, SearchConfig
 from bench.runner import run_rate, write_run
 from bench.serving_report import (
     BASELINE,
@@ -55,6 +54,7 @@ from bench.serving_report import (
     reference_rate,
     workload_tag,
 )
+from scheduler.planner.goodput_search import GoodputSearch, SearchConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 # Run sizes: the full run is ~30 min on 2 cores, --quick ~5-8 min.

@@ -19,11 +19,11 @@ import pytest
 
 from bench.client import ClientConfig, run_load
 from bench.datasets import RequestSpec
-from bench.goodput import GoodputSearch, SearchConfig, find_goodput
 from bench.loadgen import main
 from bench.metrics import RequestResult, attainment, slo_scale_attainment, summarize, tpot_of
 from bench.plots import load_runs
 from bench.plots import main as plots_main
+from scheduler.planner.goodput_search import SearchConfig, find_goodput_async
 from tests.loadgen_fake_server import CUT, ERROR_EVENT, HANG, HTTP_500, NO_USAGE, NORMAL, FakeServer
 
 SLACK = 0.03  # scheduling delay allowed on a shared 2-core machine
@@ -72,32 +72,6 @@ def test_summarize_exact() -> None:
     assert scaled[0] == {"scale": 0.5, "ttft": 0.2, "tpot": 0.4, "both": 0.2}  # TPOT: r0, r3
     assert scaled[1] == {"scale": 2.0, "ttft": 0.8, "tpot": 0.8, "both": 0.8}
     assert summarize([], 1, 1)["attainment_both"] == 0.0
-
-
-def test_goodput_search_logic() -> None:
-    true_goodput = 7.3
-    seen = []
-
-    def measure(rate: float) -> float:
-        seen.append(rate)
-        return 1.0 if rate <= true_goodput else 0.5
-
-    r = find_goodput(measure, SearchConfig(target=0.9, start_rate=1.0, rel_tol=0.05, max_iterations=50))
-    assert seen[:4] == [1.0, 2.0, 4.0, 8.0]  # doubling until a failure, then bisection
-    assert true_goodput * 0.95 <= r.goodput <= true_goodput and r.stop_reason == "converged"
-    assert r.hi - r.lo <= 0.05 * r.hi
-
-    r = find_goodput(measure, SearchConfig(start_rate=100.0, max_iterations=50))
-    assert true_goodput * 0.95 <= r.goodput <= true_goodput  # halving down first
-    assert find_goodput(lambda rate: 0.0, SearchConfig(min_rate=0.1, max_iterations=50)).goodput == 0.0
-    assert find_goodput(measure, SearchConfig(max_iterations=3)).stop_reason == "max iterations"
-    r = find_goodput(measure, SearchConfig(max_requests=500, requests_per_probe=200, max_iterations=50))
-    assert len(r.history) == 2 and r.stop_reason == "max requests"
-    r = find_goodput(measure, SearchConfig(lo=5.0, hi=10.0, max_iterations=50))
-    assert r.history[0] == (5.0, 1.0) and all(5.0 <= x < 10.0 for x, _ in r.history)
-    s = GoodputSearch(SearchConfig(max_seconds=10.0, requests_per_probe=100))
-    s.record(1.0, 1.0)
-    assert s.next_rate() is None and s.stop_reason == "max seconds"  # 100 requests at 2/s > 10 s
 
 
 # ---- against the scripted server ----------------------------------------------------------------
@@ -173,8 +147,6 @@ def test_goodput_against_a_queueing_server() -> None:
             run = await run_rate([spec(NORMAL, 2)] * n, rate, cfg, ArrivalSpec("fixed"), 0, slo, 1.0)
             runs[rate] = run.summary["attainment_ttft"]
             return run.summary["attainment_both"]
-
-        from bench.goodput import find_goodput_async
 
         result = asyncio.run(find_goodput_async(measure, SearchConfig(target=0.9, start_rate=8.0, rel_tol=0.05)))
     for rate, measured in runs.items():
