@@ -12,7 +12,7 @@ Ctrl-C stops the run and writes what was measured so far (exit status 130).
 Python API (what `make bench-serving` and the simulator-fidelity benchmark call)
   bench.datasets.load_dataset(name, tokenizer, num, seed, max_model_len, cache_dir) -> list[RequestSpec]
       RequestSpec(prompt_ids, prompt_text, prompt_len, output_len)
-  bench.arrivals.send_times(ArrivalSpec.parse("poisson"), rate, n, seed) -> list[float]
+  scheduler.planner.workload.send_times(ArrivalSpec.parse("poisson"), rate, n, seed) -> list[float]
   await bench.client.run_load(specs, send_times, ClientConfig(url, model, ...)) -> list[RequestResult]
   await bench.runner.run_rate(specs, rate, client_cfg, arrival, seed, ttft_slo, tpot_slo) -> Run(results, summary)
   bench.metrics.summarize(results, ttft_slo, tpot_slo) -> dict   (p50/p90/p99, throughput, attainment_*)
@@ -31,12 +31,12 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bench.arrivals import ArrivalSpec
 from bench.client import ClientConfig, fetch_model_name
 from bench.datasets import RequestSpec, is_synthetic, load_dataset
 from bench.metrics import RequestResult, slo_scale_attainment, summarize
 from bench.runner import Run, format_table, run_rate, write_run
 from scheduler.planner.goodput_search import SearchConfig, SearchResult, find_goodput_async
+from scheduler.planner.workload import ArrivalSpec
 
 
 def _floats(text: str) -> list[float]:

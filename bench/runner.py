@@ -6,10 +6,10 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bench.arrivals import ArrivalSpec, send_times
 from bench.client import ClientConfig, run_load
 from bench.datasets import RequestSpec
 from bench.metrics import RequestResult, summarize
+from scheduler.planner.workload import ArrivalSpec, send_times
 
 
 @dataclass

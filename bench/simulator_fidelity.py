@@ -41,7 +41,6 @@ from pathlib import Path
 
 import aiohttp
 
-from bench.arrivals import ArrivalSpec, send_times
 from bench.client import ClientConfig, fetch_model_name, run_load
 from bench.datasets import RequestSpec, load_dataset
 from bench.metrics import summarize
@@ -50,7 +49,7 @@ from scheduler.planner.latency import Profile, load_profile
 from scheduler.planner.profile import Grid, build_profile, fold_overhead, profile_json
 from scheduler.planner.simulator import Layout, Parallel, simulate
 from scheduler.planner.trace_fit import fit_trace, model_ratios
-from scheduler.planner.workload import SLO
+from scheduler.planner.workload import SLO, ArrivalSpec, send_times
 from scheduler.runtime.trace import StepRecord
 
 CORES = sorted(os.sched_getaffinity(0))

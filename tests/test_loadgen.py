@@ -138,8 +138,8 @@ def test_goodput_against_a_queueing_server() -> None:
     true_goodput = 1 / (service - (slo - service) / 8)  # 14.2857 req/s
     with FakeServer(service=service, gap=0.005) as srv:
         cfg = ClientConfig(srv.url, "fake-model", progress=False)
-        from bench.arrivals import ArrivalSpec
         from bench.runner import run_rate
+        from scheduler.planner.workload import ArrivalSpec
 
         runs = {}
 
