@@ -196,10 +196,10 @@ async def sequential(specs: list[RequestSpec], client: ClientConfig) -> tuple[li
     one = ClientConfig(client.url, client.model, request_timeout=client.request_timeout, max_concurrency=1,
                        progress=False)  # fmt: skip
     results = await run_load(specs, [0.0] * len(specs), one)
-    bad = [r.error for r in results if not r.success]
+    bad = [r.error for r in results if not r.finished]
     if bad:
         raise RuntimeError(f"unloaded requests failed: {bad[:3]}")
-    return [r.ttft for r in results], [r.tpot for r in results]  # type: ignore[misc]
+    return [r.ttft for r in results], [r.tpot for r in results if r.tpot is not None]  # type: ignore[misc]
 
 
 async def run_mode(mode: Mode, specs: list[RequestSpec], probes: list[RequestSpec], slos: Slos | None,

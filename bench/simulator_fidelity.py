@@ -125,14 +125,14 @@ def calibrate(cfg: ClientConfig, specs: list[RequestSpec], prof: Profile, tp: in
     ttft, tpot, d_pre, d_dec, front = [], [], [], [], []
     for s in specs[:n]:
         r = asyncio.run(run_load([s], [0.0], cfg))[0]
-        if not r.success:
+        if not r.finished:
             raise RuntimeError(f"calibration request failed: {r.error}")
         first = next(x for x in steps(cfg.url) if x.prefill)
         ttft.append(r.ttft)
-        tpot.append(r.tpot)
         d_pre.append(r.ttft * 1e3 - model.prefill_ms([s.prompt_len]))
         front.append(r.ttft - (first.end - first.start))
-        if s.output_len > 1:
+        if r.tpot is not None:  # more than one output token
+            tpot.append(r.tpot)
             d_dec.append(r.tpot * 1e3 - model.decode_ms(s.prompt_len + s.output_len // 2, 1))
     return {"ttft_s": statistics.median(ttft), "tpot_s": statistics.median(tpot),
             "overhead_prefill_ms": statistics.median(d_pre), "overhead_decode_ms": statistics.median(d_dec),
@@ -231,11 +231,10 @@ def run_mode(mode: str, args, specs: list[RequestSpec], fit_sets: list[list[Requ
 
 def judged(sim, slo: SLO, front: float) -> dict[str, float]:
     """Attainment (%) of simulated requests, each TTFT plus the front-end time outside the engine."""
-    ok_t = [r.ttft is not None and r.ttft + front <= slo.ttft for r in sim.requests]
-    ok_p = [r.finished and (r.tpot is None or r.tpot <= slo.tpot) for r in sim.requests]
-    n = len(sim.requests)
-    return {"ttft": 100 * sum(ok_t) / n, "tpot": 100 * sum(ok_p) / n,
-            "both": 100 * sum(a and b for a, b in zip(ok_t, ok_p, strict=True)) / n}
+    ok = [r.meets(slo.ttft - front, slo.tpot) for r in sim.requests]
+    n = len(ok)
+    return {"ttft": 100 * sum(t for t, _ in ok) / n, "tpot": 100 * sum(p for _, p in ok) / n,
+            "both": 100 * sum(t and p for t, p in ok) / n}
 
 
 def compare(rate: float, frac: float, real: dict, iso, srv, front: float, slo: SLO) -> dict:
@@ -245,7 +244,7 @@ def compare(rate: float, frac: float, real: dict, iso, srv, front: float, slo: S
         for key, v in judged(sim, slo, shift).items():
             row[f"{name}_{key}"] = v
         row[f"{name}_ttft_mean_ms"] = 1e3 * statistics.mean(r.ttft + shift for r in sim.requests if r.ttft is not None)
-        row[f"{name}_tpot_mean_ms"] = 1e3 * statistics.mean(r.tpot or 0.0 for r in sim.requests if r.finished)
+        row[f"{name}_tpot_mean_ms"] = 1e3 * statistics.mean(r.tpot for r in sim.requests if r.tpot is not None)
     for key in ("ttft", "tpot", "both"):
         row[f"real_{key}"] = 100 * real[f"attainment_{key}"]
     row["diff"] = row["sim_both"] - row["real_both"]
