@@ -23,6 +23,7 @@ from bench.loadgen import main
 from bench.metrics import MeasuredRequest, attainment, slo_scale_attainment, summarize
 from bench.plots import load_runs
 from bench.plots import main as plots_main
+from bench.server_process import free_port
 from scheduler.planner.goodput_search import SearchConfig, find_goodput_async
 from scheduler.planner.results import tpot_of
 from tests.loadgen_fake_server import CUT, ERROR_EVENT, HANG, HTTP_500, NO_USAGE, NORMAL, FakeServer
@@ -114,11 +115,7 @@ def test_failures_and_timeouts_are_misses_not_crashes() -> None:
 
 
 def test_connection_refused_is_a_miss() -> None:
-    import socket
-
-    with socket.socket() as sock:  # a port nobody listens on
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()  # nobody listens on it
     cfg = ClientConfig(f"http://127.0.0.1:{port}", "m", progress=False)
     results = asyncio.run(run_load([spec()] * 3, [0.0, 0.0, 0.0], cfg))
     assert not any(r.finished for r in results) and all("Connect" in r.error for r in results)
