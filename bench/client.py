@@ -2,7 +2,7 @@
 
 Each request is sent at its scheduled offset whether or not earlier ones have finished (open loop,
 as in DistServe), so queueing in the server shows up as TTFT. A failed, refused or timed-out
-request becomes a RequestResult with success=False and its error text; nothing raises out of a run.
+request becomes a MeasuredRequest with finished=False and its error text; nothing raises out of a run.
 """
 
 from __future__ import annotations
@@ -15,7 +15,8 @@ import aiohttp
 import orjson
 
 from bench.datasets import RequestSpec
-from bench.metrics import RequestResult, tpot_of
+from bench.metrics import MeasuredRequest
+from scheduler.planner.results import tpot_of
 
 
 @dataclass
@@ -63,7 +64,8 @@ async def fetch_model_name(url: str, api_key: str | None = None, timeout: float 
     return data["data"][0]["id"]
 
 
-async def _stream(session: aiohttp.ClientSession, spec: RequestSpec, cfg: ClientConfig, r: RequestResult, t0: float):
+async def _stream(session: aiohttp.ClientSession, spec: RequestSpec, cfg: ClientConfig, r: MeasuredRequest,
+                  t0: float) -> None:
     """Fills r from one streamed response; raises on transport errors (the caller records them)."""
     token_times: list[float] = []
     usage_tokens: int | None = None
@@ -99,11 +101,11 @@ async def _stream(session: aiohttp.ClientSession, spec: RequestSpec, cfg: Client
     r.tpot = tpot_of(token_times[0], token_times[-1], r.output_tokens)
     r.e2e = r.end - r.start
     r.itl = [b - a for a, b in zip(token_times, token_times[1:], strict=False)]
-    r.success = True
+    r.finished = True
 
 
-async def _one(session, spec, cfg, index, send_time, t0, sem) -> RequestResult:
-    r = RequestResult(index=index, prompt_len=spec.prompt_len, output_len=spec.output_len, send_time=send_time)
+async def _one(session, spec, cfg, index, send_time, t0, sem) -> MeasuredRequest:
+    r = MeasuredRequest(index=index, prompt_len=spec.prompt_len, output_len=spec.output_len, send_time=send_time)
     delay = send_time - (time.perf_counter() - t0)
     if delay > 0:
         await asyncio.sleep(delay)
@@ -120,7 +122,7 @@ async def _one(session, spec, cfg, index, send_time, t0, sem) -> RequestResult:
     finally:
         if sem is not None:
             sem.release()
-    if not r.success:
+    if not r.finished:
         r.end = time.perf_counter() - t0
     return r
 
@@ -129,9 +131,9 @@ async def run_load(
     specs: list[RequestSpec],
     send_times: list[float],
     cfg: ClientConfig,
-    sink: list[RequestResult] | None = None,
+    sink: list[MeasuredRequest] | None = None,
     desc: str = "",
-) -> list[RequestResult]:
+) -> list[MeasuredRequest]:
     """Sends specs[i] at send_times[i] seconds after the start; returns results in request order.
 
     Finished results are also appended to `sink` as they complete, so a caller that is cancelled

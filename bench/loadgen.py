@@ -12,12 +12,12 @@ Ctrl-C stops the run and writes what was measured so far (exit status 130).
 Python API (what `make bench-serving` and the simulator-fidelity benchmark call)
   bench.datasets.load_dataset(name, tokenizer, num, seed, max_model_len, cache_dir) -> list[RequestSpec]
       RequestSpec(prompt_ids, prompt_text, prompt_len, output_len)
-  bench.arrivals.send_times(ArrivalSpec.parse("poisson"), rate, n, seed) -> list[float]
-  await bench.client.run_load(specs, send_times, ClientConfig(url, model, ...)) -> list[RequestResult]
+  scheduler.planner.workload.send_times(ArrivalSpec.parse("poisson"), rate, n, seed) -> list[float]
+  await bench.client.run_load(specs, send_times, ClientConfig(url, model, ...)) -> list[MeasuredRequest]
   await bench.runner.run_rate(specs, rate, client_cfg, arrival, seed, ttft_slo, tpot_slo) -> Run(results, summary)
   bench.metrics.summarize(results, ttft_slo, tpot_slo) -> dict   (p50/p90/p99, throughput, attainment_*)
   bench.metrics.attainment / slo_scale_attainment(results, ttft_slo, tpot_slo, scales)
-  bench.goodput.find_goodput(measure_sync, SearchConfig) / await find_goodput_async(measure_async, cfg)
+  scheduler.planner.goodput_search.find_goodput(measure_sync, SearchConfig) / find_goodput_async(measure_async, cfg)
       measure(rate) -> joint attainment; returns SearchResult(goodput, history, stop_reason)
   bench.plots.plot_attainment_vs_rate / plot_latency_cdf / plot_slo_scale / load_runs
 """
@@ -31,12 +31,12 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bench.arrivals import ArrivalSpec
 from bench.client import ClientConfig, fetch_model_name
 from bench.datasets import RequestSpec, is_synthetic, load_dataset
-from bench.goodput import SearchConfig, SearchResult, find_goodput_async
-from bench.metrics import RequestResult, slo_scale_attainment, summarize
+from bench.metrics import MeasuredRequest, slo_scale_attainment, summarize
 from bench.runner import Run, format_table, run_rate, write_run
+from scheduler.planner.goodput_search import SearchConfig, SearchResult, find_goodput_async
+from scheduler.planner.workload import ArrivalSpec
 
 
 def _floats(text: str) -> list[float]:
@@ -87,7 +87,7 @@ class State:
     """What has been measured; survives a Ctrl-C so it can be written."""
 
     runs: list[Run] = field(default_factory=list)
-    sink: list[RequestResult] = field(default_factory=list)  # finished requests of the run in progress
+    sink: list[MeasuredRequest] = field(default_factory=list)  # finished requests of the run in progress
     current_rate: float | None = None
     search: SearchResult | None = None
     interrupted: bool = False

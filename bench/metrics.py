@@ -1,11 +1,10 @@
-"""Per-request timings and the numbers DistServe judges a system by.
+"""Per-request timings at the client and the numbers DistServe judges a system by.
 
-Definitions (DistServe):
-  TTFT  = first token arrival - send time
-  TPOT  = (last token arrival - first token arrival) / (output tokens - 1); 0 for a 1-token output
+TTFT, TPOT and attainment are defined once for simulated and measured requests
+(scheduler/planner/results.py); here, in addition:
   E2E   = last byte of the response - send time
-  attainment of an SLO = share of ALL requests meeting it; a failed request meets none
   goodput = the highest rate whose joint (TTFT and TPOT) attainment reaches the target
+            (scheduler/planner/goodput_search.py)
 """
 
 from __future__ import annotations
@@ -15,50 +14,35 @@ from dataclasses import asdict, dataclass, field, fields
 
 import numpy as np
 
+from scheduler.planner.results import RequestResult
+
 PERCENTILES = (50, 90, 99)
 
 
-@dataclass
-class RequestResult:
-    """What the client saw for one request. Times are seconds; start/end are offsets from the run's start."""
+@dataclass(kw_only=True)
+class MeasuredRequest(RequestResult):
+    """What the client saw for one request. Times are seconds; start/end are offsets from the run's start.
+    finished: the stream ended normally (else `error` says why, and no latency is recorded)."""
 
     index: int
-    prompt_len: int
-    output_len: int  # requested max_tokens
     send_time: float  # scheduled offset
     start: float = 0.0  # actual offset the request went out at
     end: float = 0.0
-    success: bool = False
     error: str = ""
-    ttft: float | None = None
-    tpot: float | None = None
     e2e: float | None = None
     output_tokens: int = 0  # from the usage chunk when the server sends one, else counted chunks
     itl: list[float] = field(default_factory=list)  # gaps between consecutive token chunks
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """A record of the result files (results-*.json), where `finished` is named "success"."""
+        d = asdict(self)
+        d["success"] = d.pop("finished")
+        return d
 
     @classmethod
-    def from_dict(cls, d: dict) -> RequestResult:
+    def from_dict(cls, d: dict) -> MeasuredRequest:
         names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})
-
-
-def tpot_of(first: float, last: float, output_tokens: int) -> float:
-    """DistServe's TPOT; a request with a single output token has no decode phase: TPOT 0."""
-    if output_tokens <= 1:
-        return 0.0
-    return (last - first) / (output_tokens - 1)
-
-
-def meets(r: RequestResult, ttft_slo: float | None, tpot_slo: float | None) -> tuple[bool, bool]:
-    """(meets TTFT SLO, meets TPOT SLO); None as an SLO means unconstrained."""
-    if not r.success or r.ttft is None or r.tpot is None:
-        return False, False
-    ok_ttft = ttft_slo is None or r.ttft <= ttft_slo
-    ok_tpot = tpot_slo is None or r.tpot <= tpot_slo
-    return ok_ttft, ok_tpot
+        return cls(finished=d.get("success", False), **{k: v for k, v in d.items() if k in names - {"finished"}})
 
 
 def attainment(results: list[RequestResult], ttft_slo: float | None, tpot_slo: float | None) -> dict[str, float]:
@@ -68,7 +52,7 @@ def attainment(results: list[RequestResult], ttft_slo: float | None, tpot_slo: f
         return {"ttft": 0.0, "tpot": 0.0, "both": 0.0}
     a = b = both = 0
     for r in results:
-        ok_ttft, ok_tpot = meets(r, ttft_slo, tpot_slo)
+        ok_ttft, ok_tpot = r.meets(ttft_slo, tpot_slo)
         a += ok_ttft
         b += ok_tpot
         both += ok_ttft and ok_tpot
@@ -91,10 +75,10 @@ def _stats(prefix: str, values: list[float]) -> dict[str, float | None]:
     return out
 
 
-def summarize(results: list[RequestResult], ttft_slo: float | None, tpot_slo: float | None) -> dict:
+def summarize(results: list[MeasuredRequest], ttft_slo: float | None, tpot_slo: float | None) -> dict:
     """Summary of one run. Latency percentiles are over successful requests; attainment is over all."""
-    ok = [r for r in results if r.success]
-    failed = [r for r in results if not r.success]
+    ok = [r for r in results if r.finished]
+    failed = [r for r in results if not r.finished]
     # The run lasts from the first send to the last response; throughput is measured over it.
     duration = (max(r.end for r in results) - min(r.start for r in results)) if results else 0.0
     out_tokens = sum(r.output_tokens for r in ok)

@@ -6,16 +6,16 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bench.arrivals import ArrivalSpec, send_times
 from bench.client import ClientConfig, run_load
 from bench.datasets import RequestSpec
-from bench.metrics import RequestResult, summarize
+from bench.metrics import MeasuredRequest, summarize
+from scheduler.planner.workload import ArrivalSpec, send_times
 
 
 @dataclass
 class Run:
     rate: float
-    results: list[RequestResult]
+    results: list[MeasuredRequest]
     summary: dict
     partial: bool = False  # interrupted before every request finished
     file: str = ""
@@ -30,7 +30,7 @@ async def run_rate(
     seed: int,
     ttft_slo: float | None,
     tpot_slo: float | None,
-    sink: list[RequestResult] | None = None,
+    sink: list[MeasuredRequest] | None = None,
 ) -> Run:
     """Sends every spec once at `rate` (arrivals from `arrival`, seeded) and summarizes the run."""
     times = send_times(arrival, rate, len(specs), seed)

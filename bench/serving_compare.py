@@ -11,52 +11,34 @@ and outputs to --max-output tokens (CPU prefill is ~1 s per 768 tokens), named i
 SLOs = scale x the unloaded mean TTFT / TPOT on the colocated server (the first mode), the same for
 every mode. Writes OUT/<mode>/ (the load tester's own files), OUT/attainment-vs-rate.png,
 OUT/latency-cdf.png (all modes at the reference rate), OUT/summary.md; copies those to --results-dir.
+One mode's run is bench/serving_mode.py; layouts, SLOs and tables are bench/serving_report.py.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import shutil
-import signal
-import socket
-import subprocess
 import sys
-import time
 from datetime import datetime
 from pathlib import Path
 
-import aiohttp
-
-from bench import loadgen
-from bench.client import ClientConfig, fetch_model_name, run_load
-from bench.datasets import RequestSpec, load_dataset
-from bench.goodput import GoodputSearch, SearchConfig
-from bench.runner import run_rate, write_run
+from bench.datasets import load_dataset
+from bench.serving_mode import run_mode
 from bench.serving_report import (
     BASELINE,
-    CpuSample,
-    Mode,
     ModeResult,
     Slos,
-    breakdown,
     breakdown_table,
     cap_specs,
-    derive_slos,
     layouts,
     markdown_table,
-    other_cores,
-    parse_metrics,
-    pid_cpu,
     probe_specs,
-    proc_stat_busy,
     reference_rate,
     workload_tag,
 )
 
-ROOT = Path(__file__).resolve().parent.parent
 # Run sizes: the full run is ~30 min on 2 cores, --quick ~5-8 min.
 # Rates sized for this 2-core CPU: a 256-token prefill takes ~1-1.5 s here, so one core saturates near
 # 0.5 req/s of prefill work; the first full run (512/64 caps, 0.25-1.25 req/s) was already past every
@@ -107,173 +89,6 @@ def apply_defaults(args: argparse.Namespace) -> None:
     for key, value in (QUICK if args.quick else FULL).items():
         if getattr(args, key) is None:
             setattr(args, key, value)
-
-
-# ---- the server --------------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Server:
-    """server.py in a subprocess; its output goes to LOG. `async with` waits for /health, stops on exit."""
-
-    def __init__(self, mode: Mode, args: argparse.Namespace, log: Path) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.cmd = [sys.executable, str(ROOT / "server.py"), "--port", str(self.port), *mode.server_args,
-                    "--dtype", args.dtype, "--max-num-seqs", str(args.max_num_seqs),
-                    "--log-level", "WARNING"]  # fmt: skip
-        self.log, self.timeout = log, args.startup_timeout
-        self.proc: subprocess.Popen | None = None
-
-    async def __aenter__(self) -> Server:
-        self.log.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.log, "w") as f:
-            f.write(" ".join(self.cmd) + "\n")
-            f.flush()
-            self.proc = subprocess.Popen(self.cmd, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT)
-        deadline = time.monotonic() + self.timeout
-        async with aiohttp.ClientSession() as s:
-            while time.monotonic() < deadline:
-                if self.proc.poll() is not None:
-                    raise RuntimeError(f"server exited ({self.proc.returncode}); see {self.log}")
-                try:
-                    async with s.get(f"{self.url}/health", timeout=aiohttp.ClientTimeout(total=2)) as r:
-                        if r.status == 200:
-                            return self
-                except (aiohttp.ClientError, TimeoutError):
-                    pass
-                await asyncio.sleep(0.5)
-        await self.__aexit__()
-        raise RuntimeError(f"server not healthy after {self.timeout:g} s; see {self.log}")
-
-    async def __aexit__(self, *exc) -> None:
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        self.proc.send_signal(signal.SIGTERM)  # drains: nothing should be in flight here
-        try:
-            await asyncio.to_thread(self.proc.wait, 60)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            await asyncio.to_thread(self.proc.wait)
-
-    def cpu(self) -> CpuSample:
-        """Machine-wide busy CPU and this benchmark's share (the server's threads and this process)."""
-        hz = os.sysconf("SC_CLK_TCK")
-        with open("/proc/stat") as f:
-            busy = proc_stat_busy(f.readline(), hz)
-        ours = 0.0
-        for pid in (os.getpid(), self.proc.pid if self.proc else None):
-            try:
-                ours += pid_cpu(Path(f"/proc/{pid}/stat").read_text(), hz) if pid else 0.0
-            except OSError:
-                pass
-        return CpuSample(time.monotonic(), busy, ours)
-
-    async def quiet(self, below: float, max_wait: float) -> None:
-        """Waits (up to max_wait s) for other processes to leave the CPU, so modes are measured alike."""
-        deadline = time.monotonic() + max_wait
-        while time.monotonic() < deadline:
-            a = self.cpu()
-            await asyncio.sleep(2.0)
-            if (other_cores(a, self.cpu()) or 0.0) < below:
-                return
-
-    async def metrics(self) -> dict[str, float]:
-        async with aiohttp.ClientSession() as s, s.get(f"{self.url}/metrics") as r:
-            return parse_metrics(await r.text())
-
-
-# ---- one mode ----------------------------------------------------------------------------------
-
-
-async def sequential(specs: list[RequestSpec], client: ClientConfig) -> tuple[list[float], list[float]]:
-    """Sends specs one at a time (unloaded); returns their TTFTs and TPOTs. Any failure is fatal here."""
-    one = ClientConfig(client.url, client.model, request_timeout=client.request_timeout, max_concurrency=1,
-                       progress=False)  # fmt: skip
-    results = await run_load(specs, [0.0] * len(specs), one)
-    bad = [r.error for r in results if not r.success]
-    if bad:
-        raise RuntimeError(f"unloaded requests failed: {bad[:3]}")
-    return [r.ttft for r in results], [r.tpot for r in results]  # type: ignore[misc]
-
-
-async def run_mode(mode: Mode, specs: list[RequestSpec], probes: list[RequestSpec], slos: Slos | None,
-                   args: argparse.Namespace, meta0: dict) -> tuple[ModeResult, Slos]:  # fmt: skip
-    out = Path(args.out) / mode.name
-    shutil.rmtree(out, ignore_errors=True)  # stale rate files would join this run's curves
-    label = f"{mode.name}-{meta0['workload']}"
-    async with Server(mode, args, out / "server.log") as srv:
-        model = await fetch_model_name(srv.url)
-        meta0.setdefault("model", model)
-        client = ClientConfig(srv.url, model, request_timeout=args.request_timeout, progress=False)
-        await sequential(probes[: args.warmup], client)  # warm-up: first-call allocations, kernel choice
-        await srv.quiet(args.quiet_below, args.quiet_wait)
-        cpu0 = srv.cpu()
-        ttfts, tpots = await sequential(probes, client)
-        others = other_cores(cpu0, srv.cpu())
-        if slos is None:
-            how = (f"{mode.name} server, {len(probes)} requests one at a time, "
-                   f"prompt {probes[0].prompt_len} / output {probes[0].output_len} tokens")
-            slos = derive_slos(ttfts, tpots, args.ttft_scale, args.tpot_scale, how)
-            print(slos.describe(), flush=True)
-        result = ModeResult(mode, 0.0, {}, unloaded_ttft=sum(ttfts) / len(ttfts),
-                            unloaded_tpot=sum(tpots) / len(tpots), breakdown={}, unloaded_other_cores=others)
-        print(f"[{mode.name}] unloaded TTFT {result.unloaded_ttft:.3f} s, TPOT {1000 * result.unloaded_tpot:.1f} ms "
-              f"(other processes: {others or 0:.2f} cores)", flush=True)  # fmt: skip
-        # The load tester's own argument set and output (results-*.json, summary.json, its plots).
-        largs = loadgen.build_parser().parse_args([
-            "--out", str(out), "--label", label, "--dataset", "sharegpt", "--num-requests", str(len(specs)),
-            "--ttft-slo", str(slos.ttft), "--tpot-slo", str(slos.tpot), "--attainment", str(args.attainment),
-            "--seed", str(args.seed), "--num-gpus", str(mode.cores), "--find-goodput",
-        ])  # fmt: skip
-        meta = {**meta0, "label": label, "url": srv.url, "model": model, "num_requests": len(specs),
-                "arrival": str(largs.arrival), "seed": args.seed, "ttft_slo": slos.ttft, "tpot_slo": slos.tpot,
-                "attainment_target": args.attainment, "num_gpus": mode.cores, "mode": mode.name,
-                "server_args": list(mode.server_args), "slos": slos.describe()}  # fmt: skip
-        state = loadgen.State()
-
-        async def measure(rate: float) -> float:
-            await srv.quiet(args.quiet_below, args.quiet_wait)
-            before, cpu0 = await srv.metrics(), srv.cpu()
-            run = await run_rate(specs, rate, client, largs.arrival, args.seed, slos.ttft, slos.tpot)
-            b = breakdown(before, await srv.metrics())
-            b["other_cores"] = other_cores(cpu0, srv.cpu())
-            result.breakdown[rate] = b  # type: ignore[index]
-            state.runs.append(run)
-            write_run(out, label, run, meta)
-            s = run.summary
-            result.runs[rate] = s
-            print(f"[{mode.name}] rate {rate:g}/s: attainment TTFT {s['attainment_ttft']:.0%} TPOT "
-                  f"{s['attainment_tpot']:.0%} both {s['attainment_both']:.0%}; P90 TTFT {s['ttft_p90'] or 0:.2f} s "
-                  f"TPOT {1000 * (s['tpot_p90'] or 0):.0f} ms, {s['num_failed']} failed; other processes "
-                  f"{b['other_cores'] or 0:.2f} cores", flush=True)  # fmt: skip
-            return s["attainment_both"]
-
-        sweep: list[tuple[float, float]] = []
-        for rate in sorted(args.rates):
-            sweep.append((rate, await measure(rate)))
-            if sweep[-1][1] < args.skip_below:  # far past capacity: higher rates only cost time
-                print(f"[{mode.name}] skipping rates above {rate:g}/s (joint attainment < {args.skip_below:.0%})")
-                break
-        # The load tester's search, seeded with the sweep, gets exactly --refine more probes.
-        # No probe below the sweep's lowest rate: a slower one costs N / rate seconds.
-        cfg = SearchConfig(target=args.attainment, max_iterations=len(sweep) + args.refine,
-                           requests_per_probe=len(specs), min_rate=0.99 * min(args.rates))  # fmt: skip
-        search = GoodputSearch(cfg)
-        for rate, att in sweep:
-            search.record(rate, att)
-        while (rate := search.next_rate()) is not None:  # bisection between the sweep's pass and fail
-            search.record(rate, await measure(rate))
-        state.search = search.result()
-        result.goodput = state.search.goodput
-        loadgen.finish(largs, meta, state)
-    (out / "breakdown.json").write_text(json.dumps({f"{k:g}": v for k, v in result.breakdown.items()}, indent=1))
-    return result, slos
 
 
 # ---- the comparison ----------------------------------------------------------------------------

@@ -16,12 +16,12 @@ import json
 import sys
 from pathlib import Path
 
-from bench.metrics import RequestResult, attainment
+from bench.metrics import MeasuredRequest, attainment
 from bench.serving_report import BASELINE
 
 
 def load(out_dir: Path) -> dict[str, dict]:
-    """mode -> {"cores": n, "ttft_slo", "tpot_slo", "target", "runs": [(rate, [RequestResult])]}"""
+    """mode -> {"cores": n, "ttft_slo", "tpot_slo", "target", "runs": [(rate, [MeasuredRequest])]}"""
     modes: dict[str, dict] = {}
     for f in sorted(out_dir.glob("*/results-*.json")):
         if f.name.endswith("-partial.json"):
@@ -30,7 +30,7 @@ def load(out_dir: Path) -> dict[str, dict]:
         m = modes.setdefault(f.parent.name, {"cores": doc["num_gpus"], "ttft_slo": doc["ttft_slo"],
                                              "tpot_slo": doc["tpot_slo"], "target": doc["attainment_target"],
                                              "runs": []})
-        m["runs"].append((doc["rate"], [RequestResult.from_dict(r) for r in doc["requests"]]))
+        m["runs"].append((doc["rate"], [MeasuredRequest.from_dict(r) for r in doc["requests"]]))
     if BASELINE not in modes:
         raise ValueError(f"{out_dir} has no {BASELINE}/results-*.json")
     return modes

@@ -14,6 +14,8 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers, processors
 from tokenizers import Tokenizer as Backend
 
+from engine.hf_checkpoint import read_json
+
 # GGUF token types (llama.cpp's llama_token_type).
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
 
@@ -157,7 +159,7 @@ class Tokenizer:
     @classmethod
     def from_dir(cls, path: str) -> Tokenizer:
         """A HF model directory: tokenizer.json (or tokenizer.model) + tokenizer_config.json."""
-        cfg = _read_json(os.path.join(path, "tokenizer_config.json"))
+        cfg = read_json(os.path.join(path, "tokenizer_config.json"), missing_ok=True)
         special = {k: _token_str(cfg.get(k)) for k in ("bos_token", "eos_token", "unk_token", "pad_token")}
         if os.path.exists(os.path.join(path, "tokenizer.json")):
             backend = Backend.from_file(os.path.join(path, "tokenizer.json"))
@@ -290,13 +292,6 @@ def _proto_fields(data: bytes) -> Iterator[tuple[int, int | bytes]]:
             yield key >> 3, data[pos - n:pos]
         else:  # fixed 64 / 32 bit
             pos += 8 if wire == 1 else 4
-
-
-def _read_json(path: str) -> dict:
-    if not os.path.exists(path):
-        return {}
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
 
 
 def _token_str(value: Any) -> str | None:

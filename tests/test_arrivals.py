@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from bench.arrivals import ArrivalSpec, arrival_gaps, send_times
+from scheduler.planner.workload import ArrivalSpec, arrival_gaps, send_times
 
 N = 20_000
 

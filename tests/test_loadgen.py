@@ -19,11 +19,13 @@ import pytest
 
 from bench.client import ClientConfig, run_load
 from bench.datasets import RequestSpec
-from bench.goodput import GoodputSearch, SearchConfig, find_goodput
 from bench.loadgen import main
-from bench.metrics import RequestResult, attainment, slo_scale_attainment, summarize, tpot_of
+from bench.metrics import MeasuredRequest, attainment, slo_scale_attainment, summarize
 from bench.plots import load_runs
 from bench.plots import main as plots_main
+from bench.server_process import free_port
+from scheduler.planner.goodput_search import SearchConfig, find_goodput_async
+from scheduler.planner.results import tpot_of
 from tests.loadgen_fake_server import CUT, ERROR_EVENT, HANG, HTTP_500, NO_USAGE, NORMAL, FakeServer
 
 SLACK = 0.03  # scheduling delay allowed on a shared 2-core machine
@@ -33,12 +35,13 @@ def spec(mode: int = NORMAL, out: int = 6) -> RequestSpec:
     return RequestSpec(prompt_ids=[mode, 11, 12], prompt_text=f"mode:{mode}", prompt_len=3, output_len=out)
 
 
-def ok(i: int, ttft: float, tpot: float, start: float = 0.0, e2e: float = 1.0, out: int = 10) -> RequestResult:
-    return RequestResult(i, 100, out, start, start, start + e2e, True, "", ttft, tpot, e2e, out, [tpot] * (out - 1))
+def ok(i: int, ttft: float, tpot: float, start: float = 0.0, e2e: float = 1.0, out: int = 10) -> MeasuredRequest:
+    return MeasuredRequest(index=i, prompt_len=100, output_len=out, send_time=start, start=start, end=start + e2e,
+                           finished=True, ttft=ttft, tpot=tpot, e2e=e2e, output_tokens=out, itl=[tpot] * (out - 1))
 
 
-def failed(i: int, error: str = "HTTP 500: boom") -> RequestResult:
-    return RequestResult(i, 100, 10, 0.0, 0.0, 0.5, False, error)
+def failed(i: int, error: str = "HTTP 500: boom") -> MeasuredRequest:
+    return MeasuredRequest(index=i, prompt_len=100, output_len=10, send_time=0.0, end=0.5, error=error)
 
 
 # ---- pure logic ---------------------------------------------------------------------------------
@@ -46,7 +49,7 @@ def failed(i: int, error: str = "HTTP 500: boom") -> RequestResult:
 
 def test_tpot_is_distserves_definition() -> None:
     assert tpot_of(1.0, 2.0, 11) == pytest.approx(0.1)
-    assert tpot_of(1.0, 1.0, 1) == 0.0 and tpot_of(1.0, 1.0, 0) == 0.0
+    assert tpot_of(1.0, 1.0, 1) is None and tpot_of(1.0, 1.0, 0) is None  # no decode phase: no TPOT
 
 
 def test_summarize_exact() -> None:
@@ -74,32 +77,6 @@ def test_summarize_exact() -> None:
     assert summarize([], 1, 1)["attainment_both"] == 0.0
 
 
-def test_goodput_search_logic() -> None:
-    true_goodput = 7.3
-    seen = []
-
-    def measure(rate: float) -> float:
-        seen.append(rate)
-        return 1.0 if rate <= true_goodput else 0.5
-
-    r = find_goodput(measure, SearchConfig(target=0.9, start_rate=1.0, rel_tol=0.05, max_iterations=50))
-    assert seen[:4] == [1.0, 2.0, 4.0, 8.0]  # doubling until a failure, then bisection
-    assert true_goodput * 0.95 <= r.goodput <= true_goodput and r.stop_reason == "converged"
-    assert r.hi - r.lo <= 0.05 * r.hi
-
-    r = find_goodput(measure, SearchConfig(start_rate=100.0, max_iterations=50))
-    assert true_goodput * 0.95 <= r.goodput <= true_goodput  # halving down first
-    assert find_goodput(lambda rate: 0.0, SearchConfig(min_rate=0.1, max_iterations=50)).goodput == 0.0
-    assert find_goodput(measure, SearchConfig(max_iterations=3)).stop_reason == "max iterations"
-    r = find_goodput(measure, SearchConfig(max_requests=500, requests_per_probe=200, max_iterations=50))
-    assert len(r.history) == 2 and r.stop_reason == "max requests"
-    r = find_goodput(measure, SearchConfig(lo=5.0, hi=10.0, max_iterations=50))
-    assert r.history[0] == (5.0, 1.0) and all(5.0 <= x < 10.0 for x, _ in r.history)
-    s = GoodputSearch(SearchConfig(max_seconds=10.0, requests_per_probe=100))
-    s.record(1.0, 1.0)
-    assert s.next_rate() is None and s.stop_reason == "max seconds"  # 100 requests at 2/s > 10 s
-
-
 # ---- against the scripted server ----------------------------------------------------------------
 
 
@@ -111,14 +88,14 @@ def test_stream_timings_match_the_script() -> None:
         body = srv.bodies[0]
     assert body["ignore_eos"] is True and body["stream"] is True and body["max_tokens"] == 6
     assert body["stream_options"] == {"include_usage": True} and body["prompt"] == [NORMAL, 11, 12]
-    assert [r.index for r in results] == [0, 1, 2, 3] and all(r.success for r in results)
+    assert [r.index for r in results] == [0, 1, 2, 3] and all(r.finished for r in results)
     for r in results[:3]:
         assert 0.1 - 0.003 <= r.ttft <= 0.1 + SLACK
         assert r.tpot == pytest.approx(0.02, abs=0.006)
         assert 0.2 - 0.003 <= r.e2e <= 0.2 + SLACK
         assert r.output_tokens == 6 and len(r.itl) == 5
         assert r.start == pytest.approx(r.send_time, abs=SLACK)
-    assert results[3].tpot == 0.0 and results[3].output_tokens == 1  # one token: meets any TPOT SLO
+    assert results[3].tpot is None and results[3].output_tokens == 1  # one token: meets any TPOT SLO
     assert attainment(results, 0.1 + SLACK, 0.03)["both"] == 1.0
     assert attainment(results, 0.05, 0.03) == {"ttft": 0.0, "tpot": 1.0, "both": 0.0}
 
@@ -129,7 +106,7 @@ def test_failures_and_timeouts_are_misses_not_crashes() -> None:
         cfg = ClientConfig(srv.url, "fake-model", request_timeout=0.5, progress=False, prompt_as_text=True)
         results = asyncio.run(run_load([spec(m, 4) for m in modes], [0.0] * 6, cfg))
         assert srv.bodies[0]["prompt"] == "mode:1"
-    assert [r.success for r in results] == [True, False, False, False, False, True]
+    assert [r.finished for r in results] == [True, False, False, False, False, True]
     assert results[1].error.startswith("HTTP 500") and "boom" in results[1].error
     assert results[2].error == "timeout after 0.5s" and results[2].end == pytest.approx(0.5, abs=SLACK + 0.05)
     assert "engine died" in results[3].error and results[4].error
@@ -138,14 +115,10 @@ def test_failures_and_timeouts_are_misses_not_crashes() -> None:
 
 
 def test_connection_refused_is_a_miss() -> None:
-    import socket
-
-    with socket.socket() as sock:  # a port nobody listens on
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()  # nobody listens on it
     cfg = ClientConfig(f"http://127.0.0.1:{port}", "m", progress=False)
     results = asyncio.run(run_load([spec()] * 3, [0.0, 0.0, 0.0], cfg))
-    assert not any(r.success for r in results) and all("Connect" in r.error for r in results)
+    assert not any(r.finished for r in results) and all("Connect" in r.error for r in results)
     assert summarize(results, 1.0, 1.0)["attainment_both"] == 0.0
 
 
@@ -164,8 +137,8 @@ def test_goodput_against_a_queueing_server() -> None:
     true_goodput = 1 / (service - (slo - service) / 8)  # 14.2857 req/s
     with FakeServer(service=service, gap=0.005) as srv:
         cfg = ClientConfig(srv.url, "fake-model", progress=False)
-        from bench.arrivals import ArrivalSpec
         from bench.runner import run_rate
+        from scheduler.planner.workload import ArrivalSpec
 
         runs = {}
 
@@ -173,8 +146,6 @@ def test_goodput_against_a_queueing_server() -> None:
             run = await run_rate([spec(NORMAL, 2)] * n, rate, cfg, ArrivalSpec("fixed"), 0, slo, 1.0)
             runs[rate] = run.summary["attainment_ttft"]
             return run.summary["attainment_both"]
-
-        from bench.goodput import find_goodput_async
 
         result = asyncio.run(find_goodput_async(measure, SearchConfig(target=0.9, start_rate=8.0, rel_tol=0.05)))
     for rate, measured in runs.items():

@@ -8,17 +8,12 @@ so ties could flip between a batch of 64 and the offline batch.
 from __future__ import annotations
 
 import asyncio
-import os
 import re
 import signal
-import socket
-import subprocess
-import sys
 import threading
 import time
 import urllib.error
 import urllib.request
-from dataclasses import dataclass
 
 import openai
 import orjson
@@ -26,12 +21,12 @@ import pytest
 from aiohttp import ClientSession, ClientTimeout
 from aiohttp.test_utils import TestClient, TestServer, make_mocked_request
 
+from bench.server_process import ServerProcess
 from engine.config import EngineConfig, SamplingParams
 from server import STATE, ServerConfig, create_app, drain, health
 from serving import sse
 from serving.api import InstanceStats, QueueFullError, RequestOutput
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 KEY = "test-key"
 PROMPTS = ["Hello, my name is", "The capital of France is", "1, 2, 3, 4,", "Once upon a time", "def fib(n):",
            "The weather today", "My favourite food is", "In 1969, humans"]
@@ -159,40 +154,19 @@ def test_drain_aborts_what_outlives_the_grace_period():
 
 
 # ================= a real server on the default model =================
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@dataclass
-class Server:
-    url: str
-    proc: subprocess.Popen
-    log: str
-
+class Server(ServerProcess):
     def client(self, **kw) -> openai.OpenAI:
         return openai.OpenAI(base_url=self.url + "/v1", api_key=KEY, max_retries=0, **kw)
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    port = _free_port()
-    log = str(tmp_path_factory.mktemp("server") / "server.log")
-    cmd = [sys.executable, "server.py", "--port", str(port), "--mode", "disagg", "--dtype", "float32",
-           "--kv-cache-memory", "96MiB", "--max-body-bytes", "64KiB", "--grace-period", "60", "--step-trace", "100000"]
-    with open(log, "w") as out:  # the key comes from the environment, as users are told to pass it
-        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "API_KEY": KEY})
-    srv = Server(f"http://127.0.0.1:{port}", proc, log)
-    deadline = time.monotonic() + 240
-    while http("GET", srv.url + "/health")[0] != 200:
-        assert proc.poll() is None, open(log).read()
-        assert time.monotonic() < deadline, "server did not become healthy"
-        time.sleep(0.25)
-    yield srv
-    if proc.poll() is None:
-        proc.kill()
-        proc.wait()
+    flags = ["--mode", "disagg", "--dtype", "float32", "--kv-cache-memory", "96MiB", "--max-body-bytes", "64KiB",
+             "--grace-period", "60", "--step-trace", "100000"]
+    # the key comes from the environment, as users are told to pass it
+    with Server(flags, tmp_path_factory.mktemp("server") / "server.log", env={"API_KEY": KEY},
+                startup_timeout=240) as srv:
+        yield srv
 
 
 def http(method: str, url: str, body: bytes | dict | None = None, headers: dict | None = None,

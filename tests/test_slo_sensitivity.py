@@ -3,13 +3,14 @@ from __future__ import annotations
 
 import json
 
-from bench.metrics import RequestResult
+from bench.metrics import MeasuredRequest
 from bench.slo_sensitivity import goodput, load, main, table
 
 
 def write(root, mode: str, rate: float, timings: list[tuple[float, float]], cores: int = 2) -> None:
     """One result file: a request per (ttft, tpot); SLOs 1 s / 0.1 s, target 90%."""
-    reqs = [RequestResult(i, 10, 10, 0.0, success=True, ttft=t, tpot=p).to_dict() for i, (t, p) in enumerate(timings)]
+    reqs = [MeasuredRequest(index=i, prompt_len=10, output_len=10, send_time=0.0, finished=True, ttft=t,
+                            tpot=p).to_dict() for i, (t, p) in enumerate(timings)]
     d = root / mode
     d.mkdir(exist_ok=True)
     doc = {"num_gpus": cores, "ttft_slo": 1.0, "tpot_slo": 0.1, "attainment_target": 0.9, "rate": rate,

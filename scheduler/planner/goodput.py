@@ -1,7 +1,8 @@
 """Goodput of one layout: the highest request rate at which the SLO attainment target still holds.
 
 Every probe replays the same workload (lengths and unit-rate arrivals scaled by 1/rate), so the
-attainment curve is a function of the rate alone and bisection is meaningful.
+attainment curve is a function of the rate alone and bisection is meaningful. The search itself is
+goodput_search.py's, the one the load tester runs against real servers.
 """
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from engine.config import SchedulerConfig
+from scheduler.planner.goodput_search import SearchConfig, find_goodput
 from scheduler.planner.latency import Profile
 from scheduler.planner.simulator import Layout, Parallel, Simulation
 from scheduler.planner.workload import SLO
@@ -75,31 +77,11 @@ def capacity(profile: Profile, layout: Layout, work: Workload) -> float:
 def goodput(profile: Profile, layout: Layout, work: Workload, hint: float = 1.0, rel_tol: float = 0.04,
             min_rate: float = 1e-3) -> float:
     """Highest rate (req/s, whole layout) with joint attainment >= the target; 0 if none above min_rate
-    or the layout cannot hold the longest request. `hint` is where the bracket search starts."""
+    or the layout cannot hold the longest request. `hint` is where the search starts; the layout's
+    capacity caps it (goodput_search.py: doubling/halving to a bracket, then geometric bisection)."""
     if not fits(profile, layout, work):
         return 0.0
-    target = work.slo.attainment
-
-    def ok(rate: float) -> bool:
-        return attainment_at(profile, layout, work, rate) >= target - 1e-9
-
     cap = capacity(profile, layout, work)
-    rate = min(max(hint, min_rate), cap)
-    if ok(rate):
-        lo, hi = rate, min(rate * 2, cap)
-        while lo < cap:
-            if not ok(hi):
-                break
-            lo, hi = hi, min(hi * 2, cap)
-        if lo >= cap:
-            return cap
-    else:
-        lo, hi = rate / 2, rate
-        while not ok(lo):
-            if lo < min_rate:
-                return 0.0
-            lo, hi = lo / 2, lo
-    while (hi - lo) / hi > rel_tol:
-        mid = math.sqrt(lo * hi)  # geometric: the bracket spans a factor of 2
-        lo, hi = (mid, hi) if ok(mid) else (lo, mid)
-    return lo
+    cfg = SearchConfig(target=work.slo.attainment, start_rate=min(max(hint, min_rate), cap), rel_tol=rel_tol,
+                       max_iterations=None, max_seconds=math.inf, min_rate=min_rate, max_rate=cap)
+    return find_goodput(lambda rate: attainment_at(profile, layout, work, rate), cfg).goodput

@@ -29,6 +29,7 @@ from engine.request import Request
 from engine.step import Sampled, Step
 from engine.stop import StopRule
 from scheduler.planner.latency import LatencyModel, Profile
+from scheduler.planner.results import RequestResult
 from scheduler.planner.workload import SLO
 from scheduler.runtime.cluster import Cluster, Execute, Pull, Slot, make_policy
 from scheduler.runtime.lifecycle import Token
@@ -77,14 +78,9 @@ class Layout:
         return sum(p.devices for p in (self.prefill, self.decode, self.colocated) if p is not None)
 
 
-@dataclass
-class RequestResult:
-    prompt_len: int
-    output_len: int
+@dataclass(kw_only=True)
+class SimulatedRequest(RequestResult):
     arrival: float
-    ttft: float | None  # None: no first token (the run stopped early)
-    tpot: float | None  # None: one output token, or unfinished
-    finished: bool
     prefill_start: float | None = None
     transfer_time: float | None = None
     preemptions: int = 0
@@ -92,20 +88,18 @@ class RequestResult:
 
 @dataclass
 class SimResult:
-    requests: list[RequestResult]
+    requests: list[SimulatedRequest]
     slo: SLO | None
     judged: tuple[bool, bool]  # (ttft, tpot) judged in this mode
     duration: float
     stopped_early: bool = False
 
-    def _ok(self, r: RequestResult, ttft: bool, tpot: bool) -> bool:
+    def _ok(self, r: SimulatedRequest, ttft: bool, tpot: bool) -> bool:
+        """r meets the SLOs asked for (ttft, tpot) that this mode judges."""
         if self.slo is None:
             raise ValueError("attainment needs an SLO")
-        if ttft and self.judged[0] and (r.ttft is None or r.ttft > self.slo.ttft):
-            return False
-        if tpot and self.judged[1] and (not r.finished or (r.tpot is not None and r.tpot > self.slo.tpot)):
-            return False
-        return True
+        ok_ttft, ok_tpot = r.meets(self.slo.ttft, self.slo.tpot)
+        return (ok_ttft or not (ttft and self.judged[0])) and (ok_tpot or not (tpot and self.judged[1]))
 
     def attainment(self, ttft: bool = True, tpot: bool = True) -> float:
         return sum(self._ok(r, ttft, tpot) for r in self.requests) / len(self.requests)
@@ -263,15 +257,18 @@ class Simulation:
         while self._heap and not self._stopped:
             self.now, _, fn, arg = heapq.heappop(self._heap)
             fn(arg)
-        return SimResult([RequestResult(r.num_prompt, r.params.max_tokens, r.metrics.arrival, r.metrics.ttft,
-                                        r.metrics.tpot if r.finished else None, r.finished,
-                                        r.metrics.prefill_start, r.metrics.transfer_time, r.metrics.preemptions)
-                          for r in reqs],
-                         self.slo, self.judge, self.now, self._stopped)
+        return SimResult([_result(r) for r in reqs], self.slo, self.judge, self.now, self._stopped)
 
     def check(self) -> None:
         """Allocator invariants of every pool (tests call it after a run)."""
         self.cluster.check()
+
+
+def _result(r: Request) -> SimulatedRequest:
+    m = r.metrics
+    return SimulatedRequest(prompt_len=r.num_prompt, output_len=r.params.max_tokens, ttft=m.ttft,
+                            tpot=m.tpot if r.finished else None, finished=r.finished, arrival=m.arrival,
+                            prefill_start=m.prefill_start, transfer_time=m.transfer_time, preemptions=m.preemptions)
 
 
 _RULE = StopRule()  # simulated requests stop on length alone (they run with ignore_eos, as DistServe's)

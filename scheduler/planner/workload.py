@@ -1,6 +1,10 @@
-"""What the planner simulates: request lengths, arrival times and SLOs. Seeded, no tokenizer needed.
+"""What the planner simulates and the load tester sends: request lengths, arrival times and SLOs.
+Seeded, no tokenizer needed.
 
-The load tester in bench/ has its own generators; the planner keeps these so it runs alone.
+Arrival processes (one generator, `unit_arrivals`, for the simulator and for bench/'s send times):
+poisson      exponential gaps (CV 1), the paper's default
+gamma:CV     gamma gaps with shape 1/CV^2 and mean 1/rate; CV > 1 is burstier than Poisson
+fixed        evenly spaced gaps of exactly 1/rate
 """
 from __future__ import annotations
 
@@ -90,23 +94,68 @@ def read_lengths_file(path: str | Path) -> list[tuple[int, int]]:
     return pairs
 
 
-def unit_arrivals(num: int, process: str = "poisson", cv: float = 1.0, seed: int = 0) -> np.ndarray:
-    """Arrival times at rate 1 req/s; divide by a rate to get that rate. Using one draw for every rate
-    (common random numbers) keeps attainment monotone in the rate, which the bisection relies on.
+@dataclass(frozen=True)
+class ArrivalSpec:
+    kind: str  # "poisson" | "gamma" | "fixed"
+    cv: float = 1.0  # gamma: coefficient of variation of the gaps
 
-    poisson: exponential gaps; gamma: gaps with coefficient of variation `cv`; fixed: equal gaps.
-    """
+    def __post_init__(self) -> None:
+        if self.kind not in ("poisson", "gamma", "fixed"):
+            raise ValueError(f"unknown arrival process {self.kind!r} (poisson | gamma:CV | fixed)")
+        if self.cv <= 0:
+            raise ValueError(f"gamma CV must be > 0, got {self.cv}")
+
+    @classmethod
+    def parse(cls, text: str) -> ArrivalSpec:
+        """'poisson' | 'fixed' | 'gamma:CV'."""
+        kind, _, arg = text.partition(":")
+        if kind == "gamma":
+            if not arg:
+                raise ValueError("gamma needs a CV, e.g. gamma:2")
+            return cls("gamma", float(arg))
+        if arg:
+            raise ValueError(f"{kind} takes no argument: {text!r}")
+        return cls(kind)
+
+    def __str__(self) -> str:
+        return f"gamma:{self.cv:g}" if self.kind == "gamma" else self.kind
+
+
+def _unit_gaps(spec: ArrivalSpec, num: int, seed: int) -> np.ndarray:
+    """num inter-arrival gaps with mean 1 s."""
     rng = np.random.default_rng(seed)
-    if process == "poisson":
-        gaps = rng.exponential(1.0, num)
-    elif process == "gamma":
-        if cv <= 0:
-            raise ValueError(f"gamma arrivals need cv > 0, got {cv}")
-        shape = 1.0 / cv**2
-        gaps = rng.gamma(shape, 1.0 / shape, num)
-    elif process == "fixed":
-        gaps = np.ones(num)
-    else:
-        raise ValueError(f"unknown arrival process {process!r}: poisson, gamma or fixed")
+    if spec.kind == "poisson":
+        return rng.exponential(1.0, num)
+    if spec.kind == "fixed":
+        return np.ones(num)
+    # Gamma with shape k and scale theta has mean k*theta and CV 1/sqrt(k).
+    shape = 1.0 / spec.cv**2
+    return rng.gamma(shape, 1.0 / shape, num)
+
+
+def unit_arrivals(num: int, process: str = "poisson", cv: float = 1.0, seed: int = 0) -> np.ndarray:
+    """Arrival times at rate 1 req/s, the first at 0; divide by a rate to get that rate. Using one draw for
+    every rate (common random numbers) keeps attainment monotone in the rate, which the bisection relies on."""
+    if num <= 0:
+        return np.zeros(0)
+    gaps = _unit_gaps(ArrivalSpec(process, cv), num, seed)
     gaps[0] = 0.0  # the first request arrives at time 0
     return np.cumsum(gaps)
+
+
+def arrival_gaps(spec: ArrivalSpec, rate: float, n: int, seed: int) -> np.ndarray:
+    """n inter-arrival gaps (seconds) with mean 1/rate."""
+    _check_rate(rate)
+    return _unit_gaps(spec, n, seed) / rate
+
+
+def send_times(spec: ArrivalSpec, rate: float, n: int, seed: int) -> list[float]:
+    """Send offsets (seconds) for n requests: unit_arrivals scaled to `rate`. A run's length is the sum of
+    n - 1 gaps, so the offered rate over the run equals `rate` on average."""
+    _check_rate(rate)
+    return [float(x) for x in unit_arrivals(n, spec.kind, spec.cv, seed) / rate]
+
+
+def _check_rate(rate: float) -> None:
+    if rate <= 0:
+        raise ValueError(f"rate must be > 0, got {rate}")

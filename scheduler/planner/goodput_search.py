@@ -1,19 +1,29 @@
 """Goodput search: the highest request rate whose joint SLO attainment reaches the target.
 
-The search is a small state machine (`GoodputSearch`: next_rate / record) so that the same logic
-drives real runs (async, `find_goodput_async`) and simulated ones (sync, `find_goodput`):
-  1. no bounds yet: double the rate while it passes, halve it while it fails;
+One state machine (`GoodputSearch`: next_rate / record) drives every search: the planner's over a
+simulator (scheduler/planner/goodput.py, sync `find_goodput`), the load tester's over real runs
+(bench/loadgen.py, async `find_goodput_async`), and serving_compare's, seeded with a sweep:
+  1. no bounds yet: double the rate while it passes (at most to max_rate), halve it while it fails;
   2. once a passing rate `lo` and a failing rate `hi` are known: bisect until hi - lo <= rel_tol * hi.
 It stops early on the iteration, wall-time or request budget. Goodput = the highest passing rate
 measured (0 when none passed). Attainment is assumed to fall with rate; a noisy pass above a
 known failure is ignored by construction, since every probe lies between the bounds.
-"""
 
+The midpoint is geometric, sqrt(lo * hi). The stopping rule is relative (hi - lo <= rel_tol * hi),
+so what a probe must shrink is log(hi / lo), and the geometric midpoint halves it whatever the
+bracket's width. The arithmetic midpoint does the same only for narrow brackets: on a wide one (a
+sweep that passed at 0.1 and failed at 10, or a given lo/hi) it probes near the top, 5.05, and a
+failure there leaves log(hi / lo) almost as wide as before. Inside the factor-2 bracket that doubling
+or halving leaves, the two need the same number of probes (4 for rel_tol 0.05).
+"""
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+
+_EPS = 1e-9  # attainment is a share of requests: k/n compared with a target such as 0.9
 
 
 @dataclass
@@ -23,12 +33,12 @@ class SearchConfig:
     lo: float | None = None  # a rate believed to pass: probed first
     hi: float | None = None  # a rate taken as failing without a probe: caps the search
     rel_tol: float = 0.05
-    max_iterations: int = 12
+    max_iterations: int | None = 12  # None: no limit (a simulator's probes are cheap)
     max_seconds: float = 3600.0
     max_requests: int | None = None  # total over all probes
     requests_per_probe: int = 0  # used to predict a probe's length (N / rate) and its request cost
     min_rate: float = 1e-3
-    max_rate: float = 1e6
+    max_rate: float = 1e6  # doubling stops here; a pass at max_rate ends the search with goodput max_rate
 
     def __post_init__(self) -> None:
         if not 0 < self.target <= 1:
@@ -67,14 +77,14 @@ class GoodputSearch:
             if rate < c.min_rate:
                 return self._stop("no rate >= min_rate meets the target")
         elif self.hi is None:
-            rate = self.lo * 2
-            if rate > c.max_rate:
+            if self.lo >= c.max_rate:
                 return self._stop("max_rate still meets the target")
+            rate = min(self.lo * 2, c.max_rate)
         else:
             if self.hi - self.lo <= c.rel_tol * self.hi:
                 return self._stop("converged")
-            rate = (self.lo + self.hi) / 2
-        if len(self.history) >= c.max_iterations:
+            rate = math.sqrt(self.lo * self.hi)
+        if c.max_iterations is not None and len(self.history) >= c.max_iterations:
             return self._stop("max iterations")
         elapsed = time.monotonic() - self.t0
         predicted = c.requests_per_probe / rate if c.requests_per_probe else 0.0
@@ -86,7 +96,7 @@ class GoodputSearch:
 
     def record(self, rate: float, joint_attainment: float) -> None:
         self.history.append((rate, joint_attainment))
-        if joint_attainment >= self.cfg.target:
+        if joint_attainment >= self.cfg.target - _EPS:
             self.lo = rate if self.lo is None else max(self.lo, rate)
         else:
             self.hi = rate if self.hi is None else min(self.hi, rate)

@@ -1,0 +1,190 @@
+"""One mode of the simulator-fidelity benchmark (bench/simulator_fidelity.py): start the real server,
+calibrate on unloaded requests, fit the in-server latency model to its step trace, then at each rate
+send the same requests to the server and to the simulator and compare their SLO attainment."""
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import os
+import statistics
+from pathlib import Path
+
+import aiohttp
+
+from bench.client import ClientConfig, fetch_model_name, run_load
+from bench.datasets import RequestSpec
+from bench.fidelity_report import fmt_row
+from bench.metrics import summarize
+from bench.server_process import ServerProcess
+from engine.config import SchedulerConfig
+from scheduler.planner.latency import Profile
+from scheduler.planner.profile import fold_overhead
+from scheduler.planner.simulator import Layout, Parallel, SimResult, simulate
+from scheduler.planner.trace_fit import fit_trace, model_ratios
+from scheduler.planner.workload import SLO, ArrivalSpec, send_times
+from scheduler.runtime.trace import StepRecord
+
+CORES = sorted(os.sched_getaffinity(0))
+C0, C1 = CORES[0], CORES[-1]
+MODES = {  # name -> (server flags, simulated layout, profile tp = cores per instance)
+    "disagg": (["--mode", "disagg", "--prefill-devices", f"cpu:{C0}", "--decode-devices", f"cpu:{C1}"],
+               Layout("disagg", prefill=Parallel(1), decode=Parallel(1)), 1),
+    "colocated": (["--mode", "colocated", "--devices", f"cpu:{C0}-{C1}"],
+                  Layout("colocated", colocated=Parallel(len(CORES))), len(CORES)),
+    "chunked": (["--mode", "colocated", "--chunked-prefill", "--devices", f"cpu:{C0}-{C1}"],
+                Layout("colocated", colocated=Parallel(len(CORES)), chunked=True), len(CORES)),
+}
+
+
+# ---- the real server -------------------------------------------------------------------------------
+
+def steps(url: str) -> list[StepRecord]:
+    """The server's step trace since the last call (GET /debug/steps drains it)."""
+    async def get() -> list[dict]:
+        async with aiohttp.ClientSession() as s, s.get(f"{url}/debug/steps") as r:
+            r.raise_for_status()
+            return (await r.json())["steps"]
+    return [StepRecord.from_json(d) for d in asyncio.run(get())]
+
+
+def calibrate(cfg: ClientConfig, specs: list[RequestSpec], prof: Profile, tp: int, n: int) -> dict:
+    """Unloaded requests one at a time: TTFT/TPOT medians; the per-step overhead (ms) the real server
+    shows beyond the isolated profile's prediction (TTFT vs one prefill; TPOT vs one batch-1 step); and
+    the front-end time outside the engine's steps (TTFT minus the traced prefill iteration: HTTP,
+    tokenizing, queueing into the loop, delivering the token), which the in-server model adds per request."""
+    model = prof.model_for(tp, 1)
+    asyncio.run(run_load(specs[:1], [0.0], cfg))  # warm-up: first-request costs are not steady state
+    steps(cfg.url)
+    ttft, tpot, d_pre, d_dec, front = [], [], [], [], []
+    for s in specs[:n]:
+        r = asyncio.run(run_load([s], [0.0], cfg))[0]
+        if not r.finished:
+            raise RuntimeError(f"calibration request failed: {r.error}")
+        first = next(x for x in steps(cfg.url) if x.prefill)
+        ttft.append(r.ttft)
+        d_pre.append(r.ttft * 1e3 - model.prefill_ms([s.prompt_len]))
+        front.append(r.ttft - (first.end - first.start))
+        if r.tpot is not None:  # more than one output token
+            tpot.append(r.tpot)
+            d_dec.append(r.tpot * 1e3 - model.decode_ms(s.prompt_len + s.output_len // 2, 1))
+    return {"ttft_s": statistics.median(ttft), "tpot_s": statistics.median(tpot),
+            "overhead_prefill_ms": statistics.median(d_pre), "overhead_decode_ms": statistics.median(d_dec),
+            "front_end_ttft_ms": 1e3 * statistics.median(front)}
+
+
+# ---- one mode ------------------------------------------------------------------------------------
+
+
+def capacity(prof: Profile, tp: int, mode: str, specs: list[RequestSpec]) -> float:
+    """Rough requests/s the layout sustains (sets the rate grid only): the busier phase's work per request."""
+    m = prof.model_for(tp, 1)
+    p = statistics.mean(s.prompt_len for s in specs)
+    o = statistics.mean(s.output_len for s in specs)
+    b = 8  # a typical decode batch under load
+    pre_s, dec_s = m.prefill_ms([round(p)]) / 1e3, o * m.decode_ms(round(b * (p + o / 2)), b) / b / 1e3
+    if mode != "disagg":
+        return 1.0 / (pre_s + dec_s)
+    f = prof.interference  # under load both instances are busy: each runs at its interference factor
+    return 1.0 / max(pre_s * f.get("prefill", 1.0), dec_s * f.get("decode", 1.0))
+
+
+def roles_of(mode: str) -> tuple[str, ...]:
+    return ("prefill", "decode") if mode == "disagg" else ("colocated",)
+
+
+def in_server_profile(prof: Profile, tp: int, mode: str, iso: Profile, records: list[dict]) -> tuple[Profile, dict]:
+    """The profile with this layout's coefficients (and, disaggregated, interference factors) fitted to
+    the server's own step trace (scheduler/planner/trace_fit.py); `iso` (the isolated profile) where the trace
+    has too few steps the formulas describe (e.g. chunked prefill, whose steps are mostly mixed)."""
+    try:
+        coeffs, factors, report = fit_trace(records, roles_of(mode))
+    except ValueError as e:
+        print(f"[{mode}] in-server fit impossible ({e}): the isolated profile stands in", flush=True)
+        return iso, {"coeffs": None, "interference": iso.interference, "fit": {"error": str(e), "samples": None}}
+    inter = factors if mode == "disagg" else prof.interference
+    return dataclasses.replace(prof, tp={**prof.tp, tp: coeffs}, interference=inter), {
+        "coeffs": coeffs.to_json(), "interference": factors, "fit": report}
+
+
+def run_mode(mode: str, args, specs: list[RequestSpec], fit_sets: list[list[RequestSpec]], prof: Profile) -> dict:
+    flags, layout, tp = MODES[mode]
+    # the server's limits (its other flags: defaults)
+    sched = SchedulerConfig(max_num_seqs=args.max_num_seqs, max_prefill_tokens=args.max_prefill_tokens)
+    server_flags = ["--dtype", "float32", "--log-level", "WARNING", "--max-num-seqs", str(sched.max_num_seqs),
+                    "--max-prefill-tokens", str(sched.max_prefill_tokens), *flags, "--step-trace", "1000000"]
+    out = Path(args.out)
+    with ServerProcess(server_flags, out / f"server-{mode}.log", port=args.port or None) as server:
+        url = server.url
+        client = ClientConfig(url, asyncio.run(fetch_model_name(url)), progress=False)
+        cal = calibrate(client, specs, prof, tp, args.calibration_requests)
+        c = prof.tp[tp]
+        iso_prof = dataclasses.replace(prof, tp={**prof.tp, tp: fold_overhead(
+            c, cal["overhead_prefill_ms"], cal["overhead_decode_ms"])})
+        slo = SLO(cal["ttft_s"] * args.slo_scale, cal["tpot_s"] * args.slo_scale)
+        cap = capacity(iso_prof, tp, mode, specs)
+        # the in-server fit: other requests (seed + 1, + 2, ...) at a light and an overloaded rate, so the
+        # traced steps span the batch shapes of the whole load range (and steps with and without a busy
+        # neighbor); their steps as the server ran them
+        fit_rates = [round(f * cap, 3) for f in args.fit_load]
+        for i, (fit_rate, fit_specs) in enumerate(zip(fit_rates, fit_sets, strict=True)):
+            asyncio.run(run_load(fit_specs, send_times(ArrivalSpec("poisson"), fit_rate, len(fit_specs),
+                                                       args.seed + 1 + i), client))
+        srv_prof, fitted = in_server_profile(prof, tp, mode, iso_prof, steps(url))
+        front = cal["front_end_ttft_ms"] / 1e3
+        print(f"[{mode}] unloaded TTFT {cal['ttft_s'] * 1e3:.0f} ms TPOT {cal['tpot_s'] * 1e3:.1f} ms; overhead "
+              f"prefill {cal['overhead_prefill_ms']:.1f} ms decode {cal['overhead_decode_ms']:.1f} ms; front end "
+              f"{front * 1e3:.1f} ms; SLO {slo.ttft * 1e3:.0f}/{slo.tpot * 1e3:.0f} ms; est. capacity {cap:.2f} "
+              f"req/s; in-server fit at {fit_rates} req/s: {fitted['fit']['samples']}, interference "
+              f"{fitted['interference']}", flush=True)
+        lengths = [(s.prompt_len, s.output_len) for s in specs]
+        rows, traces = [], {}
+        for frac in args.load:
+            rate = round(frac * cap, 3)
+            times = send_times(ArrivalSpec("poisson"), rate, len(specs), args.seed)
+            results = asyncio.run(run_load(specs, times, client))
+            traces[str(rate)] = steps(url)  # kept for diagnosis (OUT/traces-MODE.json), not used by the model
+            real = summarize(results, slo.ttft, slo.tpot)
+            iso = simulate(iso_prof, layout, times, lengths, slo, sched)
+            srv = simulate(srv_prof, layout, times, lengths, slo, sched)
+            row = compare(rate, frac, real, iso, srv, front, slo)
+            if frac in args.repeat_at:  # the real server's own run-to-run spread, same requests and times
+                again = summarize(asyncio.run(run_load(specs, times, client)), slo.ttft, slo.tpot)
+                steps(url)
+                row["real_again_both"] = 100 * again["attainment_both"]
+            row["step_ratio"] = model_ratios(traces[str(rate)], srv_prof.model_for(tp, 1), srv_prof.interference,
+                                             roles_of(mode))
+            rows.append(row)
+            print(fmt_row(mode, row), flush=True)
+    (out / f"traces-{mode}.json").write_text(json.dumps({k: [x.to_json() for x in v] for k, v in traces.items()}))
+    return {"mode": mode, "server_flags": flags, "calibration": cal, "slo": dataclasses.asdict(slo),
+            "capacity_estimate": cap, "profile_tp": tp, "in_server_fit": {"rates": fit_rates, **fitted},
+            "rows": rows}
+
+
+def judged(sim: SimResult, slo: SLO, front: float) -> dict[str, float]:
+    """Attainment (%) of simulated requests, each TTFT plus the front-end time outside the engine."""
+    ok = [r.meets(slo.ttft - front, slo.tpot) for r in sim.requests]
+    n = len(ok)
+    return {"ttft": 100 * sum(t for t, _ in ok) / n, "tpot": 100 * sum(p for _, p in ok) / n,
+            "both": 100 * sum(t and p for t, p in ok) / n}
+
+
+def compare(rate: float, frac: float, real: dict, iso: SimResult, srv: SimResult, front: float, slo: SLO) -> dict:
+    """One rate: real attainment vs the in-server model (judged) and the isolated profile (iso)."""
+    row = {"rate": rate, "load": frac, "failed": real["num_failed"]}
+    for name, sim, shift in (("sim", srv, front), ("iso", iso, 0.0)):
+        for key, v in judged(sim, slo, shift).items():
+            row[f"{name}_{key}"] = v
+        row[f"{name}_ttft_mean_ms"] = 1e3 * statistics.mean(r.ttft + shift for r in sim.requests if r.ttft is not None)
+        row[f"{name}_tpot_mean_ms"] = 1e3 * statistics.mean(r.tpot for r in sim.requests if r.tpot is not None)
+    for key in ("ttft", "tpot", "both"):
+        row[f"real_{key}"] = 100 * real[f"attainment_{key}"]
+    row["diff"] = row["sim_both"] - row["real_both"]
+    row["iso_diff"] = row["iso_both"] - row["real_both"]
+    row["within_2"] = abs(row["diff"]) <= 2.0
+    row["real_ttft_mean_ms"] = 1e3 * (real["ttft_mean"] or 0)
+    row["real_tpot_mean_ms"] = 1e3 * (real["tpot_mean"] or 0)
+    return row
+
+
