@@ -57,7 +57,7 @@ class Request:
     the instance `kv_home` (a scheduler.runtime.cluster.Slot)."""
 
     __slots__ = ("id", "prompt_ids", "params", "output_ids", "num_computed", "block_table", "kv_home",
-                 "status", "finish_reason", "metrics", "logprobs", "generator", "swapped", "aborted")
+                 "status", "finish_reason", "metrics", "logprobs", "generator", "swapped", "aborted", "in_flight")
 
     def __init__(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
                  arrival: float | None = None) -> None:
@@ -75,6 +75,8 @@ class Request:
         self.generator = None  # torch.Generator when params.seed is set
         self.swapped = None  # host copy of the KV while swapped out
         self.aborted = False
+        self.in_flight = False  # inside a step or a pull that has not reported back (the Cluster sets it):
+        #                         a policy never schedules it again before then (a pipeline keeps pp steps going)
 
     @property
     def all_ids(self) -> list[int]:

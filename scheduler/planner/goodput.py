@@ -47,8 +47,10 @@ def fits(profile: Profile, layout: Layout, work: Workload) -> bool:
 
 def capacity(profile: Profile, layout: Layout, work: Workload) -> float:
     """Steady-state throughput (req/s) of a layout from the latency model at mean lengths: full
-    prefill batches, and decode batches as large as the seats and the KV pool allow. A finite run
-    above this rate can still look fine (its queue has not built up yet); goodput never exceeds it."""
+    prefill batches, and decode batches as large as the seats and the KV pool allow. A pipeline of pp
+    stages starts a prefill batch every stage time, and keeps its decode seats in pp batches, each
+    going round the pp stages once per token. A finite run above this rate can still look fine (its
+    queue has not built up yet); goodput never exceeds it."""
     cfg = work.sched_config
     mean_in = float(np.mean([p for p, _ in work.lengths]))
     mean_out = float(np.mean([o for _, o in work.lengths]))
@@ -60,8 +62,9 @@ def capacity(profile: Profile, layout: Layout, work: Workload) -> float:
     def decode_rate(spec: Parallel) -> float:
         ctx = mean_in + mean_out / 2
         b = max(1, min(cfg.max_num_seqs, int(profile.kv_capacity(spec.tp, spec.pp) // (ctx + 1))))
-        step = profile.model_for(spec.tp, spec.pp).decode_ms(round(b * ctx), b) / 1e3
-        return b / step / max(mean_out - 1, 1)
+        per = max(1, b // spec.pp)  # one of the pp batches in flight
+        round_trip = spec.pp * profile.model_for(spec.tp, spec.pp).decode_ms(round(per * ctx), per) / 1e3
+        return b / round_trip / max(mean_out - 1, 1)
 
     if layout.mode == "prefill":
         return prefill_rate(layout.prefill) * layout.prefill.count

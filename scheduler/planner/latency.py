@@ -25,9 +25,12 @@ published A100 files are read into the same structure (`load_profile`):
                                           # threads of one process: GIL, memory bandwidth); default 1
     }
 
-With pipeline degree pp, every time is divided by pp and a prefill pays pp ms more (1 ms at pp=1),
-exactly as DistServe's simulator does (a pipeline of pp stages keeps pp batches in flight; the extra
-ms stands for the stage hops).
+With pipeline degree pp, each time below is what ONE stage of the pipeline spends on the batch: the
+whole time divided by pp, plus pp ms for a prefill (1 ms at pp=1) and nothing for a decode, exactly as
+DistServe's simulator prices every stage worker (simdistserve/estimators/time_estimator.py:
+`delay * (1/pp) + pp_const`, pp_const = pp for get_prefill_time and 0 for get_decode_time). A batch
+passes through the pp stages in turn, so its latency is pp times the stage time, while the stages work
+on pp batches at once (scheduler/planner/simulator.py drives the stages).
 A mixed (chunked) step is priced as one forward: the prefill formula over the chunks, where a chunk
 of n new tokens after c cached ones counts n^2 + 2*n*c for the quadratic term (attention pairs: that
 sums to l^2 over a whole prompt cut into chunks), plus the decode formula's per-token terms
@@ -128,7 +131,8 @@ class Profile:
 
 
 class LatencyModel:
-    """Step times in milliseconds for one instance layout (coefficients of its tp, divided by pp)."""
+    """Per-stage step times in milliseconds for one instance layout (coefficients of its tp; the time a
+    batch holds each of its pp pipeline stages, so its latency is pp times this)."""
 
     def __init__(self, coeffs: PhaseCoeffs, pp: int = 1) -> None:
         self.c = coeffs

@@ -7,6 +7,16 @@ scheduling decision and every piece of request bookkeeping is therefore the engi
 zero-delay event, as it is an asyncio wake-up in the engine: requests that arrive at the very same
 instant are batched together.
 
+Pipeline parallelism (pp > 1) as DistServe's simulator models it (simdistserve/base/worker.py: one worker
+per stage, each with its own queue): a step visits the instance's pp stages in order, holding each for
+its share of the time (LatencyModel: the whole step / pp, + pp ms for a prefill); a stage takes the
+steps in the order they reach it. Stage 1 is free for the next step once its share is done (the Cluster
+lets an instance keep up to pp steps in flight, and the policies leave out the requests inside them);
+the step's tokens, hand-offs and finishes apply when its last stage is done. So a request's latency is
+~ the whole step time and an instance's throughput ~ pp x. Unlike simdistserve, a step stays one
+batch through every stage (simdistserve merges decode batches that meet in a later stage's queue) and
+at most pp steps are in flight (simdistserve lets more queue between stages).
+
 Modes:
 - disagg: prefill instances -> KV hand-off -> decode instances. The decode side pulls; copies
   serialize on the pulling decode instance (bytes / link bandwidth), before its next step, and the
@@ -116,16 +126,23 @@ class Pricer:
     profile: Profile
     models: dict[str, LatencyModel] = field(default_factory=dict)  # slot name -> its instance's latency model
 
-    def step_seconds(self, slot: str, step: Step, others_busy: bool) -> float:
-        """Swap copies (host <-> device, before the forward), then the forward as the latency model prices
-        it, slowed by the profile's interference factor if another instance is busy as it starts."""
-        prof = self.profile
-        secs = step.swap_tokens * prof.kv_bytes_per_token / prof.swap_bandwidth_Bps
+    def step_stages(self, slot: str, step: Step, others_busy: bool) -> list[float]:
+        """Seconds the step holds each pipeline stage of the slot's instance, in order. Stage 1 first does
+        the swap copies (host <-> device, before the forward); each stage runs its share of the forward as
+        the latency model prices it, slowed by the profile's interference factor if another instance is
+        busy as the step starts."""
+        prof, model = self.profile, self.models[slot]
+        stage = 0.0
         if step.items:
             chunks, ctx, batch = step.shape()
             slow = prof.interference.get("prefill" if chunks else "decode", 1.0) if others_busy else 1.0
-            secs += self.models[slot].mixed_ms(chunks, ctx, batch) / 1e3 * slow
-        return secs
+            stage = model.mixed_ms(chunks, ctx, batch) / 1e3 * slow
+        swap = step.swap_tokens * prof.kv_bytes_per_token / prof.swap_bandwidth_Bps
+        return [swap + stage] + [stage] * (model.pp - 1)
+
+    def step_seconds(self, slot: str, step: Step, others_busy: bool) -> float:
+        """The step's latency: from entering stage 1 to leaving the last stage, with no queue between."""
+        return sum(self.step_stages(slot, step, others_busy))
 
     def pull_bytes(self, pull: Pull) -> int:
         return pull.req.num_computed * self.profile.kv_bytes_per_token
@@ -146,6 +163,7 @@ class Simulation:
     cluster: Cluster = field(init=False)
     pricer: Pricer = field(init=False)
     _kicks: set[str] = field(default_factory=set)  # slots with a wake-up pending
+    _stage_free: dict[str, list[float]] = field(default_factory=dict)  # slot -> when each stage is next free
     _heap: list = field(default_factory=list)
     _seq: int = 0
     _failed: set[str] = field(default_factory=set)
@@ -163,8 +181,10 @@ class Simulation:
                 raise ValueError(f"profile has no tp={spec.tp} pp={spec.pp} layout")
             for i in range(spec.count):
                 alloc = BlockAllocator(cap // prof.block_size, prof.block_size)
-                slot = Slot(f"{role}{i}", role, make_policy(role, self.sched_config, alloc, _RULE, lay.chunked), alloc)
+                slot = Slot(f"{role}{i}", role, make_policy(role, self.sched_config, alloc, _RULE, lay.chunked), alloc,
+                            depth=spec.pp)
                 self.slots.append(slot)
+                self._stage_free[slot.name] = [0.0] * spec.pp
                 self.pricer.models[slot.name] = prof.model_for(spec.tp, spec.pp)
         self.cluster = Cluster(self.slots, lambda: self.now, self._wake, self)
 
@@ -181,13 +201,18 @@ class Simulation:
 
     def _kick(self, slot: Slot) -> None:
         self._kicks.discard(slot.name)
-        if slot.busy:
+        free = self._stage_free[slot.name]
+        if not self.cluster.ready(slot) or free[0] > self.now:
             return
         action = self.cluster.next_action(slot)
         if isinstance(action, Execute):
             busy = any(s.busy for s in self.slots if s is not slot)
-            self.at(self.now + self.pricer.step_seconds(slot.name, action.step, busy), self._executed,
-                    (slot, action.step))
+            t = self.now
+            for j, secs in enumerate(self.pricer.step_stages(slot.name, action.step, busy)):
+                t = free[j] = max(t, free[j]) + secs  # FIFO at every stage: steps never overtake
+            if len(free) > 1:
+                self.at(free[0], self._wake, slot)  # stage 1 can take the next step
+            self.at(t, self._executed, (slot, action.step))
         elif action:  # pulls: they serialize on the pulling instance, bytes / link bandwidth each
             t = self.now
             for pull in action:
@@ -202,7 +227,7 @@ class Simulation:
 
     def _pulled(self, pull: Pull) -> None:
         self.cluster.pulled(pull, self.pricer.pull_bytes(pull))
-        if not pull.dst.busy:
+        if self.cluster.ready(pull.dst):
             self._wake(pull.dst)
 
     # ---- the Sink: SLO judgement as tokens and endings come ----

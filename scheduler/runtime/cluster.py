@@ -11,8 +11,11 @@ model on a virtual clock. Both therefore share every decision and every piece of
             | Finished -> finish (free blocks, tell the sink)
     decode slot ──next_action──> Pull (its admit() allotted blocks) ──pulled──> the prefill side frees its copy
 
-A request inside a step or a pull (`slot.in_flight`) is never finished under the driver's feet: an
-abort marks it, and the Cluster finishes it when the step or pull reports back.
+A request inside a step or a pull (`slot.in_flight`, `req.in_flight`) is never finished under the driver's
+feet: an abort marks it, and the Cluster finishes it when the step or pull reports back. Nor is it
+scheduled again before then: an instance of pp pipeline stages (`slot.depth`) may have up to pp steps in
+flight (a new batch enters stage 1 while the previous one is in stage 2), and each step's requests sit
+out of the others. With depth 1 (every instance the engine runs) a slot takes one action at a time.
 """
 from __future__ import annotations
 
@@ -77,7 +80,9 @@ class Slot:
     policy: Policy
     allocator: BlockAllocator
     busy: bool = False  # inside a step or a pull
-    in_flight: set[str] = field(default_factory=set)  # ids of the requests in that step or pull
+    in_flight: set[str] = field(default_factory=set)  # ids of the requests in those steps and pulls
+    depth: int = 1  # steps it may have in flight at once: its pipeline stages (pp)
+    steps: int = 0  # steps in flight now
 
 
 @dataclass(frozen=True)
@@ -167,8 +172,14 @@ class Cluster:
         self.sink.on_finish(req, reason)
 
     # ---------------- the step lifecycle ----------------
+    def ready(self, slot: Slot) -> bool:
+        """May the driver ask `slot` for another action now: nothing in flight, or (a pipeline) fewer than
+        `depth` steps and no pull."""
+        return not slot.busy or (0 < slot.steps < slot.depth and not any(p.dst is slot for p in self.pending.values()))
+
     def next_action(self, slot: Slot) -> Action | None:
-        """What `slot` should do now (None: nothing; wait to be woken). Marks the slot busy."""
+        """What `slot` should do now (None: nothing; wait to be woken); call it when `ready(slot)`. Marks
+        the slot busy and the action's requests in flight."""
         if isinstance(slot.policy, DecodeScheduler):
             admitted = slot.policy.admit()
             if admitted:
@@ -177,7 +188,7 @@ class Cluster:
                 for p in pulls:
                     p.req.metrics.transfer_start = now
                     self.pending[p.req.id] = p
-                self._enter(slot, [p.req for p in pulls])
+                self._enter(slot, [p.req for p in pulls], step=False)
                 return pulls
         step = slot.policy.schedule()
         if not step:
@@ -190,15 +201,15 @@ class Cluster:
                 r.metrics.decode_start = now
         if self.trace is not None:
             self.trace.begin(slot.name, slot.role, step, now, any(s.busy for s in self.slots if s is not slot))
-        self._enter(slot, step.requests + [r for r, _ in step.swap_out] + step.swap_in)
+        self._enter(slot, _inside(step), step=True)
         return Execute(step)
 
     def executed(self, slot: Slot, step: Step, sampled: list[Sampled]) -> None:
         """The step ran: apply its events, then end whatever was aborted meanwhile."""
         events = slot.policy.complete(step, sampled, self.clock())
-        self._leave(slot)
+        self._leave(slot, _inside(step), step=True)
         self._apply(events)
-        for req in step.requests + [r for r, _ in step.swap_out] + step.swap_in:
+        for req in _inside(step):
             if req.aborted and not req.finished:
                 self.finish(req, "abort")
         if self.trace is not None:
@@ -215,9 +226,7 @@ class Cluster:
             self.wake(pull.src)  # its pool has room again: backpressure released
         slot = pull.dst
         req.block_table, req.kv_home, req.status = pull.dst_blocks, slot, Status.DECODING
-        slot.in_flight.discard(req.id)
-        if not slot.in_flight:
-            slot.busy = False
+        self._leave(slot, [req], step=False)
         if req.aborted:
             self.finish(req, "abort")
 
@@ -239,13 +248,24 @@ class Cluster:
             slot.allocator.check()
 
     # ---------------- internals ----------------
-    def _enter(self, slot: Slot, reqs: list[Request]) -> None:
+    def _enter(self, slot: Slot, reqs: list[Request], step: bool) -> None:
         slot.busy = True
-        slot.in_flight = {r.id for r in reqs}
+        slot.steps += step
+        for r in reqs:
+            r.in_flight = True
+            slot.in_flight.add(r.id)
 
-    def _leave(self, slot: Slot) -> None:
-        slot.busy = False
-        slot.in_flight = set()
+    def _leave(self, slot: Slot, reqs: list[Request] | None = None, step: bool = False) -> None:
+        """reqs are out of their step (step=True) or pull; None: everything in flight on the slot."""
+        if reqs is None:
+            reqs = [self.requests[i] for i in slot.in_flight if i in self.requests]
+            slot.in_flight.clear()
+            slot.steps = 0
+        slot.steps -= step
+        for r in reqs:
+            r.in_flight = False
+            slot.in_flight.discard(r.id)
+        slot.busy = bool(slot.in_flight) or slot.steps > 0
 
     def _apply(self, events: list[Event]) -> None:
         for ev in events:
@@ -271,3 +291,8 @@ class Cluster:
         dec = least_loaded(self.decoders, lambda s: s.policy.load)
         dec.policy.add(req)
         self.wake(dec)
+
+
+def _inside(step: Step) -> list[Request]:
+    """Every request a step touches: those it computes and those whose KV it swaps."""
+    return step.requests + [r for r, _ in step.swap_out] + step.swap_in

@@ -84,8 +84,8 @@ class DecodeScheduler:
     def _preempt_newest(self, step: Step) -> Request | None:
         for i in range(len(self.running) - 1, -1, -1):
             victim = self.running[i]
-            if victim.status is not Status.DECODING:
-                continue  # a pull in flight is never preempted
+            if victim.status is not Status.DECODING or victim.in_flight:
+                continue  # a pull or a step in flight is never preempted
             del self.running[i]
             blocks = list(victim.block_table)
             if victim in step.swap_in:  # swapped in this very step: its KV is still on the host
@@ -105,9 +105,10 @@ class DecodeScheduler:
         return None
 
     def schedule(self) -> Step:
-        """One decode step over the running batch, resuming or preempting as memory allows."""
+        """One decode step over the running batch, resuming or preempting as memory allows. Requests inside
+        a step still in flight (an earlier stage of a pipeline) sit this one out."""
         step = Step()
-        while self.swapped and self._fits(self.swapped[0]):
+        while self.swapped and not self.swapped[0].in_flight and self._fits(self.swapped[0]):
             req = self.swapped.popleft()
             req.block_table = self.allocator.allocate(req.id, self.allocator.blocks_for(req.num_tokens))
             req.status = Status.DECODING
@@ -117,14 +118,15 @@ class DecodeScheduler:
         i = 0
         while i < len(self.running):
             req = self.running[i]
-            if req.status is not Status.DECODING or self.allocator.append(req.id, req.block_table, req.num_tokens):
+            if (req.status is not Status.DECODING or req.in_flight
+                    or self.allocator.append(req.id, req.block_table, req.num_tokens)):
                 i += 1
                 continue
             if self._preempt_newest(step) is None:
                 raise RuntimeError("decode pool cannot hold a single request; validate lengths at admission")
             if req in self.running:  # the victim was another request, maybe one before req
                 i = self.running.index(req)
-        step.items = [(r, r.num_uncomputed) for r in self.running if r.status is Status.DECODING]
+        step.items = [(r, r.num_uncomputed) for r in self.running if r.status is Status.DECODING and not r.in_flight]
         return step
 
     def complete(self, step: Step, sampled: list[Sampled], now: float) -> list[Event]:

@@ -69,11 +69,14 @@ class PrefillScheduler:
 
     def schedule_chunks(self, budget: int, max_seqs: int) -> Step:
         """Chunked prefill: fill `budget` tokens with prompt chunks, FCFS; a partly prefilled prompt
-        stays at the head of the queue (status PREFILLING) and continues next step."""
+        stays at the head of the queue (status PREFILLING) and continues next step (a pipeline: the next
+        step after the one its last chunk is in has reported back)."""
         step = Step()
         for req in list(self.waiting):
             if budget <= 0 or len(step.items) >= max_seqs:
                 break
+            if req.in_flight:
+                continue
             n = min(budget, req.num_uncomputed)
             if not self.allocator.append(req.id, req.block_table, req.num_computed + n):
                 break
