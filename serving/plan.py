@@ -37,7 +37,8 @@ def load_plan(path: str) -> dict:
         for key, what in (("tp", "tensor parallelism"), ("pp", "pipeline parallelism")):
             deg = sec.get(key, 1)
             if deg != 1:
-                raise PlanError(f"plan needs {what} {deg} for {role}; this engine has none yet (tp = pp = 1 only)")
+                raise PlanError(f"plan needs {what} {deg} for {role}; this engine has none yet (tp = pp = 1 "
+                                "only): plan with --max-tp 1 --max-pp 1 (python -m scheduler.planner.placement)")
     devices = plan.get("devices")
     if mode == "disagg":
         if not isinstance(devices, dict):

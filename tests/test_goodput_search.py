@@ -53,3 +53,16 @@ def test_bisection_is_geometric_and_doubling_stops_at_max_rate() -> None:
     assert [x for x, _ in r.history] == [3.0, 6.0, 10.0] and r.goodput == 10.0
     assert r.stop_reason == "max_rate still meets the target"
     assert find_goodput(lambda rate: 0.9, SearchConfig(max_rate=4.0)).goodput == 4.0  # k/n == target passes
+
+
+def test_a_good_first_guess_steps_by_growth() -> None:
+    # another seed's goodput as the start: step 1.25x to a bracket instead of 2x, fewer probes to converge
+    def measure(rate: float) -> float:
+        return 1.0 if rate <= 7.3 else 0.5
+
+    near = find_goodput(measure, SearchConfig(start_rate=6.5, growth=1.25, rel_tol=0.04, max_iterations=50))
+    far = find_goodput(measure, SearchConfig(start_rate=6.5, rel_tol=0.04, max_iterations=50))
+    assert [x for x, _ in near.history[:2]] == pytest.approx([6.5, 8.125])
+    assert 7.3 * 0.96 <= near.goodput <= 7.3 and len(near.history) < len(far.history)
+    with pytest.raises(ValueError, match="growth"):
+        SearchConfig(growth=1.0)

@@ -14,11 +14,12 @@ ALLOWED = {
     # the one upward edge, lazy: the planner's CLI reads real datasets (ShareGPT, HumanEval) through the load
     # tester's loaders, which need a tokenizer and the dataset packages
     "scheduler.planner": {"engine", "scheduler.runtime", "transfer", "bench.datasets"},
+    "scheduler.simulate": {"engine", "scheduler.runtime", "scheduler.planner"},  # the one-layout CLI, on the planner
     "serving": {"engine", "scheduler.runtime", "transfer"},
     "server": {"engine", "serving"},
 }
-PACKAGES = ("engine", "transfer", "scheduler.runtime", "scheduler.planner", "serving", "server", "bench.datasets",
-            "bench", "tests")
+PACKAGES = ("engine", "transfer", "scheduler.runtime", "scheduler.planner", "scheduler.simulate", "serving", "server",
+            "bench.datasets", "bench", "tests")
 
 
 def layer_of(module: str) -> str | None:

@@ -3,6 +3,7 @@ plan for OPT-13B on one node of four A100s from DistServe's published profile.""
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 
@@ -10,11 +11,13 @@ import numpy as np
 import pytest
 
 from engine.config import SchedulerConfig, parse_device
-from scheduler.planner.goodput import Workload
+from scheduler.planner.goodput import Workload, goodput
 from scheduler.planner.latency import PhaseCoeffs, Profile, load_profile
 from scheduler.planner.placement import main, run_search
 from scheduler.planner.search import Cluster, Planner
+from scheduler.planner.simulator import Layout, Parallel
 from scheduler.planner.workload import SLO, synth_lengths, unit_arrivals
+from serving.plan import PlanError, load_plan
 
 A100 = Path(__file__).resolve().parents[1] / "scheduler/planner/data/distserve-a100/profiler-a100-80g.distserve.json"
 
@@ -35,8 +38,9 @@ def work(lengths, ttft=0.3, tpot=0.05, n=120):
 
 def test_search_finds_the_crafted_best():
     planner = Planner(crafted(), Cluster(1, 4), work((200, 20)))
-    assert planner.phase_goodput("prefill", 2, 1) / 2 > 2 * planner.phase_goodput("prefill", 1, 1)
-    assert planner.phase_goodput("decode", 1, 1) > planner.phase_goodput("decode", 2, 1) / 2 * 1.5
+    g = {(role, tp): planner.phase_goodput(role, tp, 1).median for role in ("prefill", "decode") for tp in (1, 2)}
+    assert g["prefill", 2] / 2 > 2 * g["prefill", 1]
+    assert g["decode", 1] > g["decode", 2] / 2 * 1.5
     best = planner.algorithm1()[0]
     assert best.method == "joint" and best.goodput > 0
     assert (best.layout.prefill.tp, best.layout.decode.tp) == (2, 1)
@@ -79,15 +83,62 @@ def test_cli_writes_a_plan_the_server_can_read(tmp_path, capsys):
         parse_device(d)
 
 
-def test_cpu_profile_plans_core_sets(tmp_path):
+def test_cpu_profile_plan_round_trips_through_the_server(tmp_path, capsys):
+    """--max-tp 1 --max-pp 1 plans what this engine runs: server.py --plan takes the plan as written."""
+    import server
+
     f = tmp_path / "p.json"
     f.write_text(json.dumps(crafted("cpu").to_json()))
     out = tmp_path / "plan.json"
     assert main(["--profile", str(f), "--devices-per-node", "2", "--dataset", "fixed:200:20", "--ttft-slo", "0.5",
-                 "--tpot-slo", "0.1", "--num-requests", "60", "--max-tp", "1", "--out", str(out)]) == 0
+                 "--tpot-slo", "0.1", "--num-requests", "60", "--max-tp", "1", "--max-pp", "1", "--seeds", "1",
+                 "--out", str(out)]) == 0
+    assert "note:" not in capsys.readouterr().out  # nothing the server would refuse
     plan = json.loads(out.read_text())
     devices = sum(plan["devices"].values(), [])
     assert sorted(devices) == ["cpu:0", "cpu:1"]
+    if not {0, 1} <= os.sched_getaffinity(0):
+        pytest.skip("the plan is for cores 0 and 1")
+    config = server.engine_config(server.build_parser().parse_args(["--plan", str(out)]))
+    assert config.mode == plan["mode"]
+    assert sorted(config.prefill_devices + config.decode_devices if config.mode == "disagg" else config.devices) \
+        == devices
+
+
+def test_a_plan_this_engine_cannot_run_names_the_flags_that_avoid_it(tmp_path, capsys):
+    f = tmp_path / "p.json"
+    f.write_text(json.dumps(crafted().to_json()))
+    out = tmp_path / "plan.json"
+    assert main(["--profile", str(f), "--devices-per-node", "4", "--dataset", "fixed:200:20", "--ttft-slo", "0.3",
+                 "--tpot-slo", "0.05", "--num-requests", "60", "--seeds", "1", "--no-colocated", "--quiet",
+                 "--out", str(out)]) == 0
+    assert json.loads(out.read_text())["prefill"]["tp"] == 2  # the crafted best (see the first test)
+    assert "--max-tp 1 --max-pp 1" in capsys.readouterr().out
+    with pytest.raises(PlanError, match="--max-tp 1 --max-pp 1"):
+        load_plan(str(out))
+
+
+def test_goodput_is_the_median_over_seeds_and_the_ranking_says_how_to_read_it(tmp_path, capsys):
+    f = tmp_path / "p.json"
+    f.write_text(json.dumps(crafted().to_json()))
+    out = tmp_path / "plan.json"
+    assert main(["--profile", str(f), "--devices-per-node", "3", "--dataset", "fixed:200:20", "--ttft-slo", "0.3",
+                 "--tpot-slo", "0.05", "--num-requests", "60", "--seeds", "3", "--max-tp", "1", "--out", str(out)]) == 0
+    cap = capsys.readouterr()
+    assert "prefill alone, one tp1 pp1 instance:" in cap.err  # progress while it searches
+    assert "[min-max of 3]" in cap.out and "median over 3 arrival draws (seeds 0-2)" in cap.out
+    assert "phases rows rank below every simulated row" in cap.out
+    plan = json.loads(out.read_text())
+    assert len(plan["goodput_per_draw"]) == 3 and plan["goodput"] == pytest.approx(np.median(plan["goodput_per_draw"]))
+    assert plan["workload"]["seeds"] == [0, 1, 2]
+    # each draw's goodput is what a search on that draw alone finds (within the search's tolerance)
+    lengths = [(200, 20)] * 60
+    draws = np.stack([unit_arrivals(60, seed=s) for s in range(3)])
+    lay = Layout("prefill", prefill=Parallel(1))
+    both = goodput(crafted(), lay, Workload(lengths, draws, SLO(0.3, 0.05), SchedulerConfig()))
+    for s in range(3):
+        alone = goodput(crafted(), lay, Workload(lengths, draws[s], SLO(0.3, 0.05), SchedulerConfig())).median
+        assert both.per_draw[s] == pytest.approx(alone, rel=0.04)
 
 
 def test_synthetic_lengths_match_published_means():

@@ -3,7 +3,8 @@
 One state machine (`GoodputSearch`: next_rate / record) drives every search: the planner's over a
 simulator (scheduler/planner/goodput.py, sync `find_goodput`), the load tester's over real runs
 (bench/loadgen.py, async `find_goodput_async`), and serving_compare's, seeded with a sweep:
-  1. no bounds yet: double the rate while it passes (at most to max_rate), halve it while it fails;
+  1. no bounds yet: double the rate while it passes (at most to max_rate), halve it while it fails
+     (`growth`, 2 by default: a start from a good guess, as another seed's goodput, steps less);
   2. once a passing rate `lo` and a failing rate `hi` are known: bisect until hi - lo <= rel_tol * hi.
 It stops early on the iteration, wall-time or request budget. Goodput = the highest passing rate
 measured (0 when none passed). Attainment is assumed to fall with rate; a noisy pass above a
@@ -39,12 +40,15 @@ class SearchConfig:
     requests_per_probe: int = 0  # used to predict a probe's length (N / rate) and its request cost
     min_rate: float = 1e-3
     max_rate: float = 1e6  # doubling stops here; a pass at max_rate ends the search with goodput max_rate
+    growth: float = 2.0  # factor per step while no bracket is known
 
     def __post_init__(self) -> None:
         if not 0 < self.target <= 1:
             raise ValueError(f"attainment target must be in (0, 1], got {self.target}")
         if self.start_rate <= 0 or self.rel_tol <= 0:
             raise ValueError("start_rate and rel_tol must be > 0")
+        if self.growth <= 1:
+            raise ValueError(f"growth must be > 1, got {self.growth}")
         if self.lo is not None and self.hi is not None and not self.lo < self.hi:
             raise ValueError(f"need lo < hi, got {self.lo} >= {self.hi}")
 
@@ -73,13 +77,13 @@ class GoodputSearch:
         if not self.history:
             rate = c.lo if c.lo is not None else (c.hi / 2 if c.hi is not None else c.start_rate)
         elif self.lo is None:
-            rate = self.hi / 2  # type: ignore[operator]  # every probe failed so far
+            rate = self.hi / c.growth  # type: ignore[operator]  # every probe failed so far
             if rate < c.min_rate:
                 return self._stop("no rate >= min_rate meets the target")
         elif self.hi is None:
             if self.lo >= c.max_rate:
                 return self._stop("max_rate still meets the target")
-            rate = min(self.lo * 2, c.max_rate)
+            rate = min(self.lo * c.growth, c.max_rate)
         else:
             if self.hi - self.lo <= c.rel_tol * self.hi:
                 return self._stop("converged")

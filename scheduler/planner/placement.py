@@ -3,13 +3,16 @@
     python -m scheduler.planner.placement \
         --profile scheduler/planner/data/distserve-a100/profiler-a100-80g.distserve.json \
         --model facebook/opt-13b --num-nodes 1 --devices-per-node 4 --dataset sharegpt \
-        --ttft-slo 0.25 --tpot-slo 0.1 --attainment 0.9 --out plan.json
+        --ttft-slo 0.25 --tpot-slo 0.1 --attainment 0.9 --seeds 3 --out plan.json
+
+This engine runs tp = pp = 1 only: `--max-tp 1 --max-pp 1` restricts the search to plans `server.py --plan`
+serves. Progress goes to stderr as each goodput is found (--quiet: none).
 
 Plan file: {"model", "mode": "disagg"|"colocated", "prefill": {"tp","pp","instances"}, "decode": {...},
-"goodput" (req/s), "goodput_per_device", "slo", "devices": {"prefill_devices", "decode_devices"}
-(colocated: {"devices"}), plus how it was found. Device strings: one per instance, "cuda:N" on one
-node ("cuda:N,M" for a multi-device instance; "nodeK/cuda:N,..." across nodes), or "cpu:CORES" for
-a CPU profile, where a device is one core.
+"goodput" (req/s: the median over the arrival draws), "goodput_per_draw", "goodput_per_device", "slo",
+"devices": {"prefill_devices", "decode_devices"} (colocated: {"devices"}), plus how it was found.
+Device strings: one per instance, "cuda:N" on one node ("cuda:N,M" for a multi-device instance;
+"nodeK/cuda:N,..." across nodes), or "cpu:CORES" for a CPU profile, where a device is one core.
 """
 from __future__ import annotations
 
@@ -17,13 +20,14 @@ import argparse
 import json
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 
-from engine.config import SchedulerConfig
 from scheduler.planner.goodput import Workload
 from scheduler.planner.latency import Profile, load_profile
+from scheduler.planner.options import add_profile_flags, add_slo_flags, profile_of, scheduler_config, slo_of
 from scheduler.planner.search import Candidate, Cluster, Planner
 from scheduler.planner.simulator import Parallel
 from scheduler.planner.workload import SLO, parse_fixed, read_lengths_file, synth_lengths, unit_arrivals
@@ -90,6 +94,7 @@ def plan_json(c: Candidate, profile: Profile, cluster: Cluster, slo: SLO, worklo
     def spec(x: Parallel) -> dict:
         return {"tp": x.tp, "pp": x.pp, "instances": x.count}
     plan = {"model": profile.model, "mode": lay.mode, "goodput": c.goodput, "goodput_per_device": c.per_device,
+            "goodput_per_draw": list(c.result.per_draw),
             "devices_used": lay.devices, "slo": {"ttft": slo.ttft, "tpot": slo.tpot, "attainment": slo.attainment},
             "algorithm": c.algorithm, "method": c.method, "profile_device": profile.device,
             "cluster": {"num_nodes": cluster.num_nodes, "devices_per_node": cluster.devices_per_node},
@@ -112,23 +117,24 @@ def plan_json(c: Candidate, profile: Profile, cluster: Cluster, slo: SLO, worklo
 
 def run_search(profile: Profile, cluster: Cluster, work: Workload, algorithm: str = "alg1",
                colocated: bool = True, max_tp: int | None = None, max_pp: int | None = None,
-               colocated_profile: Profile | None = None) -> list[Candidate]:
+               colocated_profile: Profile | None = None,
+               progress: Callable[[str], None] | None = None) -> list[Candidate]:
     """Every evaluated candidate, best first: joint or replicated results ahead of bare estimates.
     `colocated_profile` prices the colocated baselines with another engine's coefficients (DistServe
     compared against vLLM, whose A100 profile is profiler-a100-80g.vllm.json)."""
-    planner = Planner(profile, cluster, work, max_tp=max_tp, max_pp=max_pp)
+    planner = Planner(profile, cluster, work, max_tp=max_tp, max_pp=max_pp, progress=progress)
     cands = planner.algorithm1() if algorithm == "alg1" else planner.algorithm2()
     if colocated:
         base = planner if colocated_profile is None else Planner(colocated_profile, cluster, work, max_tp=max_tp,
-                                                                  max_pp=max_pp)
+                                                                  max_pp=max_pp, progress=progress)
         cands += base.colocated()
     return sorted(cands, key=lambda c: (c.method == "phases", -c.goodput, c.layout.devices))
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="python -m scheduler.planner.placement", description=__doc__.split("\n")[0])
-    ap.add_argument("--profile", required=True, help="profile JSON (ours, or DistServe's with max_num_tokens.csv)")
-    ap.add_argument("--model", help="model key inside a DistServe profile (e.g. facebook/opt-13b)")
+    add_profile_flags(ap)
+    add_slo_flags(ap)
     ap.add_argument("--num-nodes", type=int, default=1)
     ap.add_argument("--devices-per-node", type=int, required=True)
     ap.add_argument("--dataset", default="sharegpt", help="sharegpt | humaneval | longbench-synthetic | fixed:IN:OUT")
@@ -136,52 +142,67 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--tokenizer", help="model path (or 'default') whose tokenizer measures the real dataset "
                     "via bench.datasets; without it lengths are synthesized")
     ap.add_argument("--max-model-len", type=int, default=2048, help="with --tokenizer: longest prompt + output")
-    ap.add_argument("--ttft-slo", type=float, required=True, help="seconds")
-    ap.add_argument("--tpot-slo", type=float, required=True, help="seconds")
-    ap.add_argument("--attainment", type=float, default=0.9)
     ap.add_argument("--num-requests", type=int, default=300)
     ap.add_argument("--arrival", default="poisson", choices=["poisson", "gamma", "fixed"])
     ap.add_argument("--cv", type=float, default=1.0, help="gamma arrivals: coefficient of variation")
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seed", type=int, default=0, help="first arrival draw's seed (and the lengths' seed)")
+    ap.add_argument("--seeds", type=int, default=3, help="arrival draws per layout (seeds SEED, SEED+1, ...): "
+                    "a layout's goodput is the median over them, shown with their range")
     ap.add_argument("--algorithm", default="alg1", choices=["alg1", "alg2"],
                     help="alg1: high node affinity (independent phases); alg2: low affinity (per-node segments)")
-    ap.add_argument("--max-tp", type=int, help="largest tensor-parallel degree to consider (default: a node)")
-    ap.add_argument("--max-pp", type=int, help="largest pipeline degree to consider (default: the cluster)")
+    ap.add_argument("--max-tp", type=int, help="largest tensor-parallel degree to consider (default: a node); "
+                    "this engine runs tp 1 only")
+    ap.add_argument("--max-pp", type=int, help="largest pipeline degree to consider (default: the cluster); "
+                    "this engine runs pp 1 only")
     ap.add_argument("--colocated-profile", help="price the colocated baselines with this profile instead")
     ap.add_argument("--no-colocated", action="store_true", help="skip the colocated baselines")
-    for name in ("max_num_seqs", "max_prefill_tokens", "max_prefill_seqs", "chunk_budget"):
-        ap.add_argument("--" + name.replace("_", "-"), type=int, help="SchedulerConfig; default from the profile")
-    ap.add_argument("--transfer-bandwidth", type=float, help="KV link bytes/s; default from the profile")
     ap.add_argument("--top", type=int, default=12, help="candidates to print")
+    ap.add_argument("--quiet", action="store_true", help="no progress lines (on stderr) while searching")
     ap.add_argument("--out", help="plan file to write")
-    return ap.parse_args(argv)
+    args = ap.parse_args(argv)
+    if args.seeds < 1:
+        ap.error("--seeds must be >= 1")
+    return args
+
+
+def print_ranking(cands: list[Candidate], top: int, draws: int, seeds: list[int]) -> None:
+    spread = f"[min-max of {draws}]" if draws > 1 else ""
+    print(f"{'rank':>4}  {'goodput/dev':>11}  {spread:<19}  {'goodput':>8}  {'devs':>4}  {'method':<10}  layout")
+    for i, c in enumerate(cands[:top], 1):
+        d = c.layout.devices
+        rng = f"[{c.result.low / d:.3f}-{c.result.high / d:.3f}]" if draws > 1 else ""
+        print(f"{i:>4}  {c.per_device:>11.3f}  {rng:<19}  {c.goodput:>8.3f}  {d:>4}  {c.method:<10}  {c.describe()}")
+    over = f"the median over {draws} arrival draws (seeds {seeds[0]}-{seeds[-1]}), with their range" if draws > 1 \
+        else f"one arrival draw (seed {seeds[0]}; --seeds N for the median and range of N)"
+    print(f"goodput: req/s within the SLOs, {over}.\n"
+          "method: joint = the whole layout simulated; replicated = one instance simulated, times the instances;\n"
+          "        phases = an estimate, never simulated whole (the smaller of n x prefill-alone and m x decode-alone\n"
+          "        goodput, an upper bound): phases rows rank below every simulated row, whatever their value.")
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     t0 = time.perf_counter()
-    profile = load_profile(args.profile, args.model)
-    if args.transfer_bandwidth:
-        profile.transfer_bandwidth_Bps = args.transfer_bandwidth
-    knobs = dict(profile.scheduler)
-    knobs.update({k: getattr(args, k) for k in ("max_num_seqs", "max_prefill_tokens", "max_prefill_seqs",
-                                                 "chunk_budget") if getattr(args, k) is not None})
-    slo = SLO(args.ttft_slo, args.tpot_slo, args.attainment)
+    profile = profile_of(args)
+    slo = slo_of(args)
     lengths, source = dataset_lengths(args)
-    work = Workload(lengths, unit_arrivals(len(lengths), args.arrival, args.cv, args.seed), slo,
-                    SchedulerConfig(**knobs))
+    seeds = list(range(args.seed, args.seed + args.seeds))
+    draws = np.stack([unit_arrivals(len(lengths), args.arrival, args.cv, s) for s in seeds])
+    work = Workload(lengths, draws, slo, scheduler_config(profile, args))
     cluster = Cluster(args.num_nodes, args.devices_per_node)
     coloc = load_profile(args.colocated_profile, args.model) if args.colocated_profile else None
-    cands = run_search(profile, cluster, work, args.algorithm, not args.no_colocated, args.max_tp, args.max_pp, coloc)
+    progress = None if args.quiet else (lambda line: print(line, file=sys.stderr, flush=True))
+    if progress:
+        progress(f"searching {profile.model} on {cluster.num_nodes}x{cluster.devices_per_node}, {len(seeds)} "
+                 f"arrival draws of {len(lengths)} requests per layout; each goodput as it is found:")
+    cands = run_search(profile, cluster, work, args.algorithm, not args.no_colocated, args.max_tp, args.max_pp, coloc,
+                       progress)
     elapsed = time.perf_counter() - t0
     mean_in, mean_out = np.mean([p for p, _ in lengths]), np.mean([o for _, o in lengths])
     print(f"{profile.model} on {cluster.num_nodes}x{cluster.devices_per_node} {profile.device}; workload {source}, "
           f"{len(lengths)} requests, mean {mean_in:.0f} in / {mean_out:.0f} out; SLO TTFT {slo.ttft}s TPOT "
           f"{slo.tpot}s at {slo.attainment:.0%}; searched in {elapsed:.1f}s")
-    print(f"{'rank':>4}  {'goodput/dev':>11}  {'goodput':>8}  {'devs':>4}  {'method':<10}  layout")
-    for i, c in enumerate(cands[: args.top], 1):
-        print(f"{i:>4}  {c.per_device:>11.3f}  {c.goodput:>8.3f}  {c.layout.devices:>4}  {c.method:<10}  "
-              f"{c.describe()}")
+    print_ranking(cands, args.top, len(seeds), seeds)
     best = cands[0] if cands and cands[0].goodput > 0 else None
     if best is None:
         print("no layout meets the SLOs at any rate", file=sys.stderr)
@@ -189,10 +210,13 @@ def main(argv: list[str] | None = None) -> int:
     print(f"best: {best.describe()} -> {best.goodput:.3f} req/s, {best.per_device:.3f} req/s per device")
     if args.out:
         workload = {"source": source, "num_requests": len(lengths), "mean_prompt": float(mean_in),
-                    "mean_output": float(mean_out), "arrival": args.arrival, "seed": args.seed}
+                    "mean_output": float(mean_out), "arrival": args.arrival, "seed": args.seed, "seeds": seeds}
         plan = plan_json(best, profile, cluster, slo, workload) | {"search_seconds": elapsed}
         Path(args.out).write_text(json.dumps(plan, indent=2) + "\n")
         print(f"wrote {args.out}")
+        if any(x.tp > 1 or x.pp > 1 for x in (best.layout.prefill, best.layout.decode, best.layout.colocated) if x):
+            print("note: this engine runs tp = pp = 1 only, so server.py --plan refuses this plan; "
+                  "--max-tp 1 --max-pp 1 restricts the search to plans it serves")
     return 0
 
 

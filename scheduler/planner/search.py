@@ -11,13 +11,16 @@
   the node's G devices (an instance's stage j lives on node j of its unit, so its KV moves over the
   node's own links); simulate each unit jointly, best bound first; replicate the unit N/s times.
 - Colocated baselines (prefill-first and chunked), replicated over the cluster, for comparison.
-A layout's tp stays inside a node (tp <= G); pp may span nodes.
+A layout's tp stays inside a node (tp <= G); pp may span nodes. Every goodput is per arrival draw of
+the workload (goodput.Goodput: the median ranks, the range shows the spread over the draws).
 """
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
-from scheduler.planner.goodput import Workload, goodput
+from scheduler.planner.goodput import Goodput, Workload, goodput
 from scheduler.planner.latency import Profile
 from scheduler.planner.simulator import Layout, Parallel
 
@@ -39,11 +42,16 @@ class Cluster:
 @dataclass
 class Candidate:
     layout: Layout  # the whole plan; instance counts are totals
-    goodput: float  # req/s the plan sustains within the SLOs
+    result: Goodput  # req/s the plan sustains within the SLOs, per arrival draw
     method: str  # "joint": simulated as a whole | "phases": min of per-phase goodputs | "replicated"
     algorithm: str  # "alg1" | "alg2" | "colocated"
     unit: Layout | None = None  # Algorithm 2: the replicated unit
     nodes_per_unit: int = 1  # Algorithm 2: the inter-node pipeline degree s
+
+    @property
+    def goodput(self) -> float:
+        """The median over the arrival draws: what ranks the candidate."""
+        return self.result.median
 
     @property
     def per_device(self) -> float:
@@ -61,31 +69,41 @@ class Candidate:
 
 class Planner:
     def __init__(self, profile: Profile, cluster: Cluster, work: Workload, rel_tol: float = 0.04,
-                 max_joint: int = 6, max_tp: int | None = None, max_pp: int | None = None) -> None:
+                 max_joint: int = 6, max_tp: int | None = None, max_pp: int | None = None,
+                 progress: Callable[[str], None] | None = None) -> None:
         self.profile = profile
+        self.progress = progress  # told each goodput as it is found (the CLI prints them)
+        self.t0 = time.perf_counter()
         self.max_tp = max_tp or cluster.devices_per_node  # tp stays inside a node
         self.max_pp = max_pp or cluster.devices
         self.cluster = cluster
         self.work = work
         self.rel_tol = rel_tol
         self.max_joint = max_joint  # joint simulations per algorithm at most (bounds the runtime)
-        self._phase: dict[tuple[str, int, int], float] = {}
+        self._phase: dict[tuple[str, int, int], Goodput] = {}
 
     def layouts(self) -> list[tuple[int, int]]:
         return [(tp, pp) for tp, pp in self.profile.layouts(self.cluster.devices)
                 if tp <= min(self.max_tp, self.cluster.devices_per_node) and pp <= self.max_pp]
 
-    def phase_goodput(self, role: str, tp: int, pp: int) -> float:
+    def phase_goodput(self, role: str, tp: int, pp: int) -> Goodput:
         """Goodput (req/s) of one instance running one phase alone."""
         key = (role, tp, pp)
         if key not in self._phase:
             spec = Parallel(tp, pp)
             lay = Layout("prefill", prefill=spec) if role == "prefill" else Layout("decode", decode=spec)
             self._phase[key] = goodput(self.profile, lay, self.work, rel_tol=self.rel_tol)
+            self._tell(f"{role} alone, one tp{tp} pp{pp} instance", self._phase[key])
         return self._phase[key]
 
-    def _joint(self, layout: Layout, hint: float) -> float:
-        return goodput(self.profile, layout, self.work, hint=max(hint, 1e-3), rel_tol=self.rel_tol)
+    def _joint(self, layout: Layout, hint: float) -> Goodput:
+        g = goodput(self.profile, layout, self.work, hint=max(hint, 1e-3), rel_tol=self.rel_tol)
+        self._tell(Candidate(layout, g, "joint", "").describe(), g)
+        return g
+
+    def _tell(self, what: str, g: Goodput) -> None:
+        if self.progress is not None:
+            self.progress(f"[{time.perf_counter() - self.t0:6.1f}s] {what}: {g} req/s")
 
     def algorithm1(self) -> list[Candidate]:
         total = self.cluster.devices
@@ -99,7 +117,7 @@ class Planner:
                 for n in range(1, (total - dd) // dp + 1):
                     m = (total - n * dp) // dd  # fill the rest with decode instances
                     lay = Layout("disagg", prefill=Parallel(tp_p, pp_p, n), decode=Parallel(tp_d, pp_d, m))
-                    est.append(Candidate(lay, min(n * gp, m * gd), "phases", "alg1"))
+                    est.append(Candidate(lay, gp.scaled(n).minimum(gd.scaled(m)), "phases", "alg1"))
         est.sort(key=lambda c: (-c.goodput, c.layout.devices))
         return self._verify(est)
 
@@ -113,9 +131,9 @@ class Planner:
                 break
             unit = c.unit or c.layout
             reps = c.layout.devices // unit.devices
-            g = self._joint(unit, c.goodput / reps) * reps
+            g = self._joint(unit, c.goodput / reps).scaled(reps)
             out.append(Candidate(c.layout, g, "joint", c.algorithm, c.unit, c.nodes_per_unit))
-            best = max(best, g)
+            best = max(best, g.median)
         seen = {id(c) for c in ranked[:len(out)]}
         out += [c for c in ranked if id(c) not in seen]  # the rest keep their estimates, for the listing
         return sorted(out, key=lambda c: (c.method != "joint", -c.goodput, c.layout.devices))
@@ -132,8 +150,8 @@ class Planner:
                         b = (g - a * dp) // dd
                         unit = Layout("disagg", prefill=Parallel(tp_p, lp * s, a), decode=Parallel(tp_d, ld * s, b))
                         reps = nodes // s
-                        bound = min(a * self.phase_goodput("prefill", tp_p, lp * s),
-                                    b * self.phase_goodput("decode", tp_d, ld * s)) * reps
+                        bound = self.phase_goodput("prefill", tp_p, lp * s).scaled(a * reps).minimum(
+                            self.phase_goodput("decode", tp_d, ld * s).scaled(b * reps))
                         whole = Layout("disagg", prefill=Parallel(tp_p, lp * s, a * reps),
                                        decode=Parallel(tp_d, ld * s, b * reps))
                         bounds.append(Candidate(whole, bound, "phases", "alg2", unit, s))
@@ -147,7 +165,7 @@ class Planner:
         order = []
         for tp, pp in self.layouts():
             k = total // (tp * pp)
-            bound = k * min(self.phase_goodput("prefill", tp, pp), self.phase_goodput("decode", tp, pp))
+            bound = k * min(self.phase_goodput("prefill", tp, pp).median, self.phase_goodput("decode", tp, pp).median)
             order.append((bound, tp, pp, k))
         order.sort(reverse=True)
         out: list[Candidate] = []
@@ -157,8 +175,8 @@ class Planner:
                 continue
             for chunked in (False, True):
                 one = Layout("colocated", colocated=Parallel(tp, pp), chunked=chunked)
-                g = self._joint(one, bound / k / 2) * k
+                g = self._joint(one, bound / k / 2).scaled(k)
                 out.append(Candidate(Layout("colocated", colocated=Parallel(tp, pp, k), chunked=chunked), g,
                                      "replicated", "colocated"))
-                best = max(best, g)
+                best = max(best, g.median)
         return sorted(out, key=lambda c: -c.goodput)
