@@ -1,0 +1,37 @@
+"""The simulator-fidelity bar (bench/fidelity_report.py): the simulator is held to the real server's own
+run-to-run spread, never tighter than 2 points."""
+from __future__ import annotations
+
+import pytest
+
+from bench.fidelity_report import markdown, noise_band, verdict
+
+
+def test_the_bar_is_the_real_spread_or_two_points():
+    # three real runs 53.3 / 65.0 / 60.0: mean 59.43, spread 11.7 -> a simulated 50.0 is within it
+    band = noise_band([53.3, 65.0, 60.0], 50.0)
+    assert band["real_both"] == pytest.approx(59.433, abs=1e-3) and band["real_spread"] == pytest.approx(11.7)
+    assert band["diff"] == pytest.approx(-9.433, abs=1e-3) and band["met"]
+    assert not noise_band([53.3, 65.0, 60.0], 47.0)["met"]
+    # real runs that agree: the bar is 2 points, not their 0.5
+    tight = noise_band([80.0, 80.5, 80.0], 82.0)
+    assert tight["bar"] == 2.0 and tight["met"] and not noise_band([80.0, 80.5, 80.0], 82.5)["met"]
+
+
+def test_the_report_names_the_rates_that_miss():
+    def row(rate, runs, sim):
+        r = {"rate": rate, "load": 0.5, "real_ttft": 0.0, "real_tpot": 0.0, "real_both_runs": runs,
+             "sim_ttft": 0.0, "sim_tpot": 0.0, "sim_both": sim, "iso_both": sim, "real_ttft_mean_ms": 1.0,
+             "sim_ttft_mean_ms": 1.0, "real_tpot_mean_ms": 1.0, "sim_tpot_mean_ms": 1.0, "step_ratio": {}}
+        r |= noise_band(runs, sim)
+        return r | {"iso_diff": r["diff"]}
+    mode = {"mode": "disagg", "rows": [row(1.0, [90.0, 92.0, 91.0], 91.5), row(2.0, [40.0, 44.0, 42.0], 50.0)],
+            "calibration": {"ttft_s": 0.1, "tpot_s": 0.01, "front_end_ttft_ms": 2.0, "overhead_prefill_ms": 1.0,
+                            "overhead_decode_ms": 1.0}, "slo": {"ttft": 0.3, "tpot": 0.03},
+            "in_server_fit": {"coeffs": None, "rates": [], "fit": {"error": "none", "samples": None}}}
+    doc = {"date": "today", "command": "x", "workload": "w", "repeats": 3, "slo_scale": 3.0, "interference": {},
+           "modes": [mode]}
+    assert verdict(doc).startswith("1/2 rows within max(2 points, the real spread); 1/2 within 2 points")
+    assert "disagg 2 req/s (+8.0 pts, bar 4.0)" in verdict(doc)
+    text = markdown(doc)
+    assert "| 90.0, 92.0, 91.0 | 2.0 |" in text and "| NO |" in text
