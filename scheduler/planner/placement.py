@@ -177,7 +177,7 @@ def print_ranking(cands: list[Candidate], top: int, draws: int, seeds: list[int]
     print(f"goodput: req/s within the SLOs, {over}.\n"
           "method: joint = the whole layout simulated; replicated = one instance simulated, times the instances;\n"
           "        phases = an estimate, never simulated whole (the smaller of n x prefill-alone and m x decode-alone\n"
-          "        goodput, an upper bound): phases rows rank below every simulated row, whatever their value.")
+          "        goodput, optimistic): phases rows rank below every simulated row, whatever their value.")
 
 
 def main(argv: list[str] | None = None) -> int:
