@@ -384,9 +384,10 @@ class AsyncEngine:
         if s.logprobs is not None:
             req.logprobs.append(s.logprobs)
         reason = check_stop(req, self.eos_ids, self.max_model_len)
-        delta = self._detokenize(track, reason is not None and s.token in self._stop_ids(req))
+        hide = reason is not None and s.token in self._stop_ids(req) and not req.params.include_stop_str_in_output
+        delta = self._detokenize(track, hide)
         if track.matcher is not None:
-            delta, matched = track.matcher.feed(delta)
+            delta, matched = track.matcher.feed(delta, len(req.output_ids) >= req.params.min_tokens)
             if matched:
                 reason = "stop"
             elif reason is not None:
@@ -410,8 +411,9 @@ class AsyncEngine:
         ids = track.req.output_ids[:-1] if hide_last else track.req.output_ids
         if len(ids) <= track.read_offset:
             return ""
+        p = track.req.params
         delta, track.prefix_offset, track.read_offset = self.tokenizer.decode_incremental(
-            ids, track.prefix_offset, track.read_offset)
+            ids, track.prefix_offset, track.read_offset, p.skip_special_tokens, p.spaces_between_special_tokens)
         return delta
 
     def _finish(self, req: Request, reason: str, out: RequestOutput | None = None) -> None:
