@@ -194,7 +194,7 @@ class Server:
 async def sequential(specs: list[RequestSpec], client: ClientConfig) -> tuple[list[float], list[float]]:
     """Sends specs one at a time (unloaded); returns their TTFTs and TPOTs. Any failure is fatal here."""
     one = ClientConfig(client.url, client.model, request_timeout=client.request_timeout, max_concurrency=1,
-                       progress=False)  # fmt: skip
+                       progress=False, token_ids=client.token_ids)  # fmt: skip
     results = await run_load(specs, [0.0] * len(specs), one)
     bad = [r.error for r in results if not r.success]
     if bad:
@@ -210,7 +210,8 @@ async def run_mode(mode: Mode, specs: list[RequestSpec], probes: list[RequestSpe
     async with Server(mode, args, out / "server.log") as srv:
         model = await fetch_model_name(srv.url)
         meta0.setdefault("model", model)
-        client = ClientConfig(srv.url, model, request_timeout=args.request_timeout, progress=False)
+        # token ids: our own server, exact prompt lengths
+        client = ClientConfig(srv.url, model, request_timeout=args.request_timeout, progress=False, token_ids=True)
         await sequential(probes[: args.warmup], client)  # warm-up: first-call allocations, kernel choice
         await srv.quiet(args.quiet_below, args.quiet_wait)
         cpu0 = srv.cpu()
@@ -370,7 +371,7 @@ async def amain(args: argparse.Namespace, cmd: str) -> int:
             f"(uncapped {sum(s.output_len for s in raw) / n:.0f})")  # fmt: skip
     print(f"workload {tag}: {desc}", flush=True)
     meta = {"workload": tag, "workload_desc": desc, "dataset": tag, "synthetic": False, "max_model_len": 2048,
-            "prompt_as_text": False, "date": datetime.now().astimezone().isoformat(timespec="seconds"),
+            "token_ids": True, "date": datetime.now().astimezone().isoformat(timespec="seconds"),
             "machine": machine(), "probe_prompt": probes[0].prompt_len,
             "probe_output": probes[0].output_len}  # fmt: skip
     modes = layouts(sorted(os.sched_getaffinity(0)), args.kv_total_mib, args.disagg_splits)

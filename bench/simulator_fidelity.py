@@ -179,7 +179,7 @@ def run_mode(mode: str, args, specs: list[RequestSpec], fit_sets: list[list[Requ
     proc = start_server(flags + ["--step-trace", "1000000"], args.port, sched)
     url = f"http://127.0.0.1:{args.port}"
     try:
-        client = ClientConfig(url, asyncio.run(fetch_model_name(url)), progress=False)
+        client = ClientConfig(url, asyncio.run(fetch_model_name(url)), progress=False, token_ids=True)  # exact lengths
         cal = calibrate(client, specs, prof, tp, args.calibration_requests)
         c = prof.tp[tp]
         iso_prof = dataclasses.replace(prof, tp={**prof.tp, tp: fold_overhead(
