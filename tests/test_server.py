@@ -333,6 +333,16 @@ def test_openai_client_completions_and_chat(server):
     assert chunks[-1].choices == [] and chunks[-1].usage.total_tokens == chat.usage.total_tokens
 
 
+def test_readme_chat_example_gives_sensible_text_at_the_default_sampling(server, capsys):
+    """The README's client snippet, as written (only the address and key differ): the bundled model's own
+    recommended sampling applies, where OpenAI's temperature 1.0 gave garbled text."""
+    readme = open(os.path.join(ROOT, "README.md")).read()
+    snippet = next(b for b in re.findall(r"```python\n(.*?)```", readme, re.S) if "from openai import OpenAI" in b)
+    assert "temperature" not in snippet  # the point: the server's default
+    exec(snippet.replace("http://127.0.0.1:8000/v1", server.url + "/v1").replace('"unused"', repr(KEY)), {})
+    assert capsys.readouterr().out.startswith("Hello! How can I")
+
+
 def test_n_seeds_and_logprobs(server):
     c = server.client()
     r = c.completions.create(model="SmolLM2-135M-Instruct", prompt=["Hi", "Yo"], max_tokens=4, n=2, temperature=1,
