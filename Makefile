@@ -3,7 +3,7 @@
 PY := .venv/bin/python
 STAMP := .venv/.installed
 
-.PHONY: install serve test lint interop bench-engine bench-serving bench-simulator bench-transfer bench-interference clean
+.PHONY: install serve test lint interop loadgen profile plan bench-engine bench-serving bench-simulator bench-transfer bench-interference clean
 
 $(STAMP): requirements.txt requirements-dev.txt pyproject.toml
 	@test -x $(PY) || { echo "==> creating .venv (python3 -m venv)"; python3 -m venv .venv; }
@@ -32,6 +32,17 @@ lint: $(STAMP)
 # guidellm against our server, our loadgen against guidellm's mock and llama.cpp's llama-server (minutes)
 interop: $(STAMP)
 	$(PY) -m bench.interop $(ARGS)
+
+# the load tester against any OpenAI-compatible server, e.g. make loadgen ARGS="--dataset fixed:64:32 --rate 1"
+loadgen: $(STAMP)
+	$(PY) distserve.py bench $(ARGS)
+
+# the latency model of this engine (out/profile.json) and the placement search (out/plan.json)
+profile: $(STAMP)
+	$(PY) distserve.py profile $(ARGS)
+
+plan: $(STAMP)
+	$(PY) distserve.py plan $(ARGS)
 
 bench-engine: $(STAMP)
 	$(PY) -m bench.engine_bench $(ARGS)

@@ -105,7 +105,7 @@ def _observe(st: State, m, reason: str, prompt_tokens: int, output_tokens: int) 
 def _warn_ignored(st: State, names: list[str]) -> None:
     """Unknown fields are ignored (vLLM's behaviour); each name is logged once, not on every request."""
     new = [n for n in names if n not in st.warned_fields]
-    if new:
+    if new and len(st.warned_fields) < 1000:  # bounded: a client inventing names cannot grow it forever
         st.warned_fields.update(new)
         log.warning("ignored unknown request fields: %s (logged once each; --strict-params refuses them)",
                     ", ".join(new))

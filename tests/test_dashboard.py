@@ -143,3 +143,29 @@ async def _drive(url: str, page_url: str, profile: Path, shot: Path) -> None:
     finally:
         await page.ws.close()
         await session.close()
+
+
+def test_live_window_numbers_match_hand_computed_ones():
+    """What the page shows, without a browser: percentiles over successes, attainment over all (a failure misses
+    both SLOs, as in bench/metrics.py), rates over the window, old requests dropped."""
+    from engine.request import Metrics
+    from serving.dashboard import LiveWindow
+
+    def done(ttft: float, tpot_gap: float, n: int) -> Metrics:
+        return Metrics(arrival=0.0, token_times=[ttft + i * tpot_gap for i in range(n)])
+
+    w = LiveWindow(seconds=10.0)
+    w.started -= 10.0  # a server up for the whole window
+    for m in (done(0.1, 0.02, 5), done(0.3, 0.05, 5), done(0.5, 0.01, 1)):
+        w.arrived()
+        w.observe(m, "length", len(m.token_times))
+    w.arrived()
+    w.observe(None, "abort", 0)
+    s = w.snapshot(ttft_slo=0.4, tpot_slo=0.03)
+    assert (s["finished"], s["failed"], s["total_finished"]) == (4, 1, 4)
+    assert s["ttft_ms"]["p50"] == pytest.approx(300.0) and s["tpot_ms"]["p99"] == pytest.approx(49.4, abs=0.01)
+    # TTFT ok: r0, r1; TPOT ok: r0, r2 (one token: no decode phase); both: r0 -- each over all 4
+    assert s["attainment"] == {"ttft": 0.5, "tpot": 0.5, "both": 0.25}
+    assert s["request_rate"] == pytest.approx(0.4) and s["output_tokens_per_s"] == pytest.approx(1.1)
+    later = w.snapshot(0.4, 0.03, now=time.monotonic() + 11.0)  # the window has moved past them all
+    assert later["finished"] == 0 and later["attainment"] is None and later["ttft_ms"]["p50"] is None

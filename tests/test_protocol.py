@@ -312,7 +312,8 @@ def test_cli_help_lists_every_flag(capsys):
     out = capsys.readouterr().out
     for flag in ("--model", "--host", "--port", "--mode", "--prefill-devices", "--decode-devices", "--max-num-seqs",
                  "--kv-cache-memory", "--api-key", "--plan", "--chunked-prefill", "--devices", "--dtype",
-                 "--max-waiting", "--max-body-bytes", "--grace-period", "--log-level", "--served-model-name"):
+                 "--max-waiting", "--max-body-bytes", "--grace-period", "--log-level", "--served-model-name",
+                 "--strict-params", "--default-temperature", "--default-top-p", "--slo-ttft", "--slo-tpot"):
         assert flag in out, flag
 
 
