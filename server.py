@@ -2,21 +2,25 @@
 
     python server.py [--model PATH] [--mode disagg|colocated] [--port 8000] ...   (see --help)
 
-POST /v1/completions, POST /v1/chat/completions (stream: true -> SSE), GET /v1/models, GET /health,
-GET /metrics (serving/metrics.py lists the series), GET /debug/steps (with --step-trace: the recorded steps,
-drained; engine/step_trace.py). The generation path is serving/generate.py (parsing in
-serving/protocol.py, response shapes in serving/responses.py). This file is the app, its lifecycle and the
-CLI; it knows nothing about blocks or devices.
+POST /v1/completions, POST /v1/chat/completions (stream: true -> SSE), GET /v1/models[/{id}], GET /health,
+GET /metrics (serving/metrics.py lists the series), GET /dashboard (live page; its data: GET /dashboard/data,
+serving/dashboard.py), GET /debug/steps (with --step-trace: the recorded steps, drained; scheduler/runtime/trace.py).
+The generation path is serving/generate.py (parsing in serving/protocol.py, response shapes in
+serving/responses.py); one access-log line per request (serving/access_log.py). This file is the app, its
+lifecycle and the CLI; it knows nothing about blocks or devices.
 """
 from __future__ import annotations
 
 import argparse
 import asyncio
+import errno
 import hmac
 import logging
 import os
 import signal
+import socket
 import sys
+import time
 from collections.abc import AsyncIterator
 from dataclasses import replace
 
@@ -25,6 +29,7 @@ from aiohttp import web
 
 from engine.args import EngineArgs
 from engine.config import EngineConfig
+from serving import access_log, dashboard
 from serving.api import EngineClient
 from serving.engine import AsyncEngine
 from serving.generate import chat_completions, completions
@@ -40,7 +45,8 @@ log = logging.getLogger("distserve.server")
 API_KEY_ENV = "API_KEY"
 
 
-_ENDPOINTS = {"/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "/metrics", "/debug/steps"}
+_ENDPOINTS = {"/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "/metrics", "/debug/steps",
+              "/dashboard", "/dashboard/data"}
 
 
 def _error(e: ApiError) -> web.Response:
@@ -56,6 +62,8 @@ async def _middleware(request: web.Request, handler) -> web.StreamResponse:
     st = request.app[STATE]
     resp: web.StreamResponse | None = None
     status = 500
+    error: str | None = None
+    t0 = time.perf_counter()
     try:
         key = st.config.api_key
         if key and request.path.startswith(("/v1/", "/debug/")):
@@ -65,29 +73,43 @@ async def _middleware(request: web.Request, handler) -> web.StreamResponse:
                                "authentication_error", None, "invalid_api_key")
         resp = await handler(request)
     except ApiError as e:
-        resp = _error(e)
+        resp, error = _error(e), e.message
     except web.HTTPException as e:  # router 404/405, aiohttp's own 413
         code = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}.get(e.status)
         msg = f"request body exceeds {st.config.max_body_bytes} bytes" if e.status == 413 else e.reason
-        resp = _error(ApiError(e.status, msg, "invalid_request_error", None, code))
+        resp, error = _error(ApiError(e.status, msg, "invalid_request_error", None, code)), msg
     except asyncio.CancelledError:
         status = 499  # the client went away (nginx's code for it)
         raise
     except Exception:
         log.exception("internal error on %s %s", request.method, request.path)
-        resp = _error(ApiError(500, "internal server error", "server_error", None, "internal_error"))
+        resp, error = _error(ApiError(500, "internal server error", "server_error", None, "internal_error")), None
     finally:
         endpoint = request.path if request.path in _ENDPOINTS else "other"
-        st.metrics.requests.labels(endpoint, str(resp.status if resp is not None else status)).inc()
+        final = resp.status if resp is not None else status
+        st.metrics.requests.labels(endpoint, str(final)).inc()
+        access_log.record(request, final, time.perf_counter() - t0, error)
     return resp
 
 
 
-async def models(request: web.Request) -> web.Response:
-    st = request.app[STATE]
-    card = {"id": st.model, "object": "model", "created": st.created, "owned_by": "distserve",
+def _card(st: State) -> dict:
+    return {"id": st.model, "object": "model", "created": st.created, "owned_by": "distserve",
             "max_model_len": st.engine.max_model_len}
-    return web.Response(body=orjson.dumps({"object": "list", "data": [card]}), content_type="application/json")
+
+
+async def models(request: web.Request) -> web.Response:
+    body = {"object": "list", "data": [_card(request.app[STATE])]}
+    return web.Response(body=orjson.dumps(body), content_type="application/json")
+
+
+async def model_card(request: web.Request) -> web.Response:
+    """GET /v1/models/{id}: the openai client's models.retrieve."""
+    st, name = request.app[STATE], request.match_info["id"]
+    if name not in (st.model, st.engine.model_name):
+        raise ApiError(404, f"model '{name}' does not exist; this server serves '{st.model}'", param="model",
+                       code="model_not_found")
+    return web.Response(body=orjson.dumps(_card(st)), content_type="application/json")
 
 
 async def health(request: web.Request) -> web.Response:
@@ -128,9 +150,13 @@ def create_app(engine: EngineClient, config: ServerConfig | None = None) -> web.
     app.router.add_post("/v1/completions", completions)
     app.router.add_post("/v1/chat/completions", chat_completions)
     app.router.add_get("/v1/models", models)
+    app.router.add_get("/v1/models/{id:.+}", model_card)  # ids may hold slashes (org/name)
     app.router.add_get("/health", health)
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/debug/steps", debug_steps)
+    page, data = dashboard.handlers(STATE)
+    app.router.add_get("/dashboard", page)
+    app.router.add_get("/dashboard/data", data)
     return app
 
 
@@ -156,18 +182,48 @@ async def drain(app: web.Application, runner: web.AppRunner) -> None:
     await runner.cleanup()
 
 
-async def serve(engine: EngineClient, config: ServerConfig) -> int:
+def bind_socket(host: str, port: int) -> socket.socket:
+    """Claim the address before the model loads (seconds), so a busy port is one clear line, not a traceback
+    after the load. Listening at once (another server cannot claim it meanwhile): connections made during the
+    load wait in the backlog and are served when the server is up. OSError says why."""
+    family, kind, proto, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+    sock = socket.socket(family, kind, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as aiohttp does: restart over TIME_WAIT
+    try:
+        sock.bind(addr)
+        sock.listen(socket.SOMAXCONN)
+    except OSError:
+        sock.close()
+        raise
+    sock.setblocking(False)
+    return sock
+
+
+def _bind_error(host: str, port: int, e: OSError) -> str:
+    if e.errno == errno.EADDRINUSE:
+        return (f"cannot listen on {host}:{port}: the address is already in use (another server?); "
+                f"stop it, or choose another --port (--port 0 picks a free one)")
+    if e.errno == errno.EACCES:
+        return f"cannot listen on {host}:{port}: permission denied (ports below 1024 need privileges)"
+    return f"cannot listen on {host}:{port}: {e.strerror or e}"
+
+
+async def serve(engine: EngineClient, config: ServerConfig, sock: socket.socket | None = None) -> int:
+    """Runs until SIGINT/SIGTERM, then drains. sock: an address claimed with bind_socket (else host:port)."""
     app = create_app(engine, config)
-    verbose = log.isEnabledFor(logging.DEBUG)
-    runner = web.AppRunner(app, handler_cancellation=True, access_log=log if verbose else None, shutdown_timeout=2)
+    runner = web.AppRunner(app, handler_cancellation=True, access_log=None, shutdown_timeout=2)  # ours: access_log
     await runner.setup()
-    site = web.TCPSite(runner, config.host, config.port)
+    site = web.SockSite(runner, sock) if sock is not None else web.TCPSite(runner, config.host, config.port)
     await site.start()
     host, port = runner.addresses[0][:2]
     st = app[STATE]
     lines = [f"distserve listening on http://{host}:{port} (model {st.model}, {engine.config.mode}, "
              f"dtype {str(engine.dtype).removeprefix('torch.')}, max context {engine.max_model_len})"]
     lines += [f"  {s.instance}: {s.role} on {s.device}, {s.kv_blocks_total} KV blocks" for s in engine.stats()]
+    sampling = ", ".join(f"{k} {v:g}" for k, v in config.default_sampling.items()) or "OpenAI's (temperature 1)"
+    lines += [f"  default sampling: {sampling}{f' ({config.sampling_source})' if config.sampling_source else ''}",
+              f"  dashboard: http://{host}:{port}/dashboard   (SLOs TTFT {config.slo_ttft:g} s, "
+              f"TPOT {config.slo_tpot:g} s; one log line per request)"]
     print("\n".join(lines), flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -191,8 +247,33 @@ def build_parser() -> argparse.ArgumentParser:
     a("--max-body-bytes", default="1MiB", help="largest accepted request body (413 beyond)")
     a("--grace-period", type=float, default=30.0, help="seconds to let in-flight requests finish on shutdown")
     a("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"), help="logging level")
+
+    g = p.add_argument_group("request surface, sampling defaults and dashboard")
+    g.add_argument("--strict-params", action="store_true",
+                   help="refuse unknown request fields with 400 (OpenAI); default: ignore them with a warning (vLLM)")
+    g.add_argument("--default-temperature", type=float, default=None, metavar="T",
+                   help="temperature for requests that set none (default: the checkpoint's generation config; "
+                        "the bundled model's card says 0.2; else 1.0)")
+    g.add_argument("--default-top-p", type=float, default=None, metavar="P",
+                   help="top_p for requests that set none (default: the checkpoint's, else 1.0)")
+    g.add_argument("--slo-ttft", type=float, default=1.0, metavar="S", help="dashboard TTFT target, seconds")
+    g.add_argument("--slo-tpot", type=float, default=0.1, metavar="S", help="dashboard TPOT target, seconds")
     EngineArgs.add_cli_args(p, mode="disagg")
     return p
+
+
+def default_sampling(args: argparse.Namespace) -> tuple[dict[str, float], str]:
+    """The checkpoint's recommended sampling, overridden by --default-temperature / --default-top-p."""
+    from engine.sampling_defaults import checkpoint_sampling
+
+    defaults, source = checkpoint_sampling(args.model)
+    flags = {k: v for k, v in (("temperature", args.default_temperature), ("top_p", args.default_top_p))
+             if v is not None}
+    if not 0.0 <= flags.get("temperature", 0.0) <= 2.0 or not 0.0 < flags.get("top_p", 1.0) <= 1.0:
+        raise ValueError("--default-temperature must be in [0, 2] and --default-top-p in (0, 1]")
+    if flags:
+        source = "flags" if not defaults else f"flags over {source}"
+    return {**defaults, **flags}, source if defaults or flags else ""
 
 
 def engine_config(args: argparse.Namespace) -> EngineConfig:
@@ -209,16 +290,25 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         ecfg = engine_config(args)
+        sampling, source = default_sampling(args)
         scfg = ServerConfig(host=args.host, port=args.port, api_key=args.api_key or None,
                             served_model_name=args.served_model_name, max_body_bytes=args.max_body_bytes,
-                            grace_period=args.grace_period)
-    except (PlanError, ValueError) as e:
+                            grace_period=args.grace_period, strict_params=args.strict_params,
+                            default_sampling=sampling, sampling_source=source, slo_ttft=args.slo_ttft,
+                            slo_tpot=args.slo_tpot)
+    except (PlanError, ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    try:
+        sock = bind_socket(scfg.host, scfg.port)  # before the model loads: a busy port fails in a second
+    except OSError as e:
+        print(f"error: {_bind_error(scfg.host, scfg.port, e)}", file=sys.stderr)
+        return 2
+    print(f"distserve: loading {args.model or 'the bundled SmolLM2-135M-Instruct'} ...", flush=True)
     engine = AsyncEngine(ecfg)  # loads the model before the loop starts
     import uvloop
 
-    return uvloop.run(serve(engine, scfg))
+    return uvloop.run(serve(engine, scfg, sock))
 
 
 if __name__ == "__main__":

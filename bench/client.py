@@ -18,6 +18,8 @@ from bench.datasets import RequestSpec
 from bench.metrics import MeasuredRequest
 from scheduler.planner.results import tpot_of
 
+ENDPOINTS = {"completions": "/v1/completions", "chat": "/v1/chat/completions"}
+
 
 @dataclass
 class ClientConfig:
@@ -25,14 +27,19 @@ class ClientConfig:
     model: str = ""
     api_key: str | None = None
     request_timeout: float = 600.0  # seconds, whole request including the stream
-    prompt_as_text: bool = False  # send text for servers that do not take token-id prompts
+    token_ids: bool = False  # completions: send the prompt as token ids (exact lengths; not every server takes them)
     max_concurrency: int | None = None  # None: pure open loop
     progress: bool = True
+    endpoint: str = "completions"  # completions | chat (the prompt as one user message)
 
     def __post_init__(self) -> None:
         self.url = self.url.rstrip("/")
         if self.request_timeout <= 0:
             raise ValueError("request_timeout must be > 0")
+        if self.endpoint not in ENDPOINTS:
+            raise ValueError(f"endpoint must be one of {sorted(ENDPOINTS)}, got {self.endpoint!r}")
+        if self.token_ids and self.endpoint == "chat":
+            raise ValueError("token-id prompts need the completions endpoint (chat messages are text)")
 
     def headers(self) -> dict[str, str]:
         h = {"Content-Type": "application/json"}
@@ -42,16 +49,29 @@ class ClientConfig:
 
 
 def request_body(spec: RequestSpec, cfg: ClientConfig) -> dict:
-    prompt: list[int] | str = spec.prompt_text if cfg.prompt_as_text or spec.prompt_ids is None else spec.prompt_ids
+    """What every server we know takes (ours, vLLM, llama.cpp's llama-server, guidellm's mock): text by default."""
+    body: dict = {"model": cfg.model}
+    if cfg.endpoint == "chat":
+        body["messages"] = [{"role": "user", "content": spec.prompt_text}]
+    else:
+        body["prompt"] = spec.prompt_ids if cfg.token_ids and spec.prompt_ids is not None else spec.prompt_text
     return {
-        "model": cfg.model,
-        "prompt": prompt,
+        **body,
         "max_tokens": spec.output_len,
-        "ignore_eos": True,  # the load must be exactly the dataset's output lengths
+        "ignore_eos": True,  # the load must be exactly the dataset's output lengths (vLLM's extension)
         "stream": True,
         "stream_options": {"include_usage": True},
         "temperature": 0,
     }
+
+
+def _has_token(choice: dict, chat: bool) -> bool:
+    """Whether a streamed choice carries output. Chat streams open with a role-only delta (no token yet)."""
+    if chat:
+        delta = choice.get("delta") or {}
+        return bool(delta.get("content") or delta.get("reasoning_content"))
+    # A completions chunk carries a token, except a bare terminator (no text, finish_reason set).
+    return bool(choice.get("text") or choice.get("finish_reason") is None)
 
 
 async def fetch_model_name(url: str, api_key: str | None = None, timeout: float = 10.0) -> str:
@@ -69,7 +89,9 @@ async def _stream(session: aiohttp.ClientSession, spec: RequestSpec, cfg: Client
     """Fills r from one streamed response; raises on transport errors (the caller records them)."""
     token_times: list[float] = []
     usage_tokens: int | None = None
-    async with session.post(f"{cfg.url}/v1/completions", json=request_body(spec, cfg), headers=cfg.headers()) as resp:
+    chat = cfg.endpoint == "chat"
+    url = cfg.url + ENDPOINTS[cfg.endpoint]
+    async with session.post(url, json=request_body(spec, cfg), headers=cfg.headers()) as resp:
         if resp.status != 200:
             body = (await resp.text())[:300]
             r.error = f"HTTP {resp.status}: {body}"
@@ -89,8 +111,7 @@ async def _stream(session: aiohttp.ClientSession, spec: RequestSpec, cfg: Client
             if data.get("usage"):
                 usage_tokens = data["usage"].get("completion_tokens", usage_tokens)
             choices = data.get("choices") or []
-            # A chunk with choices carries a token, except a bare terminator (no text, finish_reason set).
-            if choices and (choices[0].get("text") or choices[0].get("finish_reason") is None):
+            if choices and _has_token(choices[0], chat):
                 token_times.append(now)
     r.end = time.perf_counter() - t0
     if not token_times:

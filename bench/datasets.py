@@ -37,8 +37,8 @@ class Tokenizer(Protocol):
 
 @dataclass
 class RequestSpec:
-    prompt_ids: list[int] | None  # exact prompt tokens (sent by default)
-    prompt_text: str  # sent with --prompt-as-text
+    prompt_ids: list[int] | None  # the prompt's tokens (sent only with --token-ids)
+    prompt_text: str  # what is sent by default; it encodes to prompt_ids under the tokenizer it was built with
     prompt_len: int
     output_len: int  # max_tokens, with ignore_eos
 
@@ -162,9 +162,27 @@ def sample_fixed(tok: Tokenizer, num: int, seed: int, prompt_len: int, output_le
     for _ in range(num):
         # A random rotation per request, so prompts do not share a prefix (no prefix-cache hits).
         start = rng.randrange(len(filler))
-        ids = [filler[(start + j) % len(filler)] for j in range(prompt_len)]
-        specs.append(RequestSpec(ids, tok.decode(ids), prompt_len, output_len))
+        ids, text = exact_text(tok, lambda n, s=start: [filler[(s + j) % len(filler)] for j in range(n)], prompt_len)
+        specs.append(RequestSpec(ids, text, len(ids), output_len))
     return specs
+
+
+def exact_text(tok: Tokenizer, make_ids, n: int, tries: int = 32) -> tuple[list[int], str]:
+    """A text that encodes to exactly n tokens, and those tokens. make_ids(k): k token ids to start from.
+
+    Decoding n ids and encoding the text back can merge or split tokens where the cut falls (BPE), so take
+    a few ids more or fewer until the round trip lands on n; text is what servers that count their own
+    tokens receive, so its length is the one that must be exact."""
+    for k in range(tries):
+        for m in (n + k, n - k) if k else (n,):
+            if m < 1:
+                continue
+            text = tok.decode(make_ids(m))
+            ids = tok.encode(text)
+            if len(ids) == n:
+                return ids, text
+    ids = make_ids(n)
+    return ids, tok.decode(ids)  # no exact round trip found: the ids are still exact (--token-ids)
 
 
 # ---- entry point -------------------------------------------------------------------------------

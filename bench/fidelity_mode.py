@@ -117,7 +117,7 @@ def run_mode(mode: str, args, specs: list[RequestSpec], fit_sets: list[list[Requ
     out = Path(args.out)
     with ServerProcess(server_flags, out / f"server-{mode}.log", port=args.port or None) as server:
         url = server.url
-        client = ClientConfig(url, asyncio.run(fetch_model_name(url)), progress=False)
+        client = ClientConfig(url, asyncio.run(fetch_model_name(url)), progress=False, token_ids=True)  # exact lengths
         cal = calibrate(client, specs, prof, tp, args.calibration_requests)
         c = prof.tp[tp]
         iso_prof = dataclasses.replace(prof, tp={**prof.tp, tp: fold_overhead(

@@ -4,10 +4,15 @@ CLI
   python -m bench.loadgen --url http://127.0.0.1:8000 --dataset sharegpt|humaneval|longbench-synthetic|fixed:IN:OUT
       --num-requests N (--rate R | --rates R1,R2,... | --find-goodput) --arrival poisson|gamma:CV|fixed
       --ttft-slo S --tpot-slo S [--attainment 0.9] [--seed 0] [--out DIR] [--slo-scale 0.5,1,2]
+      [--endpoint completions|chat] [--tokenizer GGUF_OR_HF_DIR] [--token-ids]
   python -m bench.loadgen --plot-only DIR_OR_JSON... [--out X.png]     (same as python -m bench.plots)
+Prompts are sent as text (any OpenAI-compatible server takes it: ours, vLLM, llama.cpp's llama-server,
+guidellm's mock), built so that the tokenizer (--tokenizer: the target model's; default the bundled SmolLM2)
+counts exactly the dataset's lengths; --token-ids sends the token ids instead (completions only).
 Writes DIR/results-<label>-rate<R>.json (every request's timings + summary), DIR/summary.json,
-DIR/attainment-vs-rate.png, DIR/latency-cdf.png and, with --slo-scale, DIR/attainment-vs-slo-scale.png.
-Ctrl-C stops the run and writes what was measured so far (exit status 130).
+DIR/attainment-vs-rate.png, DIR/latency-cdf.png and, with --slo-scale, DIR/attainment-vs-slo-scale.png
+(DIR: out/loadgen by default). Ctrl-C stops the run and writes what was measured so far (exit status 130).
+CPU-sized (2 cores, SmolLM2, ~1 minute): --dataset fixed:64:32 --num-requests 20 --rate 1 --ttft-slo 2 --tpot-slo 0.2
 
 Python API (what `make bench-serving` and the simulator-fidelity benchmark call)
   bench.datasets.load_dataset(name, tokenizer, num, seed, max_model_len, cache_dir) -> list[RequestSpec]
@@ -58,14 +63,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--attainment", type=float, default=0.9, help="target share meeting both SLOs")
     p.add_argument("--slo-scale", type=_floats, default=[], help="e.g. 0.5,1,2: attainment at scaled SLOs")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default="loadgen-out", help="output directory (a .png path with --plot-only)")
+    p.add_argument("--out", default="out/loadgen", help="output directory (a .png path with --plot-only)")
     p.add_argument("--label", help="name of this configuration in files and plots (default: the dataset)")
     p.add_argument("--model", help="default: the first model of GET /v1/models")
     p.add_argument("--api-key")
-    p.add_argument("--tokenizer", help="tokenizer path for engine.loader.load_tokenizer (default model if unset)")
+    p.add_argument("--tokenizer", help="the target model's tokenizer, a GGUF file or HF directory: prompt "
+                   "lengths are counted with it (default: the bundled SmolLM2's)")
     p.add_argument("--max-model-len", type=int, default=2048)
     p.add_argument("--cache-dir", help="processed-dataset cache (default ~/.cache/distserve-bench)")
-    p.add_argument("--prompt-as-text", action="store_true", help="send text prompts instead of token ids")
+    p.add_argument("--endpoint", choices=("completions", "chat"), default="completions",
+                   help="POST /v1/completions, or /v1/chat/completions with the prompt as one user message "
+                   "(the server's chat template adds its own tokens)")
+    p.add_argument("--token-ids", action="store_true",
+                   help="send prompts as token ids (exact lengths; completions only, and not every server takes them)")
     p.add_argument("--request-timeout", type=float, default=600.0, help="seconds per request")
     p.add_argument("--max-concurrency", type=int, help="cap on requests in flight (default: open loop)")
     p.add_argument("--num-gpus", type=int, default=1, help="for per-GPU goodput")
@@ -116,8 +126,8 @@ async def drive(args, specs: list[RequestSpec], meta: dict, state: State) -> Non
                 args.model = ""
         meta["model"] = args.model
         client = ClientConfig(
-            args.url, args.model, args.api_key, args.request_timeout, args.prompt_as_text,
-            args.max_concurrency, progress=not args.no_progress,
+            args.url, args.model, args.api_key, args.request_timeout, args.token_ids,
+            args.max_concurrency, progress=not args.no_progress, endpoint=args.endpoint,
         )  # fmt: skip
         if args.find_goodput:
             cfg = SearchConfig(
@@ -165,7 +175,8 @@ def finish(args, meta: dict, state: State) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     (out / "summary.json").write_text(json.dumps(doc, indent=1))
     title = f"{meta['label']}: dataset {meta['dataset']}" + (" (SYNTHETIC workload)" if meta["synthetic"] else "")
-    title += f", SLO TTFT {args.ttft_slo} s / TPOT {args.tpot_slo} s, target {target:.0%}"
+    slo = lambda x: "none" if x is None else f"{x:g} s ({x * 1000:g} ms)"  # noqa: E731
+    title += f", SLO TTFT {slo(args.ttft_slo)} / TPOT {slo(args.tpot_slo)}, target {target:.0%}"
     print(format_table(sorted(state.runs, key=lambda r: r.rate), title))
     if state.search is not None:
         print(f"goodput: {state.search.goodput:.4g} req/s ({doc['goodput_per_gpu']:.4g} per GPU), "
@@ -189,6 +200,8 @@ def main(argv: list[str] | None = None) -> int:
         build_parser().error("one of --rate, --rates, --find-goodput is required")
     if args.find_goodput and args.ttft_slo is None and args.tpot_slo is None:
         build_parser().error("--find-goodput needs --ttft-slo and/or --tpot-slo")
+    if args.token_ids and args.endpoint == "chat":
+        build_parser().error("--token-ids needs --endpoint completions (chat messages are text)")
     from engine.loader import load_tokenizer  # lazy: the model's tokenizer, only when a run needs it
 
     tokenizer = load_tokenizer(args.tokenizer)
@@ -199,7 +212,8 @@ def main(argv: list[str] | None = None) -> int:
         "label": label, "dataset": args.dataset, "synthetic": synthetic, "url": args.url,
         "num_requests": len(specs), "arrival": str(args.arrival), "seed": args.seed,
         "ttft_slo": args.ttft_slo, "tpot_slo": args.tpot_slo, "attainment_target": args.attainment,
-        "max_model_len": args.max_model_len, "prompt_as_text": args.prompt_as_text, "num_gpus": args.num_gpus,
+        "max_model_len": args.max_model_len, "endpoint": args.endpoint, "token_ids": args.token_ids,
+        "tokenizer": args.tokenizer or "bundled SmolLM2", "num_gpus": args.num_gpus,
     }  # fmt: skip
     state = State()
     try:

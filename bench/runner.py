@@ -63,26 +63,32 @@ def _ms(x: float | None) -> str:
     return "-" if x is None else f"{x * 1000:.1f}"
 
 
+def _s(x: float | None) -> str:
+    return "-" if x is None else f"{x:.2f}"
+
+
 def format_table(runs: list[Run], title: str = "") -> str:
-    """Plain-text table of runs: latencies in ms, attainment in %."""
+    """Plain-text table of runs; the second header row gives each column's unit."""
     cols = [
-        ("rate", 8), ("n", 5), ("fail", 5), ("TTFT p50", 9), ("p90", 8), ("p99", 8), ("TPOT p50", 9),
-        ("p90", 7), ("p99", 7), ("E2E p50", 9), ("p99", 9), ("req/s", 7), ("tok/s", 8),
-        ("att TTFT", 9), ("TPOT", 6), ("both", 6),
+        ("rate", "req/s", 8), ("n", "", 5), ("fail", "", 5), ("TTFT p50", "ms", 9), ("p90", "ms", 8),
+        ("p99", "ms", 8), ("TPOT p50", "ms", 9), ("p90", "ms", 7), ("p99", "ms", 7), ("E2E p50", "s", 9),
+        ("p99", "s", 9), ("done", "req/s", 7), ("output", "tok/s", 8), ("att TTFT", "%", 9), ("TPOT", "%", 6),
+        ("both", "%", 6),
     ]  # fmt: skip
     lines = [title] if title else []
-    lines.append(" ".join(f"{c:>{w}}" for c, w in cols))
+    lines.append(" ".join(f"{c:>{w}}" for c, _, w in cols))
+    lines.append(" ".join(f"{u:>{w}}" for _, u, w in cols))
     for run in runs:
         s = run.summary
         cells = [
             f"{run.rate:.4g}" + ("*" if run.partial else ""), str(s["num_requests"]), str(s["num_failed"]),
             _ms(s["ttft_p50"]), _ms(s["ttft_p90"]), _ms(s["ttft_p99"]),
             _ms(s["tpot_p50"]), _ms(s["tpot_p90"]), _ms(s["tpot_p99"]),
-            _ms(s["e2e_p50"]), _ms(s["e2e_p99"]),
+            _s(s["e2e_p50"]), _s(s["e2e_p99"]),
             f"{s['request_throughput']:.2f}", f"{s['output_token_throughput']:.0f}",
             *(f"{100 * s[k]:.1f}" for k in ("attainment_ttft", "attainment_tpot", "attainment_both")),
         ]  # fmt: skip
-        lines.append(" ".join(f"{c:>{w}}" for c, (_, w) in zip(cells, cols, strict=True)))
+        lines.append(" ".join(f"{c:>{w}}" for c, (_, _, w) in zip(cells, cols, strict=True)))
     errors: dict[str, int] = {}
     for run in runs:
         for e, n in run.summary["errors"].items():

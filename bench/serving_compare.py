@@ -185,7 +185,7 @@ async def amain(args: argparse.Namespace, cmd: str) -> int:
             f"(uncapped {sum(s.output_len for s in raw) / n:.0f})")  # fmt: skip
     print(f"workload {tag}: {desc}", flush=True)
     meta = {"workload": tag, "workload_desc": desc, "dataset": tag, "synthetic": False, "max_model_len": 2048,
-            "prompt_as_text": False, "date": datetime.now().astimezone().isoformat(timespec="seconds"),
+            "token_ids": True, "date": datetime.now().astimezone().isoformat(timespec="seconds"),
             "machine": machine(), "probe_prompt": probes[0].prompt_len,
             "probe_output": probes[0].output_len}  # fmt: skip
     modes = layouts(sorted(os.sched_getaffinity(0)), args.kv_total_mib, args.disagg_splits)

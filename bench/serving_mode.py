@@ -78,7 +78,7 @@ async def metrics(srv: ServerProcess) -> dict[str, float]:
 async def sequential(specs: list[RequestSpec], client: ClientConfig) -> tuple[list[float], list[float]]:
     """Sends specs one at a time (unloaded); returns their TTFTs and TPOTs. Any failure is fatal here."""
     one = ClientConfig(client.url, client.model, request_timeout=client.request_timeout, max_concurrency=1,
-                       progress=False)  # fmt: skip
+                       progress=False, token_ids=client.token_ids)  # fmt: skip
     results = await run_load(specs, [0.0] * len(specs), one)
     bad = [r.error for r in results if not r.finished]
     if bad:
@@ -94,7 +94,8 @@ async def run_mode(mode: Mode, specs: list[RequestSpec], probes: list[RequestSpe
     async with server(mode, args, out / "server.log") as srv:
         model = await fetch_model_name(srv.url)
         meta0.setdefault("model", model)
-        client = ClientConfig(srv.url, model, request_timeout=args.request_timeout, progress=False)
+        # token ids: our own server, exact prompt lengths
+        client = ClientConfig(srv.url, model, request_timeout=args.request_timeout, progress=False, token_ids=True)
         await sequential(probes[: args.warmup], client)  # warm-up: first-call allocations, kernel choice
         await quiet(srv, args.quiet_below, args.quiet_wait)
         cpu0 = cpu(srv)

@@ -64,8 +64,10 @@ class SamplingParams:
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
     logprobs: int | None = None  # None: off; 0: chosen token only; N: chosen + top-N
-    include_stop_str_in_output: bool = False
+    include_stop_str_in_output: bool = False  # stop strings, and stop tokens' text, are kept in the output
     skip_special_tokens: bool = True
+    spaces_between_special_tokens: bool = True  # with skip_special_tokens=False: "<|im_end|> next" (HF slow-tokenizer)
+    min_tokens: int = 0  # EOS, stop_token_ids and stop strings cannot end the output before this many tokens
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -76,6 +78,9 @@ class SamplingParams:
             self.top_k = 0
         checks = [
             (self.max_tokens is None or self.max_tokens >= 1, "max_tokens", "must be at least 1"),
+            (self.min_tokens >= 0, "min_tokens", "must be non-negative"),
+            (self.max_tokens is None or self.min_tokens <= self.max_tokens, "min_tokens",
+             f"must be at most max_tokens ({self.max_tokens})"),
             (self.temperature >= 0.0, "temperature", "must be non-negative"),
             (0.0 < self.top_p <= 1.0, "top_p", "must be in (0, 1]"),
             (self.top_k >= 0, "top_k", "must be -1, 0 (off) or positive"),
@@ -169,7 +174,7 @@ class EngineConfig:
     cache: CacheConfig = field(default_factory=CacheConfig)
     decode_cache: CacheConfig | None = None  # disagg: decode pools of another size (None: same as cache)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
-    step_trace: int = 0  # keep the last N steps' shapes and iteration times (engine/step_trace.py); 0: off
+    step_trace: int = 0  # keep the last N steps' shapes and iteration times (scheduler/runtime/trace.py); 0: off
 
     def __post_init__(self) -> None:
         if self.step_trace < 0:

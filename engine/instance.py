@@ -96,7 +96,7 @@ class Instance:
         self.model = model
         self.attention = make_backend(attention, self.device)
         self.pool = KVPool(model.cfg, cache, model.dtype, self.device, name=name)
-        self.sampler = Sampler(model.cfg.vocab_size, self.device)
+        self.sampler = Sampler(model.cfg.vocab_size, self.device, eos_ids=model.cfg.eos_token_ids)
         self.stream = torch.cuda.Stream(self.device) if kind == "cuda" else None
         self.thread_id: int | None = None
         self.executor = ThreadPoolExecutor(1, thread_name_prefix=name, initializer=self._init_thread)

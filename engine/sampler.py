@@ -4,8 +4,9 @@ One pass of tensor ops for the whole batch; work that only some rows need (penal
 logprobs) runs on just those rows, and rows with a filter off are left bit-for-bit unchanged. Top-k/top-p
 look at each row's top 256 logits; only a row whose nucleus is wider than that sorts the whole vocab.
 
-Order, per row (HF/vLLM): repetition penalty -> presence/frequency penalties -> [logprobs taken here]
--> greedy argmax, or temperature -> top-k -> top-p -> min-p -> sample.
+Order, per row (HF/vLLM): min_tokens (stop tokens banned until then) -> repetition penalty ->
+presence/frequency penalties -> [logprobs taken here] -> greedy argmax, or temperature -> top-k -> top-p
+-> min-p -> sample.
 
 Logprobs are the log-softmax of the logits after penalties and before temperature and the filters:
 the model's distribution as the penalties left it, never flattened or truncated by the sampling knobs.
@@ -27,9 +28,11 @@ _NEG_INF = float("-inf")
 
 
 class Sampler:
-    def __init__(self, vocab_size: int, device: str | torch.device = "cpu", seed: int | None = None) -> None:
+    def __init__(self, vocab_size: int, device: str | torch.device = "cpu", seed: int | None = None,
+                 eos_ids: tuple[int, ...] | list[int] = ()) -> None:
         self.vocab_size = vocab_size
         self.device = torch.device(device)
+        self.eos_ids = frozenset(eos_ids)  # banned with stop_token_ids while a request is under min_tokens
         self.generator = torch.Generator(device=self.device)  # for rows without a seed
         if seed is None:
             self.generator.seed()
@@ -44,11 +47,15 @@ class Sampler:
         penalized = [i for i, p in enumerate(ps) if _has_penalty(p)]
         want_lp = [i for i, p in enumerate(ps) if p.logprobs is not None]
         sampled = [i for i, p in enumerate(ps) if not p.greedy]
-        if not penalized and not want_lp and not sampled:
+        too_short = [i for i, r in enumerate(reqs) if len(r.output_ids) < r.params.min_tokens]
+        if not penalized and not want_lp and not sampled and not too_short:
             # All greedy: just argmax (in float32: CPU argmax over bf16 is ~8x slower than converting first).
             return logits.float().argmax(dim=-1).tolist(), [None] * len(reqs)
 
         x = logits.to(torch.float32, copy=True)  # [B, V]; a copy because everything below is in place
+        for i in too_short:
+            banned = [t for t in self._stop_ids(reqs[i].params) if t < x.shape[1]]
+            x[i, banned] = _NEG_INF
         if penalized:
             _apply_penalties(x, [reqs[i] for i in penalized], penalized)
         if not sampled:
@@ -77,6 +84,9 @@ class Sampler:
                 n = ps[i].logprobs
                 entries[i] = TokenLogprobs(token_list[i], chosen[j], list(zip(top_i[j][:n], top_v[j][:n], strict=True)))
         return token_list, entries
+
+    def _stop_ids(self, p) -> set[int]:
+        return set(p.stop_token_ids) | (set() if p.ignore_eos else self.eos_ids)
 
     def _index(self, rows: list[int]) -> torch.Tensor:
         return torch.tensor(rows, dtype=torch.long, device=self.device)

@@ -27,11 +27,12 @@ class StopRule:
 def check_stop(req: Request, eos_ids: set[int] | frozenset[int], max_model_len: int) -> str | None:
     """Called after a token was appended to req.output_ids: "stop", "length" or None (keep going).
 
-    A stop token wins over a length limit reached on the same step (vLLM does the same).
+    A stop token wins over a length limit reached on the same step (vLLM does the same). Before
+    min_tokens outputs no stop token counts (the sampler keeps them from being drawn at all).
     """
     p = req.params
     last = req.output_ids[-1]
-    if (not p.ignore_eos and last in eos_ids) or last in p.stop_token_ids:
+    if len(req.output_ids) >= p.min_tokens and ((not p.ignore_eos and last in eos_ids) or last in p.stop_token_ids):
         return "stop"
     if (p.max_tokens is not None and len(req.output_ids) >= p.max_tokens) or req.num_tokens >= max_model_len:
         return "length"
@@ -53,14 +54,17 @@ class StopStringMatcher:
         self.held = ""  # text not yet released; only ever a proper prefix of some stop string
         self.matched = False
 
-    def feed(self, delta: str) -> tuple[str, bool]:
-        """Returns (text to release now, matched). After a match everything further is dropped."""
+    def feed(self, delta: str, can_stop: bool = True) -> tuple[str, bool]:
+        """Returns (text to release now, matched). After a match everything further is dropped.
+
+        can_stop=False (min_tokens not reached yet): nothing matches; a tail that may begin a stop string
+        is still held, so a stop string completed by a later delta is found (vLLM's rule)."""
         if self.matched:
             return "", True
         buf = self.held + delta
         # No stop string lay inside `held` (we would have matched), so any match now ends in `delta`.
         best: tuple[int, int] | None = None  # (end, start)
-        for s in self.stops:
+        for s in self.stops if can_stop else ():
             i = buf.find(s)
             if i >= 0 and (best is None or (i + len(s), i) < best):
                 best = (i + len(s), i)

@@ -197,17 +197,34 @@ class Tokenizer:
         """Special-token text (e.g. "<|im_start|>") maps to its id either way, as in HF."""
         return self.backend.encode(text, add_special_tokens=add_special_tokens).ids
 
-    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
-        return self.backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
+    def decode(self, ids: list[int], skip_special_tokens: bool = True,
+               spaces_between_special_tokens: bool = False) -> str:
+        """spaces_between_special_tokens (only when they are shown): a space on each side of a special
+        token, between it and the text or token next to it, as HF's slow tokenizers and vLLM do."""
+        if skip_special_tokens or not spaces_between_special_tokens or not self.special_ids.intersection(ids):
+            return self.backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
+        parts, run = [], []
+        for i in ids:
+            if i in self.special_ids:
+                if run:
+                    parts.append(self.backend.decode(run, skip_special_tokens=False))
+                parts.append(self.backend.decode([i], skip_special_tokens=False))
+                run = []
+            else:
+                run.append(i)
+        if run:
+            parts.append(self.backend.decode(run, skip_special_tokens=False))
+        return " ".join(parts)
 
     def decode_incremental(self, ids: list[int], prefix_offset: int, read_offset: int,
-                           skip_special_tokens: bool = True) -> tuple[str, int, int]:
+                           skip_special_tokens: bool = True,
+                           spaces_between_special_tokens: bool = False) -> tuple[str, int, int]:
         """vLLM/TGI-style streaming: decode ids[prefix_offset:] against ids[prefix_offset:read_offset]
         and return (new text, prefix_offset, read_offset). Text is held back while it ends in an
         incomplete UTF-8 sequence ("\ufffd"). Start a stream with (0, 0), or after a prompt p with
         (max(len(p) - 5, 0), len(p)); a few tokens of left context keep sentencepiece's spaces right."""
-        prefix = self.decode(ids[prefix_offset:read_offset], skip_special_tokens)
-        text = self.decode(ids[prefix_offset:], skip_special_tokens)
+        prefix = self.decode(ids[prefix_offset:read_offset], skip_special_tokens, spaces_between_special_tokens)
+        text = self.decode(ids[prefix_offset:], skip_special_tokens, spaces_between_special_tokens)
         if len(text) > len(prefix) and not text.endswith("\ufffd"):
             return text[len(prefix):], read_offset, len(ids)
         return "", prefix_offset, read_offset

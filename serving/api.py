@@ -51,6 +51,7 @@ class InstanceStats:
     migrating: int  # waiting for their KV to be pulled here
     running: int  # decoding
     swapped: int  # preempted, waiting to resume
+    in_step: int = 0  # requests inside the step (or KV pull) the instance is running now
 
 
 class EngineClient(Protocol):

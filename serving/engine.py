@@ -131,7 +131,7 @@ class AsyncEngine:
         for s, inst in zip(self.slots, self.instances):
             c = self.cluster.counts(s)
             out.append(InstanceStats(s.name, s.role, inst.spec, s.allocator.num_used, s.allocator.num_blocks,
-                                     c.waiting, c.prefilling, c.migrating, c.running, c.swapped))
+                                     c.waiting, c.prefilling, c.migrating, c.running, c.swapped, len(s.in_flight)))
         return out
 
     def check(self) -> None:

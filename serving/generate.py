@@ -15,9 +15,10 @@ import orjson
 from aiohttp import web
 
 from serving import sse
+from serving.access_log import ACCESS
 from serving.api import QueueFullError, RequestOutput
 from serving.protocol import ApiError, GenerateRequest, bad, parse_chat, parse_completion
-from serving.responses import Choice
+from serving.responses import Choice, choice_usage
 from serving.state import STATE, State, unavailable
 
 log = logging.getLogger("distserve.server")
@@ -93,7 +94,22 @@ def _update(st: State, c: Choice, out: RequestOutput) -> None:
     c.num_tokens, c.prompt_tokens = out.num_tokens, len(out.prompt_token_ids)
     if out.finished:
         c.finish_reason = out.finish_reason
-        st.metrics.observe_finished(out.metrics, out.finish_reason, c.prompt_tokens, c.num_tokens)
+        c.metrics = out.metrics
+        _observe(st, out.metrics, out.finish_reason, c.prompt_tokens, c.num_tokens)
+
+
+def _observe(st: State, m, reason: str, prompt_tokens: int, output_tokens: int) -> None:
+    st.metrics.observe_finished(m, reason, prompt_tokens, output_tokens)
+    st.window.observe(m, reason, output_tokens)
+
+
+def _warn_ignored(st: State, names: list[str]) -> None:
+    """Unknown fields are ignored (vLLM's behaviour); each name is logged once, not on every request."""
+    new = [n for n in names if n not in st.warned_fields]
+    if new and len(st.warned_fields) < 1000:  # bounded: a client inventing names cannot grow it forever
+        st.warned_fields.update(new)
+        log.warning("ignored unknown request fields: %s (logged once each; --strict-params refuses them)",
+                    ", ".join(new))
 
 
 async def _generate(request: web.Request, endpoint: str) -> web.StreamResponse:
@@ -101,16 +117,24 @@ async def _generate(request: web.Request, endpoint: str) -> web.StreamResponse:
     if st.phase != "ready":
         raise unavailable(f"server is {st.phase}", st, "unavailable")
     body = await read_json(request, st.config.max_body_bytes)
-    render = st.engine.tokenizer.encode_chat  # token ids: the template's own special tokens, none added
-    req = parse_completion(body) if endpoint == "completions" else parse_chat(body, render)
+    strict, defaults = st.config.strict_params, st.config.default_sampling
+    if endpoint == "completions":
+        req = parse_completion(body, strict, defaults)
+    else:
+        req = parse_chat(body, st.engine.tokenizer.apply_chat_template, strict, defaults)
+        # the template placed every special token: tokenized without adding any (a BOS it wrote is not doubled)
+        req.prompts = [st.engine.tokenizer.encode(p, add_special_tokens=False) for p in req.prompts]
+    _warn_ignored(st, req.ignored)
     if req.model is not None and req.model not in (st.model, st.engine.model_name):
         raise ApiError(404, f"model '{req.model}' does not exist; this server serves '{st.model}'",
                        param="model", code="model_not_found")
     rid = ("cmpl-" if endpoint == "completions" else "chatcmpl-") + uuid.uuid4().hex
     streams = _submit(st, req, rid)
+    st.window.arrived()
     st.handlers += 1
     st.idle.clear()
     choices = [Choice(i) for i in range(len(streams))]
+    request[ACCESS] = {"id": rid, "choices": choices, "prompts": len(req.prompts)}  # what the access log line reports
     try:
         if req.stream:
             return await _stream(request, st, req, rid, streams, choices)
@@ -128,7 +152,7 @@ async def _generate(request: web.Request, endpoint: str) -> web.StreamResponse:
             st.engine.abort(f"{rid}-{k}")
             st.live.discard(f"{rid}-{k}")
             if c.finish_reason is None:  # the client left: its final output is never read, count it here
-                st.metrics.observe_finished(None, "abort", c.prompt_tokens, c.num_tokens)
+                _observe(st, None, "abort", c.prompt_tokens, c.num_tokens)
         st.handlers -= 1
         if not st.handlers:
             st.idle.set()
@@ -139,12 +163,15 @@ async def _stream(request: web.Request, st: State, req: GenerateRequest, rid: st
     chat = req.endpoint == "chat"
     chunk = st.formatter.chat_chunk if chat else st.formatter.completion_chunk
     created, usage = int(time.time()), req.include_usage
+    # vLLM's continuous_usage_stats: every chunk carries its choice's usage so far, not null
+    so_far = (lambda c: choice_usage(c)) if req.continuous_usage else (lambda c: None)  # noqa: E731
     resp = web.StreamResponse(headers=sse.HEADERS)
     await resp.prepare(request)
     merged = _merged(streams)
     try:
         if chat:  # OpenAI opens every choice with a role delta
-            await resp.write(b"".join(sse.event(chunk(rid, created, c, "", None, None, usage)) for c in choices))
+            await resp.write(b"".join(sse.event(chunk(rid, created, c, "", None, None, usage, so_far(c)))
+                                      for c in choices))
         async for i, out in merged:
             c = choices[i]
             _update(st, c, out)
@@ -154,7 +181,8 @@ async def _stream(request: web.Request, st: State, req: GenerateRequest, rid: st
                 return resp
             entries = out.new_logprobs if req.logprobs is not None else None
             if out.new_text or entries or out.finished:
-                await resp.write(sse.event(chunk(rid, created, c, out.new_text, entries, out.finish_reason, usage)))
+                await resp.write(sse.event(chunk(rid, created, c, out.new_text, entries, out.finish_reason, usage,
+                                                 so_far(c))))
         if usage:
             obj = "chat.completion.chunk" if chat else "text_completion"
             await resp.write(sse.event(st.formatter.usage_chunk(rid, created, obj, choices, len(req.prompts))))

@@ -2,9 +2,9 @@
 
 The Cluster (scheduler/runtime/cluster.py) calls `on_token` for every token a step appends and
 `on_finish` once per request; this is the engine's Sink. Text is released incrementally: a stop token
-(EOS, stop_token_ids) is not shown, as in vLLM, and text that may still become a stop string is held
-back until the next token decides (engine/stop.py). Updates carry only what is new (no per-token copy
-of everything so far); the final one carries the whole result.
+(EOS, stop_token_ids) is not shown unless include_stop_str_in_output, as in vLLM, and text that may
+still become a stop string is held back until the next token decides (engine/stop.py). Updates carry
+only what is new (no per-token copy of everything so far); the final one carries the whole result.
 """
 from __future__ import annotations
 
@@ -49,10 +49,10 @@ class OutputProcessor:
         if track is None:
             return None
         token_level = self.rule.check(req)
-        delta = self._detokenize(track, hide_last=token_level == "stop")
+        delta = self._detokenize(track, token_level == "stop" and not req.params.include_stop_str_in_output)
         reason = None
         if track.matcher is not None:
-            delta, matched = track.matcher.feed(delta)
+            delta, matched = track.matcher.feed(delta, len(req.output_ids) >= req.params.min_tokens)
             if matched:
                 reason = "stop"
             elif token_level is not None:
@@ -81,8 +81,9 @@ class OutputProcessor:
         ids = track.req.output_ids[:-1] if hide_last else track.req.output_ids
         if len(ids) <= track.read_offset:
             return ""
+        p = track.req.params
         delta, track.prefix_offset, track.read_offset = self.tokenizer.decode_incremental(
-            ids, track.prefix_offset, track.read_offset, track.req.params.skip_special_tokens)
+            ids, track.prefix_offset, track.read_offset, p.skip_special_tokens, p.spaces_between_special_tokens)
         return delta
 
     @staticmethod

@@ -1,19 +1,29 @@
 """OpenAI request bodies -> validated engine requests. Pure: no engine, no HTTP, tests drive it directly.
 
-Every field a user may send is either used, accepted as a no-op only when its value changes
-nothing (e.g. `echo: false`, `n` via the engine), or refused with a 400 that names it: nothing is
-silently ignored. `null` means "the default", as in OpenAI's API.
+The request surface is OpenAI's plus vLLM's documented extensions (min_tokens, ignore_eos, stop_token_ids,
+include_stop_str_in_output, skip_special_tokens, spaces_between_special_tokens, top_k, min_p,
+repetition_penalty, stream_options.continuous_usage_stats, add_generation_prompt, continue_final_message,
+chat_template_kwargs, documents), declared once as pydantic models below; `null` means "the default"
+wherever OpenAI accepts it. Every field is either used, accepted only at a value that changes nothing
+(e.g. `echo: false`), or refused with a 400 that names it. Fields nobody here knows are ignored and
+reported back (the server logs them: vLLM's behaviour), or refused with a 400 when `strict` (OpenAI's).
 """
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, get_args, get_origin
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from engine.config import SamplingParams
 
 MAX_N = 32  # choices per request: each is an engine request, so bound the fan-out
 MAX_LOGPROBS = 20  # the sampler's limit
+_INT64 = 2**63
+# Sampling fields whose default a server may set (the checkpoint's generation config, or flags).
+DEFAULTABLE = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
+OPENAI_DEFAULTS = {"temperature": 1.0, "top_p": 1.0, "top_k": 0, "min_p": 0.0, "repetition_penalty": 1.0}
 
 
 class ApiError(Exception):
@@ -44,9 +54,10 @@ class GenerateRequest:
     n: int = 1
     stream: bool = False
     include_usage: bool = False
+    continuous_usage: bool = False  # vLLM: usage so far on every stream chunk
     logprobs: int | None = None  # top-N alternatives to report per token; None: no logprobs
     user: str | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
+    ignored: list[str] = field(default_factory=list)  # unknown fields, ignored (not strict)
 
     def choice_params(self, i: int) -> SamplingParams:
         """Params of choice i of a prompt: a fresh copy (the engine fills defaults in), seed + i so seeded
@@ -56,76 +67,61 @@ class GenerateRequest:
         return replace(p, seed=seed, stop=list(p.stop), stop_token_ids=list(p.stop_token_ids))
 
 
-# ---------------- field readers: type and range, with the field's name in every message ----------------
-def _type_name(v: Any) -> str:
-    return "null" if v is None else {bool: "boolean", int: "integer", float: "number", str: "string",
-                                     list: "array", dict: "object"}.get(type(v), type(v).__name__)
+# ---------------- the schema: types and ranges, one declaration each ----------------
+class _Schema(BaseModel):
+    # strict: "8" is not an integer, 1 is not a boolean (OpenAI's API refuses both); extra keys are handled
+    # by _check_fields, with names and modes pydantic's own messages do not give.
+    model_config = ConfigDict(strict=True, extra="allow")
 
 
-def _int(body: dict, name: str, lo: int | None = None, hi: int | None = None) -> int | None:
-    v = body.get(name)
-    if v is None:
-        return None
-    if isinstance(v, bool) or not isinstance(v, int):
-        raise bad(f"'{name}' must be an integer, got {_type_name(v)}", name, "invalid_type")
-    if (lo is not None and v < lo) or (hi is not None and v > hi):
-        rng = f">= {lo}" if hi is None else f"between {lo} and {hi}" if lo is not None else f"<= {hi}"
-        raise bad(f"'{name}' must be {rng}, got {v}", name, "invalid_value")
-    return v
+class StreamOptions(_Schema):
+    include_usage: bool | None = None
+    continuous_usage_stats: bool | None = None
 
 
-def _num(body: dict, name: str, lo: float, hi: float, lo_open: bool = False) -> float | None:
-    v = body.get(name)
-    if v is None:
-        return None
-    if isinstance(v, bool) or not isinstance(v, int | float):
-        raise bad(f"'{name}' must be a number, got {_type_name(v)}", name, "invalid_type")
-    if not ((lo < v if lo_open else lo <= v) and v <= hi):
-        raise bad(f"'{name}' must be in {'(' if lo_open else '['}{lo}, {hi}], got {v}", name, "invalid_value")
-    return float(v)
+class _Sampling(_Schema):
+    """Fields both endpoints take."""
+
+    model: str | None = None
+    stream: bool | None = None
+    stream_options: StreamOptions | None = None
+    n: int | None = Field(None, ge=1, le=MAX_N)
+    max_tokens: int | None = Field(None, ge=1)
+    temperature: float | None = Field(None, ge=0.0, le=2.0)
+    top_p: float | None = Field(None, gt=0.0, le=1.0)
+    top_k: int | None = Field(None, ge=-1)
+    min_p: float | None = Field(None, ge=0.0, le=1.0)
+    seed: int | None = Field(None, ge=-_INT64, lt=_INT64)
+    stop: str | list[str] | None = None
+    presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+    frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+    repetition_penalty: float | None = Field(None, gt=0.0, le=2.0)
+    user: str | None = None
+    # vLLM's sampling extensions
+    ignore_eos: bool | None = None
+    min_tokens: int | None = Field(None, ge=0)
+    stop_token_ids: list[int] | None = None
+    include_stop_str_in_output: bool | None = None
+    skip_special_tokens: bool | None = None
+    spaces_between_special_tokens: bool | None = None
 
 
-def _bool(body: dict, name: str) -> bool | None:
-    v = body.get(name)
-    if v is not None and not isinstance(v, bool):
-        raise bad(f"'{name}' must be a boolean, got {_type_name(v)}", name, "invalid_type")
-    return v
+class CompletionRequest(_Sampling):
+    prompt: Any = None  # string, strings, token ids or lists of them: _prompts() checks, with its own messages
+    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
 
 
-def _str(body: dict, name: str) -> str | None:
-    v = body.get(name)
-    if v is not None and not isinstance(v, str):
-        raise bad(f"'{name}' must be a string, got {_type_name(v)}", name, "invalid_type")
-    return v
+class ChatCompletionRequest(_Sampling):
+    messages: Any = None  # _messages() checks, naming the message and part at fault
+    max_completion_tokens: int | None = Field(None, ge=1)
+    logprobs: bool | None = None
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    # vLLM's chat-template extensions
+    add_generation_prompt: bool | None = None
+    continue_final_message: bool | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
+    documents: list[dict[str, Any]] | None = None
 
-
-def _stop(body: dict) -> list[str]:
-    v = body.get("stop")
-    if v is None:
-        return []
-    stops = [v] if isinstance(v, str) else v
-    if not isinstance(stops, list) or not all(isinstance(s, str) for s in stops):
-        raise bad("'stop' must be a string or an array of strings", "stop", "invalid_type")
-    if any(not s for s in stops):
-        raise bad("'stop' strings must be non-empty", "stop", "invalid_value")
-    return stops
-
-
-def _int_list(body: dict, name: str) -> list[int]:
-    v = body.get(name)
-    if v is None:
-        return []
-    if not isinstance(v, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in v):
-        raise bad(f"'{name}' must be an array of integers", name, "invalid_type")
-    return v
-
-
-# ---------------- fields: used, or accepted only at a value that changes nothing ----------------
-COMMON = {"model", "stream", "stream_options", "n", "max_tokens", "temperature", "top_p", "top_k", "min_p", "seed",
-          "stop", "presence_penalty", "frequency_penalty", "repetition_penalty", "ignore_eos", "user",
-          "stop_token_ids", "skip_special_tokens", "include_stop_str_in_output", "logprobs"}
-COMPLETION_FIELDS = COMMON | {"prompt"}
-CHAT_FIELDS = COMMON | {"messages", "max_completion_tokens", "top_logprobs"}
 
 # Unsupported features: the values at which they are no-ops (so clients that send defaults still work).
 _NOOP: dict[str, Callable[[Any], bool]] = {
@@ -142,86 +138,173 @@ _NOOP: dict[str, Callable[[Any], bool]] = {
     "store": lambda v: v is False,
     "modalities": lambda v: v == ["text"],
     "service_tier": lambda v: v in ("auto", "default"),
+    # vLLM's, at their defaults
+    "use_beam_search": lambda v: v is False,
+    "length_penalty": lambda v: v == 1,
+    "priority": lambda v: v == 0,
+    "allowed_token_ids": lambda v: v == [],
+    "bad_words": lambda v: v == [],
+    "return_tokens_as_token_ids": lambda v: v is False,
+    "request_id": lambda v: isinstance(v, str),  # vLLM's internal id: ours are generated
+    "cache_salt": lambda v: isinstance(v, str),  # no prefix cache here to salt
+    "mm_processor_kwargs": lambda v: v == {},
 }
-_UNSUPPORTED_ANYWHERE = {"metadata", "audio", "prediction", "reasoning_effort", "web_search_options"}
+_UNSUPPORTED_ANYWHERE = {"metadata", "audio", "prediction", "reasoning_effort", "web_search_options",
+                         "guided_json", "guided_regex", "guided_choice", "guided_grammar", "structural_tag",
+                         "guided_decoding_backend", "logits_processors", "prompt_logprobs", "truncate_prompt_tokens",
+                         "chat_template", "vllm_xargs", "kv_transfer_params"}
 
 
-def _check_fields(body: dict, allowed: set[str]) -> None:
+def _check_fields(body: dict, schema: type[BaseModel], strict: bool, prefix: str = "") -> list[str]:
+    """Refuses unsupported features by name; returns the unknown fields (400 instead when strict)."""
+    ignored = []
     for name, value in body.items():
-        if name in allowed or value is None:
+        if name in schema.model_fields or value is None:
             continue
+        where = prefix + name
         if name in _NOOP or name in _UNSUPPORTED_ANYWHERE:
             if name in _NOOP and _NOOP[name](value):
                 continue
-            raise bad(f"'{name}' is not supported by this server", name, "unsupported_parameter")
-        raise bad(f"unknown field '{name}'", name, "unknown_parameter")
+            raise bad(f"'{where}' is not supported by this server", where, "unsupported_parameter")
+        if strict:
+            raise bad(f"unknown field '{where}'", where, "unknown_parameter")
+        ignored.append(where)
+    return ignored
 
 
-def _common(body: dict, endpoint: str, prompts: list, max_tokens: int | None,
-            logprobs: int | None) -> GenerateRequest:
-    stream = bool(_bool(body, "stream"))
-    include_usage = False
+def _validate(schema: type[BaseModel], body: dict, strict: bool) -> tuple[Any, list[str]]:
+    ignored = _check_fields(body, schema, strict)
     opts = body.get("stream_options")
-    if opts is not None:
-        if not stream:
-            raise bad("'stream_options' is only allowed when 'stream' is true", "stream_options")
-        if not isinstance(opts, dict):
-            raise bad("'stream_options' must be an object", "stream_options", "invalid_type")
-        for k in opts:
-            if k != "include_usage":
-                raise bad(f"unknown field 'stream_options.{k}'", f"stream_options.{k}", "unknown_parameter")
-        include_usage = bool(_bool(opts, "include_usage"))
-    model = _str(body, "model")
-    n = _int(body, "n", 1, MAX_N) or 1
-    temperature = _num(body, "temperature", 0.0, 2.0)
-    top_p = _num(body, "top_p", 0.0, 1.0, lo_open=True)
-    top_k = _int(body, "top_k", -1)
-    min_p = _num(body, "min_p", 0.0, 1.0)
-    rep = _num(body, "repetition_penalty", 0.0, 2.0, lo_open=True)
+    if isinstance(opts, dict):
+        ignored += _check_fields(opts, StreamOptions, strict, "stream_options.")
+    try:
+        return schema.model_validate(body), ignored
+    except ValidationError as e:
+        raise _explain(e.errors(include_url=False)[0], body, schema) from None
+
+
+# ---------------- pydantic's verdict -> today's messages: the field, what it must be, what it got ----------------
+def _type_name(v: Any) -> str:
+    return "null" if v is None else {bool: "boolean", int: "integer", float: "number", str: "string",
+                                     list: "array", dict: "object"}.get(type(v), type(v).__name__)
+
+
+_WORDS = {int: ("an integer", "integers"), float: ("a number", "numbers"), bool: ("a boolean", "booleans"),
+          str: ("a string", "strings"), dict: ("an object", "objects")}
+
+
+def _expected(annotation: Any) -> str:
+    """'an integer', 'a string or an array of strings', ... from a field's type."""
+    out = []
+    for t in get_args(annotation) or (annotation,):
+        if t is type(None):
+            continue
+        origin = get_origin(t)
+        if origin is list:
+            out.append(f"an array of {_WORDS.get(get_args(t)[0], ('', 'values'))[1]}")
+        elif origin is dict or (isinstance(t, type) and issubclass(t, BaseModel)):
+            out.append("an object")
+        else:
+            out.append(_WORDS.get(t, (getattr(t, "__name__", str(t)),))[0])
+    return " or ".join(out)
+
+
+def _range(info: Any, integer: bool) -> str:
+    lo = hi = None
+    lo_open = hi_open = False
+    bounds = (("ge", True, False), ("gt", True, True), ("le", False, False), ("lt", False, True))
+    for m in info.metadata:
+        for attr, is_lo, is_open in bounds:
+            v = getattr(m, attr, None)
+            if v is not None:
+                if is_lo:
+                    lo, lo_open = v, is_open
+                else:
+                    hi, hi_open = v, is_open
+    if integer:  # integers read best as plain bounds
+        lo = None if lo is None else lo + lo_open
+        hi = None if hi is None else hi - hi_open
+        return f">= {lo}" if hi is None else f"between {lo} and {hi}" if lo is not None else f"<= {hi}"
+    if hi is None:
+        return f"{'>' if lo_open else '>='} {lo}"
+    return f"in {'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}"
+
+
+def _explain(err: dict, body: dict, schema: type[BaseModel]) -> ApiError:
+    loc = err["loc"]
+    name, value = str(loc[0]), body.get(loc[0])
+    if name == "stream_options" and len(loc) > 1 and loc[1] in StreamOptions.model_fields:
+        schema, name, value = StreamOptions, f"stream_options.{loc[1]}", value.get(loc[1])
+    info = schema.model_fields[name.rsplit(".", 1)[-1]]
+    if err["type"] in ("greater_than", "greater_than_equal", "less_than", "less_than_equal"):
+        integer = int in get_args(info.annotation)
+        return bad(f"'{name}' must be {_range(info, integer)}, got {value}", name, "invalid_value")
+    return bad(f"'{name}' must be {_expected(info.annotation)}, got {_type_name(value)}", name, "invalid_type")
+
+
+# ---------------- from a validated schema to a GenerateRequest ----------------
+def _common(r: _Sampling, endpoint: str, prompts: list, max_tokens: int | None, logprobs: int | None,
+            ignored: list[str], defaults: Mapping[str, float] | None) -> GenerateRequest:
+    stream = bool(r.stream)
+    opts = r.stream_options
+    if opts is not None and not stream:
+        raise bad("'stream_options' is only allowed when 'stream' is true", "stream_options")
+    include_usage = bool(opts and opts.include_usage)
+    stops = [] if r.stop is None else [r.stop] if isinstance(r.stop, str) else r.stop
+    if any(not s for s in stops):
+        raise bad("'stop' strings must be non-empty", "stop", "invalid_value")
+    if r.min_tokens and max_tokens is not None and r.min_tokens > max_tokens:
+        raise bad(f"'min_tokens' ({r.min_tokens}) must be at most the maximum output length ({max_tokens})",
+                  "min_tokens", "invalid_value")
+    sampling = {**OPENAI_DEFAULTS, **(defaults or {})}
+    for name in DEFAULTABLE:
+        if getattr(r, name) is not None:
+            sampling[name] = getattr(r, name)
     kw: dict[str, Any] = dict(
         max_tokens=max_tokens,
-        temperature=1.0 if temperature is None else temperature,
-        top_p=1.0 if top_p is None else top_p,
-        top_k=top_k or 0,
-        min_p=min_p or 0.0,
-        seed=_int(body, "seed"),
-        presence_penalty=_num(body, "presence_penalty", -2.0, 2.0) or 0.0,
-        frequency_penalty=_num(body, "frequency_penalty", -2.0, 2.0) or 0.0,
-        repetition_penalty=1.0 if rep is None else rep,
-        stop=_stop(body),
-        stop_token_ids=_int_list(body, "stop_token_ids"),
-        ignore_eos=bool(_bool(body, "ignore_eos")),
+        temperature=float(sampling["temperature"]),
+        top_p=float(sampling["top_p"]),
+        top_k=int(sampling["top_k"]),
+        min_p=float(sampling["min_p"]),
+        repetition_penalty=float(sampling["repetition_penalty"]),
+        seed=r.seed,
+        presence_penalty=r.presence_penalty or 0.0,
+        frequency_penalty=r.frequency_penalty or 0.0,
+        stop=stops,
+        stop_token_ids=r.stop_token_ids or [],
+        ignore_eos=bool(r.ignore_eos),
+        min_tokens=r.min_tokens or 0,
         logprobs=logprobs,
-        include_stop_str_in_output=bool(_bool(body, "include_stop_str_in_output")),
+        include_stop_str_in_output=bool(r.include_stop_str_in_output),
     )
-    skip = _bool(body, "skip_special_tokens")
-    if skip is not None:
-        kw["skip_special_tokens"] = skip
+    for name in ("skip_special_tokens", "spaces_between_special_tokens"):
+        if getattr(r, name) is not None:
+            kw[name] = getattr(r, name)
     try:
         params = SamplingParams(**kw)
-    except ValueError as e:  # a range the checks above missed: still the client's error
+    except ValueError as e:  # a range the schema missed: still the client's error
         raise bad(str(e)) from None
-    return GenerateRequest(endpoint, model, prompts, params, n=n, stream=stream, include_usage=include_usage,
-                           logprobs=logprobs, user=_str(body, "user"))
+    return GenerateRequest(endpoint, r.model, prompts, params, n=r.n or 1, stream=stream, include_usage=include_usage,
+                           continuous_usage=include_usage and bool(opts.continuous_usage_stats),
+                           logprobs=logprobs, user=r.user, ignored=ignored)
 
 
-def _max_tokens(body: dict, name: str) -> int | None:
-    v = _int(body, name)
-    if v is not None and v <= 0:
-        raise bad(f"'{name}' must be at least 1, got {v}", name, "invalid_value")
-    return v
+def _object(body: Any) -> dict:
+    if not isinstance(body, dict):
+        raise bad(f"request body must be a JSON object, got {_type_name(body)}")
+    return body
 
 
 # ---------------- the two endpoints ----------------
-def parse_completion(body: Any) -> GenerateRequest:
-    """POST /v1/completions. prompt: a string, an array of strings, an array of token ids, or an array of those."""
-    if not isinstance(body, dict):
-        raise bad(f"request body must be a JSON object, got {_type_name(body)}")
-    _check_fields(body, COMPLETION_FIELDS)
-    prompts = _prompts(body.get("prompt"))
-    max_tokens = _max_tokens(body, "max_tokens")
-    logprobs = _int(body, "logprobs", 0, MAX_LOGPROBS)
-    return _common(body, "completions", prompts, 16 if max_tokens is None else max_tokens, logprobs)
+def parse_completion(body: Any, strict: bool = False, defaults: Mapping[str, float] | None = None) -> GenerateRequest:
+    """POST /v1/completions. prompt: a string, an array of strings, an array of token ids, or an array of those.
+
+    strict: unknown fields are a 400 (else ignored, listed in .ignored). defaults: the server's sampling
+    defaults for fields the request leaves out (else OpenAI's)."""
+    r, ignored = _validate(CompletionRequest, _object(body), strict)
+    prompts = _prompts(r.prompt)
+    return _common(r, "completions", prompts, 16 if r.max_tokens is None else r.max_tokens, r.logprobs, ignored,
+                   defaults)
 
 
 def _prompts(v: Any) -> list[str | list[int]]:
@@ -243,23 +326,39 @@ def _prompts(v: Any) -> list[str | list[int]]:
     return v
 
 
-def parse_chat(body: Any, render: Callable[[list[dict]], list[int]]) -> GenerateRequest:
-    """POST /v1/chat/completions. `render` turns validated messages into prompt token ids (the chat template)."""
-    if not isinstance(body, dict):
-        raise bad(f"request body must be a JSON object, got {_type_name(body)}")
-    _check_fields(body, CHAT_FIELDS)
-    messages = _messages(body.get("messages"))
-    mct, mt = _max_tokens(body, "max_completion_tokens"), _max_tokens(body, "max_tokens")
-    lp = _bool(body, "logprobs")
-    top = _int(body, "top_logprobs", 0, MAX_LOGPROBS)
-    if top is not None and not lp:
+def parse_chat(body: Any, render: Callable[..., str], strict: bool = False,
+               defaults: Mapping[str, float] | None = None) -> GenerateRequest:
+    """POST /v1/chat/completions. `render(messages, add_generation_prompt, **template_kwargs)` is the chat
+    template; strict and defaults as in parse_completion."""
+    r, ignored = _validate(ChatCompletionRequest, _object(body), strict)
+    messages = _messages(r.messages)
+    top = r.top_logprobs
+    if top is not None and not r.logprobs:
         raise bad("'top_logprobs' requires 'logprobs' to be true", "top_logprobs")
+    add_gen = r.add_generation_prompt is not False
+    cont = bool(r.continue_final_message)
+    if cont and add_gen:  # vLLM's rule: the two contradict each other (add_generation_prompt defaults to true)
+        raise bad("'continue_final_message' and 'add_generation_prompt' cannot both be true (set "
+                  "'add_generation_prompt': false to continue the last message)", "continue_final_message")
+    if cont and messages[-1]["role"] != "assistant":
+        raise bad("'continue_final_message' needs the last message to be the assistant's", "continue_final_message")
+    kwargs = dict(r.chat_template_kwargs or {})
+    if r.documents is not None:
+        kwargs["documents"] = r.documents
     try:
-        prompt = render(messages)
+        prompt = render(messages, add_gen and not cont, **kwargs)
     except Exception as e:  # template errors (e.g. "roles must alternate") are the messages' fault
         raise bad(f"cannot apply the chat template: {e}", "messages") from None
+    if cont:  # end the prompt right after the last message's text, so the model carries on with it
+        last = messages[-1]["content"]
+        cut = prompt.rfind(last) if last else -1
+        if last and cut < 0:
+            raise bad("cannot continue the final message: the chat template changes its text", "messages")
+        prompt = prompt[: cut + len(last)] if last else prompt
+    mct, mt = r.max_completion_tokens, r.max_tokens
     # chat default: no max_tokens means up to the context window
-    return _common(body, "chat", [prompt], mct if mct is not None else mt, (top or 0) if lp else None)
+    return _common(r, "chat", [prompt], mct if mct is not None else mt, (top or 0) if r.logprobs else None,
+                   ignored, defaults)
 
 
 _ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
@@ -280,9 +379,12 @@ def _messages(v: Any) -> list[dict]:
             what = "is not supported by this server" if role in ("tool", "function") else "is not a valid role"
             raise bad(f"'{where}.role' {role!r} {what}", f"{where}.role")
         for k, val in m.items():
-            if k not in ("role", "content", "name") and val is not None:
+            if k not in ("role", "content", "name") and val is not None and not (k == "tool_calls" and val == []):
                 raise bad(f"'{where}.{k}' is not supported by this server", f"{where}.{k}", "unsupported_parameter")
-        out.append({"role": _ROLES[role], "content": _content(m.get("content"), f"{where}.content")})
+        content = m.get("content")
+        if content is None and role == "assistant":  # OpenAI: an assistant turn may have null content
+            content = ""
+        out.append({"role": _ROLES[role], "content": _content(content, f"{where}.content")})
     return out
 
 

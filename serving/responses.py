@@ -19,6 +19,7 @@ class Choice:
     logprobs: list[TokenLogprobs] = field(default_factory=list)
     finish_reason: str | None = None
     sent_role: bool = False  # chat streams open each choice with a role delta
+    metrics: Any = None  # the engine request's Metrics once finished (TTFT for the access log)
 
 
 class Formatter:
@@ -58,13 +59,13 @@ class Formatter:
 
     # ---------------- streaming chunks ----------------
     def completion_chunk(self, rid: str, created: int, choice: Choice, text: str, entries: list[TokenLogprobs] | None,
-                         finish: str | None, include_usage: bool) -> dict:
+                         finish: str | None, include_usage: bool, usage_so_far: dict | None = None) -> dict:
         lp = self.completion_logprobs(choice, entries) if entries is not None else None
         c = {"index": choice.index, "text": text, "logprobs": lp, "finish_reason": finish}
-        return self._chunk(rid, created, "text_completion", c, include_usage)
+        return self._chunk(rid, created, "text_completion", c, include_usage, usage_so_far)
 
     def chat_chunk(self, rid: str, created: int, choice: Choice, text: str | None, entries: list[TokenLogprobs] | None,
-                   finish: str | None, include_usage: bool) -> dict:
+                   finish: str | None, include_usage: bool, usage_so_far: dict | None = None) -> dict:
         delta: dict[str, Any] = {}
         if not choice.sent_role:
             delta["role"] = "assistant"
@@ -73,12 +74,13 @@ class Formatter:
             delta["content"] = text
         lp = self.chat_logprobs(entries) if entries is not None else None
         c = {"index": choice.index, "delta": delta, "logprobs": lp, "finish_reason": finish}
-        return self._chunk(rid, created, "chat.completion.chunk", c, include_usage)
+        return self._chunk(rid, created, "chat.completion.chunk", c, include_usage, usage_so_far)
 
-    def _chunk(self, rid: str, created: int, obj: str, choice: dict, include_usage: bool) -> dict:
+    def _chunk(self, rid: str, created: int, obj: str, choice: dict, include_usage: bool,
+               usage_so_far: dict | None) -> dict:
         chunk = {"id": rid, "object": obj, "created": created, "model": self.model, "choices": [choice]}
         if include_usage:
-            chunk["usage"] = None  # OpenAI: null on every chunk but the last
+            chunk["usage"] = usage_so_far  # OpenAI: null on every chunk but the last; vLLM's continuous: so far
         return chunk
 
     def usage_chunk(self, rid: str, created: int, obj: str, choices: list[Choice], num_prompts: int) -> dict:
@@ -110,3 +112,9 @@ def usage(choices: list[Choice], num_prompts: int) -> dict:
     prompt = sum(c.prompt_tokens for c in choices[::n]) if n else 0
     completion = sum(c.num_tokens for c in choices)
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+def choice_usage(c: Choice) -> dict:
+    """One choice's usage so far (vLLM's continuous_usage_stats chunks)."""
+    return {"prompt_tokens": c.prompt_tokens, "completion_tokens": c.num_tokens,
+            "total_tokens": c.prompt_tokens + c.num_tokens}

@@ -9,6 +9,7 @@ from aiohttp import web
 
 from engine.config import parse_size
 from serving.api import EngineClient
+from serving.dashboard import LiveWindow
 from serving.metrics import ServerMetrics
 from serving.protocol import ApiError
 from serving.responses import Formatter
@@ -23,6 +24,11 @@ class ServerConfig:
     max_body_bytes: int | str = "1MiB"
     grace_period: float = 30.0  # seconds in-flight requests get to finish on SIGINT/SIGTERM
     retry_after: int = 1  # seconds, on 503 (queue full, not ready, draining)
+    strict_params: bool = False  # unknown request fields: 400 (OpenAI) instead of ignored with a warning (vLLM)
+    default_sampling: dict[str, float] = field(default_factory=dict)  # for fields a request leaves out
+    sampling_source: str = ""  # where default_sampling came from (the banner says)
+    slo_ttft: float = 1.0  # seconds: the dashboard's default SLO targets
+    slo_tpot: float = 0.1
 
     def __post_init__(self) -> None:
         self.max_body_bytes = parse_size(self.max_body_bytes)
@@ -30,6 +36,8 @@ class ServerConfig:
             raise ValueError(f"port must be in [0, 65535], got {self.port}")
         if self.max_body_bytes <= 0 or self.grace_period < 0 or self.retry_after < 0:
             raise ValueError("max_body_bytes must be positive; grace_period and retry_after non-negative")
+        if self.slo_ttft <= 0 or self.slo_tpot <= 0:
+            raise ValueError(f"SLO targets must be positive, got TTFT {self.slo_ttft}, TPOT {self.slo_tpot}")
 
 
 @dataclass
@@ -46,6 +54,8 @@ class State:
     handlers: int = 0  # generation handlers running
     idle: asyncio.Event = field(default_factory=asyncio.Event)
     created: int = field(default_factory=lambda: int(time.time()))
+    window: LiveWindow = field(default_factory=LiveWindow)  # recent requests, for the dashboard
+    warned_fields: set[str] = field(default_factory=set)  # unknown request fields already logged
 
 
 STATE = web.AppKey("state", State)

@@ -6,8 +6,10 @@ request starts being served, then one token every `gap` seconds. With `service` 
 are served FIFO one at a time for `service` seconds each before their first token (a prefill
 queue), so TTFT grows with load exactly as hand-computed; decoding never blocks the queue.
 
-The behaviour of a request is chosen by its prompt's first token id (or "mode:N" as text):
+The behaviour of a request is chosen by its prompt's first token id, or by text "mode:N" (other text: normal):
   1 normal   2 HTTP 500   3 hang   4 no usage chunk   5 error event mid-stream   6 connection cut mid-stream
+POST /v1/chat/completions streams like vLLM: a role-only chunk at once, then content deltas (mode from the
+last message's text).
 """
 
 from __future__ import annotations
@@ -47,6 +49,7 @@ class FakeServer:
         self._stopping = asyncio.Event()
         app = web.Application()
         app.router.add_post("/v1/completions", self._completions)
+        app.router.add_post("/v1/chat/completions", self._completions)
         app.router.add_get("/v1/models", self._models)
         self._runner = web.AppRunner(app)
         await self._runner.setup()
@@ -63,8 +66,12 @@ class FakeServer:
         arrival = loop.time()
         body = await request.json()
         self.bodies.append(body)
-        prompt = body["prompt"]
-        mode = int(prompt.split(":")[1]) if isinstance(prompt, str) else prompt[0]
+        chat = request.path.endswith("/chat/completions")
+        prompt = body["messages"][-1]["content"] if chat else body["prompt"]
+        if isinstance(prompt, str):
+            mode = int(prompt.split(":")[1]) if prompt.startswith("mode:") else NORMAL
+        else:
+            mode = prompt[0]
         if mode == HTTP_500:
             return web.Response(status=500, text="boom")
         if self.service is None:
@@ -75,6 +82,10 @@ class FakeServer:
             first_at = start + self.service
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await resp.prepare(request)
+        if chat:  # the role arrives before any token: it must not count as the first token
+            await _send(resp, {"id": "c", "object": "chat.completion.chunk", "model": body["model"],
+                               "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
+                                            "finish_reason": None}]})
         if mode == HANG:
             await self._stopping.wait()
             return resp
@@ -88,8 +99,11 @@ class FakeServer:
                 request.transport.close()
                 return resp
             finish = "length" if j == n - 1 else None
-            await _send(resp, {"id": "c", "object": "text_completion", "model": body["model"],
-                               "choices": [{"index": 0, "text": f" t{j}", "finish_reason": finish}]})  # fmt: skip
+            if chat:
+                choice = {"index": 0, "delta": {"content": f" t{j}"}, "finish_reason": finish}
+            else:
+                choice = {"index": 0, "text": f" t{j}", "finish_reason": finish}
+            await _send(resp, {"id": "c", "object": "text_completion", "model": body["model"], "choices": [choice]})
         if mode != NO_USAGE:
             await _send(resp, {"id": "c", "choices": [], "usage": {"prompt_tokens": 1, "completion_tokens": n}})
         await resp.write(b"data: [DONE]\n\n")

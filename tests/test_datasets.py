@@ -153,3 +153,13 @@ def test_sharegpt_real_file(tmp_path) -> None:
     assert sharegpt.sharegpt_path().stat().st_size > 100e6
     specs = sample_sharegpt(CharTokenizer(), 20, seed=0, max_model_len=2048, cache_dir=tmp_path)
     assert len(specs) == 20 and all(keep_pair(s.prompt_len, s.output_len, 2048) for s in specs)
+
+
+def test_fixed_text_prompts_have_the_requested_length_under_the_real_tokenizer() -> None:
+    from engine.loader import load_tokenizer
+
+    tok = load_tokenizer()  # the bundled model's (metadata only: no weights)
+    for n in (1, 7, 64, 300):
+        for s in load_dataset(f"fixed:{n}:4", tok, 6, seed=n):
+            assert len(tok.encode(s.prompt_text)) == n == s.prompt_len  # what a text-only server counts
+            assert s.prompt_ids == tok.encode(s.prompt_text)

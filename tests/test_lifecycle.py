@@ -34,7 +34,7 @@ def profile(blocks: int) -> Profile:
 
 
 class _Tok:
-    def decode_incremental(self, ids, prefix_offset, read_offset, skip_special_tokens=True):
+    def decode_incremental(self, ids, prefix_offset, read_offset, skip_special_tokens=True, spaces_between=True):
         return "", prefix_offset, read_offset
 
 

@@ -87,7 +87,7 @@ def test_stream_timings_match_the_script() -> None:
         results = asyncio.run(run_load(specs, [0.0, 0.0, 0.05, 0.1], cfg))
         body = srv.bodies[0]
     assert body["ignore_eos"] is True and body["stream"] is True and body["max_tokens"] == 6
-    assert body["stream_options"] == {"include_usage": True} and body["prompt"] == [NORMAL, 11, 12]
+    assert body["stream_options"] == {"include_usage": True} and body["prompt"] == "mode:1"  # text by default
     assert [r.index for r in results] == [0, 1, 2, 3] and all(r.finished for r in results)
     for r in results[:3]:
         assert 0.1 - 0.003 <= r.ttft <= 0.1 + SLACK
@@ -103,15 +103,26 @@ def test_stream_timings_match_the_script() -> None:
 def test_failures_and_timeouts_are_misses_not_crashes() -> None:
     modes = [NORMAL, HTTP_500, HANG, ERROR_EVENT, CUT, NORMAL]
     with FakeServer(first=0.05, gap=0.01) as srv:
-        cfg = ClientConfig(srv.url, "fake-model", request_timeout=0.5, progress=False, prompt_as_text=True)
+        cfg = ClientConfig(srv.url, "fake-model", request_timeout=0.5, progress=False, token_ids=True)
         results = asyncio.run(run_load([spec(m, 4) for m in modes], [0.0] * 6, cfg))
-        assert srv.bodies[0]["prompt"] == "mode:1"
+        assert srv.bodies[0]["prompt"] == [NORMAL, 11, 12]  # --token-ids
     assert [r.finished for r in results] == [True, False, False, False, False, True]
     assert results[1].error.startswith("HTTP 500") and "boom" in results[1].error
     assert results[2].error == "timeout after 0.5s" and results[2].end == pytest.approx(0.5, abs=SLACK + 0.05)
     assert "engine died" in results[3].error and results[4].error
     s = summarize(results, 10.0, 10.0)
     assert s["num_failed"] == 4 and s["attainment_both"] == pytest.approx(2 / 6)
+
+
+def test_chat_endpoint_times_the_first_content_not_the_role_chunk() -> None:
+    with FakeServer(first=0.1, gap=0.02) as srv:
+        cfg = ClientConfig(srv.url, "fake-model", progress=False, endpoint="chat")
+        (r,) = asyncio.run(run_load([spec(NORMAL, 6)], [0.0], cfg))
+        body = srv.bodies[0]
+    assert body["messages"] == [{"role": "user", "content": "mode:1"}] and "prompt" not in body
+    assert r.finished and r.output_tokens == 6 and 0.1 - 0.003 <= r.ttft <= 0.1 + SLACK
+    with pytest.raises(ValueError, match="completions"):
+        ClientConfig("http://x", endpoint="chat", token_ids=True)
 
 
 def test_connection_refused_is_a_miss() -> None:
@@ -196,6 +207,9 @@ def test_cli_rates_writes_results_summary_and_plots(tmp_path, fake_loader, capsy
     assert {p["scale"]: p["both"] for p in summary["slo_scale"] if p["rate"] == 20} == {0.01: 0.0, 1.0: 1.0}
     table = capsys.readouterr().out
     assert "TTFT p50" in table and "100.0" in table
+    header, units = [ln for ln in table.splitlines() if "TTFT p50" in ln or ln.strip().startswith("req/s")][:2]
+    assert units.split() == ["req/s", "ms", "ms", "ms", "ms", "ms", "ms", "s", "s", "req/s", "tok/s", "%", "%", "%"]
+    assert "SLO TTFT 0.5 s (500 ms) / TPOT 0.1 s (100 ms)" in table
 
 
 def test_ctrl_c_writes_what_was_measured(tmp_path, fake_loader) -> None:

@@ -17,8 +17,10 @@ from serving.protocol import MAX_N, ApiError, parse_chat, parse_completion
 from serving.responses import Choice, Formatter, usage
 
 
-def render(msgs: list[dict]) -> str:
-    return "".join(f"<{m['role']}>{m['content']}" for m in msgs) + "<assistant>"
+def render(msgs: list[dict], add_generation_prompt: bool = True, **kwargs) -> str:
+    """A stand-in chat template: <role>content per message, then the generation prompt; kwargs shown as {k=v}."""
+    extra = "".join(f"{{{k}={v}}}" for k, v in sorted(kwargs.items()))
+    return extra + "".join(f"<{m['role']}>{m['content']}</>" for m in msgs) + ("<assistant>" * add_generation_prompt)
 
 
 def err(fn, *args) -> ApiError:
@@ -91,16 +93,65 @@ def test_noop_values_of_unsupported_features_pass(field, value):
     parse_completion({"prompt": "x", field: value})
 
 
-def test_unknown_field_is_named():
-    e = err(parse_completion, {"prompt": "x", "temprature": 0})
-    assert e.param == "temprature" and "temprature" in e.message
-    assert err(parse_completion, {"prompt": "x", "messages": []}).param == "messages"  # chat-only field
+def test_unknown_fields_are_ignored_and_reported_or_refused_when_strict():
+    body = {"prompt": "x", "temprature": 0, "messages": [], "stream": True, "stream_options": {"x": 1}}
+    r = parse_completion(body)  # vLLM's behaviour: ignored, and the server logs their names
+    assert r.ignored == ["temprature", "messages", "stream_options.x"] and r.params.temperature == 1.0
+    e = err(parse_completion, body, True)  # OpenAI's: --strict-params
+    assert e.param == "temprature" and "temprature" in e.message and e.code == "unknown_parameter"
+    assert err(parse_completion, {"prompt": "x", "messages": []}, True).param == "messages"  # chat-only field
+    e = err(parse_completion, {"prompt": "x", "stream": True, "stream_options": {"x": 1}}, True)
+    assert e.param == "stream_options.x"
 
 
 def test_stream_options():
     assert err(parse_completion, {"prompt": "x", "stream_options": {"include_usage": True}}).param == "stream_options"
-    assert err(parse_completion, {"prompt": "x", "stream": True, "stream_options": {"x": 1}}).param
     assert not parse_completion({"prompt": "x", "stream": True, "stream_options": {}}).include_usage
+    r = parse_completion({"prompt": "x", "stream": True,
+                          "stream_options": {"include_usage": True, "continuous_usage_stats": True}})
+    assert r.include_usage and r.continuous_usage
+    r = parse_completion({"prompt": "x", "stream": True, "stream_options": {"continuous_usage_stats": True}})
+    assert not r.continuous_usage  # vLLM: per-chunk usage only with include_usage
+    e = err(parse_completion, {"prompt": "x", "stream": True, "stream_options": {"continuous_usage_stats": "y"}})
+    assert e.param == "stream_options.continuous_usage_stats" and "boolean" in e.message
+
+
+def test_vllm_sampling_extensions_reach_the_engine_params():
+    r = parse_completion({"prompt": "x", "max_tokens": 9, "min_tokens": 3, "stop_token_ids": [5, 6],
+                          "include_stop_str_in_output": True, "skip_special_tokens": False,
+                          "spaces_between_special_tokens": False, "ignore_eos": True, "repetition_penalty": 1.1})
+    p = r.params
+    assert (p.min_tokens, p.stop_token_ids, p.include_stop_str_in_output) == (3, [5, 6], True)
+    assert (p.skip_special_tokens, p.spaces_between_special_tokens, p.ignore_eos) == (False, False, True)
+    assert p.repetition_penalty == 1.1
+    e = err(parse_completion, {"prompt": "x", "max_tokens": 4, "min_tokens": 5})
+    assert e.param == "min_tokens" and "(4)" in e.message
+    assert err(parse_completion, {"prompt": "x", "min_tokens": -1}).param == "min_tokens"
+
+
+def test_server_sampling_defaults_fill_only_what_the_request_leaves_out():
+    defaults = {"temperature": 0.2, "top_p": 0.9}
+    p = parse_completion({"prompt": "x"}, defaults=defaults).params
+    assert (p.temperature, p.top_p, p.top_k) == (0.2, 0.9, 0)
+    p = parse_completion({"prompt": "x", "temperature": 1.0, "top_p": None}, defaults=defaults).params
+    assert (p.temperature, p.top_p) == (1.0, 0.9)  # null: the default, here the server's
+
+
+@pytest.mark.parametrize("field, value", [
+    ("use_beam_search", False), ("length_penalty", 1.0), ("priority", 0), ("allowed_token_ids", []),
+    ("request_id", "abc"), ("truncate_prompt_tokens", None), ("guided_json", None),
+])
+def test_vllm_fields_at_their_defaults_pass(field, value):
+    assert parse_completion({"prompt": "x", field: value}, True).ignored == []
+
+
+@pytest.mark.parametrize("field, value", [
+    ("use_beam_search", True), ("guided_json", {"type": "object"}), ("allowed_token_ids", [1]),
+    ("truncate_prompt_tokens", 5), ("chat_template", "{{ x }}"),
+])
+def test_vllm_fields_that_would_change_output_are_refused_by_name(field, value):
+    e = err(parse_completion, {"prompt": "x", field: value})
+    assert e.param == field and e.code == "unsupported_parameter"
 
 
 @pytest.mark.parametrize("body", [[], "x", 3, None])
@@ -115,7 +166,7 @@ def test_chat_messages_render_and_defaults():
             {"role": "user", "content": [{"type": "text", "text": "hi "}, {"type": "text", "text": "there"}],
              "name": "bob"}]
     r = parse_chat({"model": "m", "messages": msgs}, render)
-    assert r.prompts == ["<system>be brief<user>hi there<assistant>"]
+    assert r.prompts == ["<system>be brief</><user>hi there</><assistant>"]
     assert r.params.max_tokens is None and r.logprobs is None  # chat default: up to the context window
     r = parse_chat({"messages": msgs, "max_completion_tokens": 4, "max_tokens": 9, "logprobs": True,
                     "top_logprobs": 3}, render)
@@ -139,7 +190,21 @@ def test_chat_messages_render_and_defaults():
     ({"messages": [{"role": "user", "content": "x"}], "prompt": "x"}, "prompt"),
 ])
 def test_bad_chat_requests(body, param):
-    assert err(parse_chat, body, render).param == param
+    assert err(parse_chat, body, render, True).param == param
+
+
+def test_chat_template_extensions():
+    msgs = [{"role": "user", "content": "hi"}]
+    assert parse_chat({"messages": msgs, "add_generation_prompt": False}, render).prompts == ["<user>hi</>"]
+    r = parse_chat({"messages": msgs, "chat_template_kwargs": {"enable_thinking": False}}, render)
+    assert r.prompts == ["{enable_thinking=False}<user>hi</><assistant>"]
+    cont = msgs + [{"role": "assistant", "content": "Once upon"}]
+    r = parse_chat({"messages": cont, "continue_final_message": True, "add_generation_prompt": False}, render)
+    assert r.prompts == ["<user>hi</><assistant>Once upon"]  # open-ended: the model carries on the last turn
+    assert err(parse_chat, {"messages": cont, "continue_final_message": True}, render).param == "continue_final_message"
+    r = parse_chat({"messages": msgs + [{"role": "assistant", "content": None}], "stop": None,
+                    "max_completion_tokens": None}, render)  # null where OpenAI allows it
+    assert r.prompts == ["<user>hi</><assistant></><assistant>"] and r.params.stop == []
 
 
 def test_chat_noops_and_template_errors():
@@ -147,7 +212,7 @@ def test_chat_noops_and_template_errors():
           "response_format": {"type": "text"}, "parallel_tool_calls": False, "store": False}
     parse_chat(ok, render)
 
-    def failing(_msgs):
+    def failing(_msgs, *args, **kwargs):
         raise ValueError("Conversation roles must alternate")
     assert "alternate" in err(parse_chat, {"messages": [{"role": "user", "content": "x"}]}, failing).message
 
@@ -265,7 +330,8 @@ def test_cli_help_lists_every_flag(capsys):
     out = capsys.readouterr().out
     for flag in ("--model", "--host", "--port", "--mode", "--prefill-devices", "--decode-devices", "--max-num-seqs",
                  "--kv-cache-memory", "--api-key", "--plan", "--chunked-prefill", "--devices", "--dtype",
-                 "--max-waiting", "--max-body-bytes", "--grace-period", "--log-level", "--served-model-name"):
+                 "--max-waiting", "--max-body-bytes", "--grace-period", "--log-level", "--served-model-name",
+                 "--strict-params", "--default-temperature", "--default-top-p", "--slo-ttft", "--slo-tpot"):
         assert flag in out, flag
 
 
@@ -298,3 +364,22 @@ def test_cli_plan_needing_tensor_parallelism_exits_2(tmp_path, capsys):
             "devices": {"prefill_devices": ["cpu"], "decode_devices": ["cpu"]}}
     assert server.main(["--plan", _plan(tmp_path, plan)]) == 2
     assert "plan needs tensor parallelism 2" in capsys.readouterr().err
+
+
+# ---------------- what real clients send (recorded: python -m bench.interop --capture) ----------------
+PAYLOADS = json.loads(open(os.path.join(os.path.dirname(__file__), "data", "client_payloads.json")).read())
+RECORDED = [(client, path, body) for client, bodies in PAYLOADS.items() if client != "_"
+            for path, body in bodies.items()]
+
+
+@pytest.mark.parametrize("client, path, body", RECORDED, ids=[f"{c}{p}" for c, p, _ in RECORDED])
+def test_recorded_client_bodies_parse_even_under_strict_params(client, path, body):
+    """guidellm sends vLLM's extensions (continuous_usage_stats, ignore_eos, max_completion_tokens); every field
+    each client sends is one we know, so they work under --strict-params too."""
+    def parse(b):
+        return parse_completion(b, True) if path == "/v1/completions" else parse_chat(b, render, True)
+
+    req = parse(body)
+    assert req.params.ignore_eos and req.params.max_tokens == 4 and req.stream and req.include_usage
+    assert req.continuous_usage == client.startswith("guidellm") and not req.ignored
+    assert parse({**body, "stop": None}).params.stop == []  # the issue's report: guidellm may send stop: null

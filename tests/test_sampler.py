@@ -259,3 +259,16 @@ def test_zero_probability_tokens_never_chosen():
     logits[allowed] = torch.tensor([0.0, -5.0, 1.0, -8.0, -3.0])
     toks, _ = Sampler(v, seed=0)(logits.expand(5000, -1).contiguous(), [_req() for _ in range(5000)])
     assert set(toks) <= set(allowed) and len(set(toks)) >= 4
+
+
+def test_min_tokens_bans_eos_and_stop_token_ids_until_reached():
+    logits = torch.full((1, 4), -5.0)
+    logits[0, 2], logits[0, 3], logits[0, 1] = 9.0, 8.0, 1.0  # EOS (2) best, then stop id 3, then 1
+    sampler = Sampler(4, eos_ids=(2,))
+    early = _req(output=[0], temperature=0.0, min_tokens=2, stop_token_ids=[3])
+    assert sampler(logits, [early])[0] == [1]
+    assert sampler(logits, [_req(output=[0, 0], temperature=0.0, min_tokens=2)])[0] == [2]  # reached
+    ignore = _req(output=[0], temperature=0.0, min_tokens=2, ignore_eos=True)
+    assert sampler(logits, [ignore])[0] == [2]  # ignore_eos: EOS is an ordinary token, not banned
+    for tok in sampler(logits.expand(64, -1).contiguous(), [_req(output=[0], min_tokens=2) for _ in range(64)])[0]:
+        assert tok != 2  # sampled rows too

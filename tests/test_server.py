@@ -8,8 +8,13 @@ so ties could flip between a batch of 64 and the offline batch.
 from __future__ import annotations
 
 import asyncio
+import logging
+import os
 import re
 import signal
+import socket
+import subprocess
+import sys
 import threading
 import time
 import urllib.error
@@ -27,6 +32,7 @@ from server import STATE, ServerConfig, create_app, drain, health
 from serving import sse
 from serving.api import InstanceStats, QueueFullError, RequestOutput
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 KEY = "test-key"
 PROMPTS = ["Hello, my name is", "The capital of France is", "1, 2, 3, 4,", "Once upon a time", "def fib(n):",
            "The weather today", "My favourite food is", "In 1969, humans"]
@@ -37,8 +43,14 @@ class _Tok:
     def decode(self, ids, skip_special_tokens=True):
         return "".join(f"<{i}>" for i in ids)
 
-    def encode_chat(self, messages, add_generation_prompt=True):  # characters as token ids
-        return [ord(c) for c in " ".join(m["content"] for m in messages)]
+    def apply_chat_template(self, messages, add_generation_prompt=True, **kwargs):
+        return " ".join(m["content"] for m in messages)
+
+    def encode(self, text, add_special_tokens=False):  # characters as token ids
+        return [ord(c) for c in text]
+
+    def encode_chat(self, messages, add_generation_prompt=True, **kwargs):
+        return self.encode(self.apply_chat_template(messages, add_generation_prompt, **kwargs))
 
 
 class FakeEngine:
@@ -50,7 +62,7 @@ class FakeEngine:
     step_trace = None  # --step-trace off
 
     def __init__(self) -> None:
-        self.tokenizer, self.aborted, self.waiters, self.prompts = _Tok(), [], {}, []
+        self.tokenizer, self.aborted, self.waiters, self.prompts, self.params = _Tok(), [], {}, [], []
 
     async def start(self) -> None: ...
 
@@ -69,6 +81,7 @@ class FakeEngine:
         prompt = prompt if isinstance(prompt, str) else "".join(map(chr, prompt))
         if prompt == "full":
             raise QueueFullError("admission queue full (9 waiting)")
+        self.params.append(params)
         return self._stream(prompt, params, request_id)
 
     async def _stream(self, prompt, params, rid):
@@ -134,6 +147,90 @@ def test_step_trace_endpoint_is_404_when_tracing_is_off():
         assert r.status == 404
         assert "--step-trace" in (await r.json())["error"]["message"]
     _in_process(test)
+
+
+def test_one_access_log_line_per_request(caplog):
+    async def test(app, client):
+        with caplog.at_level(logging.INFO, logger="distserve.access"):
+            assert (await client.post("/v1/completions", json={"prompt": "ok", "max_tokens": 3})).status == 200
+            assert (await client.post("/v1/completions", json={"prompt": "ok", "temperature": 9})).status == 400
+            assert (await client.get("/health")).status == 200  # polling endpoints: DEBUG only
+        lines = [r.getMessage() for r in caplog.records if r.name == "distserve.access"]
+        assert len(lines) == 2, lines
+        assert re.match(r'127\.0\.0\.1 "POST /v1/completions" 200 \d+\.\d\ds prompt=2 completion=3 finish=length '
+                        r"id=cmpl-\w+$", lines[0]), lines[0]
+        assert '"POST /v1/completions" 400' in lines[1] and "error=\"'temperature' must be in [0.0, 2.0]" in lines[1]
+    _in_process(test)
+
+
+def test_models_retrieve_by_id():
+    async def test(app, client):
+        r = await client.get("/v1/models/fake")
+        assert r.status == 200 and (await r.json())["id"] == "fake"
+        r = await client.get("/v1/models/org/other")
+        assert r.status == 404 and (await r.json())["error"]["code"] == "model_not_found"
+    _in_process(test)
+
+
+def test_unknown_fields_warn_once_by_default_and_are_refused_under_strict_params(caplog):
+    body = {"prompt": "ok", "max_tokens": 1, "frobnicate": 1}
+
+    async def lenient(app, client):
+        with caplog.at_level(logging.WARNING, logger="distserve.server"):
+            for _ in range(2):
+                assert (await client.post("/v1/completions", json=body)).status == 200
+        warned = [r.getMessage() for r in caplog.records if "frobnicate" in r.getMessage()]
+        assert len(warned) == 1 and "--strict-params" in warned[0]  # once, not per request
+
+    async def strict(app, client):
+        r = await client.post("/v1/completions", json=body)
+        err = (await r.json())["error"]
+        assert r.status == 400 and (err["param"], err["code"]) == ("frobnicate", "unknown_parameter")
+    _in_process(lenient)
+    _in_process(strict, strict_params=True)
+
+
+def test_server_default_sampling_applies_where_the_request_sets_none():
+    async def test(app, client):
+        await client.post("/v1/completions", json={"prompt": "ok", "max_tokens": 1})
+        await client.post("/v1/completions", json={"prompt": "ok", "max_tokens": 1, "temperature": 1.0})
+        p = app[STATE].engine.params
+        assert [(x.temperature, x.top_p) for x in p] == [(0.2, 0.9), (1.0, 0.9)]
+    _in_process(test, default_sampling={"temperature": 0.2, "top_p": 0.9})
+
+
+PAYLOADS = orjson.loads(open(os.path.join(ROOT, "tests", "data", "client_payloads.json"), "rb").read())
+GUIDELLM = [(path, body) for client, bodies in PAYLOADS.items() if client.startswith("guidellm")
+            for path, body in bodies.items()]
+
+
+@pytest.mark.parametrize("path, body", GUIDELLM, ids=[p for p, _ in GUIDELLM])
+def test_guidellm_bodies_stream_with_usage_on_every_chunk(path, body):
+    """The exact bodies guidellm 0.8 sends (it got 400 for all of them before): 200, and vLLM's
+    continuous_usage_stats: each chunk's usage counts the tokens so far, then the usage chunk, then [DONE]."""
+    async def test(app, client):
+        r = await client.post(path, json={**body, "model": "fake"})
+        assert r.status == 200, await r.text()
+        events = sse.parse(await r.read())
+        chunks = [orjson.loads(e) for e in events[:-1]]
+        assert events[-1] == b"[DONE]" and chunks[-1]["choices"] == []
+        assert chunks[-1]["usage"] == {"prompt_tokens": 2, "completion_tokens": 4, "total_tokens": 6}
+        with_tokens = [c["usage"]["completion_tokens"] for c in chunks[:-1]]
+        assert with_tokens[-4:] == [1, 2, 3, 4]
+    _in_process(test)
+
+
+def test_busy_port_is_one_line_before_the_model_loads():
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        r = subprocess.run([sys.executable, "server.py", "--port", str(port)], cwd=ROOT, capture_output=True,
+                           text=True, timeout=120)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert r.stderr.strip() == (f"error: cannot listen on 127.0.0.1:{port}: the address is already in use (another "
+                                "server?); stop it, or choose another --port (--port 0 picks a free one)")
+    assert "loading" not in r.stdout  # it failed before the model load
 
 
 def test_drain_aborts_what_outlives_the_grace_period():
@@ -208,6 +305,8 @@ def test_banner_models_and_health(server):
     assert re.search(r"prefill0: prefill on cpu\S*", banner) and re.search(r"decode1: decode on cpu\S*", banner)
     models = server.client().models.list().data
     assert [m.id for m in models] == ["SmolLM2-135M-Instruct"]
+    assert server.client().models.retrieve("SmolLM2-135M-Instruct").id == "SmolLM2-135M-Instruct"
+    assert "default sampling: temperature 0.2, top_p 0.9 (the bundled model's card)" in banner
     assert http("GET", server.url + "/health", key=None)[0] == 200
 
 
@@ -232,6 +331,16 @@ def test_openai_client_completions_and_chat(server):
     assert chunks[0].choices[0].delta.role == "assistant"
     assert "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices) == chat.choices[0].message.content
     assert chunks[-1].choices == [] and chunks[-1].usage.total_tokens == chat.usage.total_tokens
+
+
+def test_readme_chat_example_gives_sensible_text_at_the_default_sampling(server, capsys):
+    """The README's client snippet, as written (only the address and key differ): the bundled model's own
+    recommended sampling applies, where OpenAI's temperature 1.0 gave garbled text."""
+    readme = open(os.path.join(ROOT, "README.md")).read()
+    snippet = next(b for b in re.findall(r"```python\n(.*?)```", readme, re.S) if "from openai import OpenAI" in b)
+    assert "temperature" not in snippet  # the point: the server's default
+    exec(snippet.replace("http://127.0.0.1:8000/v1", server.url + "/v1").replace('"unused"', repr(KEY)), {})
+    assert capsys.readouterr().out.startswith("Hello! How can I")
 
 
 def test_n_seeds_and_logprobs(server):

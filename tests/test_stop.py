@@ -110,3 +110,19 @@ def test_no_stops_releases_everything():
     m = StopStringMatcher([])
     assert m.feed("abc") == ("abc", False)
     assert m.flush() == ""
+
+
+def test_min_tokens_holds_off_every_stop_but_length():
+    assert check_stop(_req([2], max_tokens=10, min_tokens=2), EOS, 100) is None  # EOS too early
+    assert check_stop(_req([7], max_tokens=10, min_tokens=2, stop_token_ids=[7]), EOS, 100) is None
+    assert check_stop(_req([5, 2], max_tokens=10, min_tokens=2), EOS, 100) == "stop"
+    assert check_stop(_req([5, 6], max_tokens=2, min_tokens=2), EOS, 100) == "length"
+    with pytest.raises(ValueError, match="min_tokens"):
+        SamplingParams(max_tokens=2, min_tokens=3)
+
+
+def test_stop_string_before_min_tokens_is_text_and_one_completed_after_it_stops():
+    m = StopStringMatcher(["END"])
+    assert m.feed("a END b", can_stop=False) == ("a END b", False)  # too early: released as text
+    assert m.feed("E", can_stop=False) == ("", False)  # may begin a stop string: held
+    assert m.feed("ND!", can_stop=True) == ("", True)  # completed once stopping is allowed

@@ -101,6 +101,13 @@ def test_decode_round_trips(tok: Tokenizer, ref) -> None:
     ids = tok.encode("<|im_start|>user\nhi<|im_end|>")
     assert tok.decode(ids) == "user\nhi"
     assert tok.decode(ids, skip_special_tokens=False) == "<|im_start|>user\nhi<|im_end|>"
+    spaced = "<|im_start|> user\nhi <|im_end|> <|im_end|>"  # HF slow tokenizers' (and vLLM's) spacing
+    assert tok.decode(ids + ids[-1:], skip_special_tokens=False, spaces_between_special_tokens=True) == spaced
+    out, prefix, read = "", 0, 0
+    for n in range(1, len(ids) + 2):
+        delta, prefix, read = tok.decode_incremental((ids + ids[-1:])[:n], prefix, read, False, True)
+        out += delta
+    assert out == spaced  # streamed, the same text
 
 
 def stream(tok: Tokenizer, ids: list[int], start: int = 0) -> list[str]:
