@@ -16,7 +16,7 @@ def test_console_script_is_declared(request):
 
 @pytest.mark.parametrize("argv, flag", [(["serve", "--help"], "--strict-params"), (["bench", "--help"], "--dataset"),
                                         (["bench", "interop", "--help"], "--checks"),
-                                        (["plan", "--help"], "--ttft-slo")])
+                                        (["plan", "--help"], "--ttft-slo"), (["simulate", "--help"], "--requests")])
 def test_subcommands_run_their_module(argv, flag, capsys):
     with pytest.raises(SystemExit) as e:
         distserve.main(argv)
