@@ -58,8 +58,9 @@ class EngineArgs:
     max_prefill_tokens: int = _h("prompt tokens per prefill batch (FCFS)", 4096)
     max_prefill_seqs: int = _h("prompts per prefill batch", 64)
     chunk_budget: int = _h("--chunked-prefill: tokens per step (decode tokens first, then prompt chunks)", 512)
-    max_waiting: int = _h("admission queue bound in requests; beyond it requests get 503 with Retry-After", 4096)
-    max_waiting_tokens: int | None = _h("admission queue bound in queued prompt tokens (default: none)", None)
+    max_waiting: int = _h("admission bound: requests admitted and not decoding yet (queued for or in prefill, or "
+                          "waiting for a decode slot); beyond it new requests get 503 with Retry-After at once", 4096)
+    max_waiting_tokens: int | None = _h("admission bound in those requests' prompt tokens (default: none)", None)
     step_timeout: float = _h("seconds a step may run before its instance counts as hung: its requests fail and "
                              "it leaves dispatch (0: no deadline)", 120.0)
     transfer_timeout: float = _h("seconds a KV pull may run before its decode instance counts as hung "

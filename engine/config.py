@@ -137,8 +137,8 @@ class SchedulerConfig:
     max_prefill_tokens: int = 4096  # prompt tokens per prefill batch
     max_prefill_seqs: int = 64  # prompts per prefill batch
     chunk_budget: int = 512  # tokens per step in chunked-prefill mode (decode + prompt chunks)
-    max_waiting: int = 4096  # admission queue bound (server answers 503 beyond)
-    max_waiting_tokens: int | None = None  # ... and in queued prompt tokens (None: no token bound)
+    max_waiting: int = 4096  # admission bound: requests not decoding yet (server answers 503 beyond)
+    max_waiting_tokens: int | None = None  # ... and their prompt tokens (None: no token bound)
 
     def __post_init__(self) -> None:
         for name in ("max_num_seqs", "max_prefill_tokens", "max_prefill_seqs", "chunk_budget", "max_waiting"):

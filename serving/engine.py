@@ -33,7 +33,7 @@ from engine.instance import GIL_SWITCH_INTERVAL_S, Worker, build_instances
 from engine.loader import Checkpoint, load_checkpoint
 from engine.request import Request
 from engine.stop import StopRule
-from scheduler.runtime.cluster import Cluster, Execute, Pull, Slot, make_policy, queued_tokens
+from scheduler.runtime.cluster import Cluster, Execute, Pull, Slot, make_policy
 from scheduler.runtime.trace import StepTrace
 from serving.api import EngineUnavailableError, InstanceStats, QueueFullError, RequestOutput
 from serving.outputs import OutputProcessor
@@ -110,12 +110,12 @@ class AsyncEngine:
         return stream
 
     def _admit(self, prompt_tokens: int) -> None:
-        """The admission bounds: QueueFullError beyond max_waiting requests or max_waiting_tokens queued."""
+        """The admission bounds, over the requests not decoding yet: QueueFullError beyond max_waiting of them,
+        or beyond max_waiting_tokens of their prompt tokens (one prompt alone always fits)."""
         cfg = self.config.scheduler
-        waiting = sum(self.cluster.counts(s).waiting for s in self.cluster.entry)
+        waiting, tokens = self.cluster.queued()
         if waiting >= cfg.max_waiting:
             raise QueueFullError(f"admission queue full ({waiting} requests waiting)")
-        tokens = sum(queued_tokens(s.policy) for s in self.cluster.entry)
         if cfg.max_waiting_tokens is not None and tokens and tokens + prompt_tokens > cfg.max_waiting_tokens:
             raise QueueFullError(f"admission queue full ({tokens} prompt tokens waiting)")
 

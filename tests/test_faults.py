@@ -17,7 +17,7 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from engine.config import CacheConfig, EngineConfig, FaultConfig, SamplingParams, SchedulerConfig
 from engine.loader import Checkpoint
-from scheduler.runtime.cluster import Execute, queued_tokens
+from scheduler.runtime.cluster import Execute
 from server import ServerConfig, create_app
 from serving import sse
 from serving.api import EngineUnavailableError, QueueFullError
@@ -98,14 +98,18 @@ def test_last_decode_instance_gone_ends_everything_and_says_so():
     assert sorted(ended) == [(f"r{i}", "error") for i in range(3)] and _blocks_free(cluster)
 
 
-def test_queued_tokens_counts_prompts_not_started():
+def test_the_admission_queue_is_every_request_not_decoding_yet():
     cluster, _ = _cluster(["prefill", "decode"], blocks=5)
-    pre = cluster.slots[0]
+    pre, dec = cluster.slots
     for i, n in enumerate((40, 30, 60)):
         cluster.add(req(f"r{i}", n))
-    assert queued_tokens(pre.policy) == 130
-    cluster.next_action(pre)  # 40 + 30 fit the 5 blocks (3 + 2); 60 waits
-    assert queued_tokens(pre.policy) == 60
+    assert cluster.queued() == (3, 130)
+    step = cluster.next_action(pre)  # 40 + 30 fit the 5 blocks (3 + 2); 60 waits
+    cluster.executed(pre, step.step, [])
+    assert cluster.queued() == (3, 130)  # two wait for a decode slot now
+    for pull in cluster.next_action(dec):
+        cluster.pulled(pull, 1)
+    assert cluster.queued() == (1, 60)  # decoding: no longer queued
 
 
 # ================= the engine: faults injected into real instances =================
@@ -278,14 +282,14 @@ def test_the_admission_bound_in_tokens_refuses_at_once(tiny):
         await asyncio.sleep(0.05)
         queued = [engine.add_request(list(range(3, 33)), params(), f"q{i}") for i in range(3)]  # 90 tokens
         t = time.perf_counter()
-        with pytest.raises(QueueFullError, match="90 prompt tokens waiting"):
+        with pytest.raises(QueueFullError, match="130 prompt tokens waiting"):
             engine.add_request(list(range(3, 20)), params(), "over")
         took = time.perf_counter() - t
         for s in [first, *queued]:
             await s.aclose()
         return took
 
-    assert run(tiny, config(scheduler=SchedulerConfig(max_waiting_tokens=100), step_timeout=0.5), body) < 0.01
+    assert run(tiny, config(scheduler=SchedulerConfig(max_waiting_tokens=140), step_timeout=0.5), body) < 0.01
 
 
 # ================= over HTTP: clear errors, /health, fail fast =================
@@ -333,3 +337,23 @@ def test_faults_over_http_error_event_then_done_500_health_and_fail_fast(tiny):
         assert count['distserve_request_finish_total{reason="error"}'] == 3
 
     _http(tiny, config(transfer_timeout=0.3), test)
+
+
+def test_overload_over_http_is_503_with_retry_after_at_once(tiny):
+    body = {"prompt": list(range(3, 43)), "max_tokens": 4, "ignore_eos": True, "temperature": 0}
+
+    async def test(engine, client):
+        engine.instances[0].arm("step", "hang")  # the first prompt holds the prefill instance: the queue fills
+        held = [asyncio.create_task(client.post("/v1/completions", json=body)) for _ in range(2)]
+        while engine.cluster.queued()[0] < 2:
+            await asyncio.sleep(0.01)
+        t = time.perf_counter()
+        r = await client.post("/v1/completions", json=body)
+        took = time.perf_counter() - t
+        assert r.status == 503 and r.headers["Retry-After"] == "1" and took < 0.5
+        assert (await r.json())["error"]["code"] == "queue_full"
+        for h in held:
+            h.cancel()
+        await asyncio.gather(*held, return_exceptions=True)
+
+    _http(tiny, config(scheduler=SchedulerConfig(max_waiting=2)), test)

@@ -72,13 +72,6 @@ def queue_counts(policy: Policy) -> QueueCounts:
     return QueueCounts(waiting, prefilling)
 
 
-def queued_tokens(policy: Policy) -> int:
-    """Prompt tokens of the requests queued for prefill and not started (what an admission bound counts)."""
-    pre = policy.prefill if isinstance(policy, ColocatedScheduler) else policy
-    if not isinstance(pre, PrefillScheduler):
-        return 0
-    return sum(r.num_prompt for r in pre.waiting if r.status is not Status.PREFILLING)
-
 
 @dataclass(eq=False)
 class Slot:
@@ -280,6 +273,12 @@ class Cluster:
     # ---------------- views ----------------
     def counts(self, slot: Slot) -> QueueCounts:
         return queue_counts(slot.policy)
+
+    def queued(self) -> tuple[int, int]:
+        """Requests admitted and not decoding yet (queued for or in prefill, or waiting for a decode slot), and
+        their prompt tokens: what the admission bounds count."""
+        reqs = [r for r in self.requests.values() if r.status in (Status.WAITING, Status.PREFILLING, Status.MIGRATING)]
+        return len(reqs), sum(r.num_prompt for r in reqs)
 
     def check(self) -> None:
         """Allocator invariants of every slot (tests call it after each scenario)."""
