@@ -33,16 +33,22 @@ def _blocks_free(cluster) -> bool:
     return all(s.allocator.num_used == 0 for s in cluster.slots) and not cluster.pending
 
 
+def _prefill(cluster, slot) -> None:
+    """Run slot's prefill step; every request prefilled gets its first token (0)."""
+    step = cluster.next_action(slot).step
+    cluster.executed(slot, step, [])
+    for r in step.requests:
+        r.output_ids.append(0)
+
+
 def test_retired_prefill_instance_hands_its_queue_on_and_fails_what_holds_kv_there():
     cluster, ended = _cluster(["prefill", "prefill", "decode"], blocks=8)
     p0, p1, dec = cluster.slots
     cluster.add(req("a", 40), p0)
-    step = cluster.next_action(p0)  # a is prefilled on p0 ...
-    cluster.executed(p0, step.step, [])
+    _prefill(cluster, p0)  # a is prefilled on p0 ...
     cluster.add(req("b", 20), p0)  # ... b waits behind it, never started
     for rid in ("c", "d"):
         cluster.add(req(rid, 20), p1)
-    cluster.requests["a"].output_ids.append(0)  # (the faked step sampled nothing; give a its first token)
     cluster.retire(p0)
     assert p0.state == "failed" and cluster.entry == [p1] and cluster.unavailable() is None
     assert dict(ended) == {"a": "error"}  # its KV was on p0 (queued for a pull on dec)
@@ -56,10 +62,7 @@ def test_a_failed_kv_pull_frees_both_sides_and_the_rest_go_on():
     pre, dec = cluster.slots
     for i in range(3):
         cluster.add(req(f"r{i}", 20))
-    step = cluster.next_action(pre)
-    cluster.executed(pre, step.step, [])
-    for r in cluster.requests.values():
-        r.output_ids.append(0)
+    _prefill(cluster, pre)
     pulls = cluster.next_action(dec)
     assert len(pulls) == 3 and pre.allocator.num_used and dec.allocator.num_used
     cluster.pulled(pulls[0], 1)  # the first lands, the second raises: it and the third end
@@ -74,8 +77,7 @@ def test_retiring_the_source_of_a_pull_in_flight_ends_it_when_the_pull_lands():
     cluster, ended = _cluster(["prefill", "prefill", "decode"], blocks=8)
     p0, p1, dec = cluster.slots
     cluster.add(req("a", 20), p0)
-    cluster.executed(p0, cluster.next_action(p0).step, [])
-    cluster.requests["a"].output_ids.append(0)
+    _prefill(cluster, p0)
     (pull,) = cluster.next_action(dec)
     cluster.retire(p0)
     assert not ended  # inside dec's pull: never finished under the driver's feet
@@ -104,8 +106,7 @@ def test_the_admission_queue_is_every_request_not_decoding_yet():
     for i, n in enumerate((40, 30, 60)):
         cluster.add(req(f"r{i}", n))
     assert cluster.queued() == (3, 130)
-    step = cluster.next_action(pre)  # 40 + 30 fit the 5 blocks (3 + 2); 60 waits
-    cluster.executed(pre, step.step, [])
+    _prefill(cluster, pre)  # 40 + 30 fit the 5 blocks (3 + 2); 60 waits
     assert cluster.queued() == (3, 130)  # two wait for a decode slot now
     for pull in cluster.next_action(dec):
         cluster.pulled(pull, 1)
