@@ -1,7 +1,7 @@
 """`make bench-overload`: the server at 3x its capacity, with a bounded admission queue.
 
     python -m bench.overload [--factor 3] [--seconds 120] [--max-waiting 4] [--max-waiting-tokens 512]
-                             [--max-num-seqs 32] [--flood 12] [--unbounded] [--out out/overload]
+                             [--max-num-seqs 16] [--flood 12] [--unbounded] [--out out/overload]
 
 1. capacity: server.py (disagg, at most --max-num-seqs decodes batched, --max-waiting requests and
    --max-waiting-tokens not decoding yet) flooded with --flood req/s: what it serves (the bound keeps it
@@ -125,7 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seconds", type=float, default=120.0, help="length of the overload")
     p.add_argument("--base-seconds", type=float, default=60.0, help="length of the 1x run before the overload")
     p.add_argument("--capacity", type=float, help="req/s (default: measured by the closed loop)")
-    p.add_argument("--max-num-seqs", type=int, default=32, help="the servers' decode batch bound")
+    p.add_argument("--max-num-seqs", type=int, default=16, help="the servers' decode batch bound (sized for TPOT)")
     p.add_argument("--flood", type=float, default=12.0, help="req/s offered to measure the capacity")
     p.add_argument("--calibrate-seconds", type=float, default=40.0, help="length of the flood")
     p.add_argument("--max-waiting", type=int, default=4, help="the server's bound in requests not decoding yet")

@@ -62,6 +62,14 @@ class EngineCollector(Collector):
             yield g
 
 
+def _loop_tasks() -> int:
+    """Tasks on the running loop (GET /metrics runs on the server's); 0 when scraped off any loop."""
+    try:
+        return len(asyncio.all_tasks())
+    except RuntimeError:
+        return 0
+
+
 def _value(r: InstanceStats, key: str) -> float:
     if key == "instance_up":
         return float(r.state == "ok")
@@ -89,7 +97,7 @@ class ServerMetrics:
         r.register(EngineCollector(stats))
         ProcessCollector(registry=r)
         tasks = Gauge(f"{p}_asyncio_tasks", "tasks on the server's event loop", registry=r)
-        tasks.set_function(lambda: len(asyncio.all_tasks()))  # scraped on the loop: /metrics runs there
+        tasks.set_function(_loop_tasks)
 
     def observe_finished(self, m: Metrics | None, reason: str, prompt_tokens: int, output_tokens: int) -> None:
         """One engine request finished (any reason): its latencies and token counts."""
