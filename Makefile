@@ -3,7 +3,8 @@
 PY := .venv/bin/python
 STAMP := .venv/.installed
 
-.PHONY: install serve test lint interop loadgen profile plan bench-engine bench-serving bench-simulator bench-transfer bench-interference clean
+.PHONY: install serve test lint interop loadgen profile plan bench-engine bench-serving bench-simulator \
+	bench-transfer bench-interference bench-overload soak clean
 
 $(STAMP): requirements.txt requirements-dev.txt pyproject.toml
 	@test -x $(PY) || { echo "==> creating .venv (python3 -m venv)"; python3 -m venv .venv; }
@@ -58,6 +59,14 @@ bench-serving: $(STAMP)
 
 bench-simulator: $(STAMP)
 	$(PY) -m bench.simulator_fidelity $(ARGS)
+
+# ~15-20 min on 2 cores: 2,000 calls over 10 min against the real server, then the leak and equality checks.
+soak: $(STAMP)
+	$(PY) -m bench.soak $(ARGS)
+
+# ~6 min: capacity, a baseline at 0.7x, then 3x capacity for 2 min against a bounded admission queue.
+bench-overload: $(STAMP)
+	$(PY) -m bench.overload $(ARGS)
 
 clean:
 	rm -rf .venv .pytest_cache *.egg-info

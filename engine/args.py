@@ -16,7 +16,7 @@ import typing
 from dataclasses import MISSING, dataclass, field, fields
 from typing import Literal
 
-from engine.config import CacheConfig, EngineConfig, SchedulerConfig
+from engine.config import CacheConfig, EngineConfig, FaultConfig, SchedulerConfig
 
 
 def _h(text: str, default=MISSING, factory=MISSING):
@@ -58,7 +58,17 @@ class EngineArgs:
     max_prefill_tokens: int = _h("prompt tokens per prefill batch (FCFS)", 4096)
     max_prefill_seqs: int = _h("prompts per prefill batch", 64)
     chunk_budget: int = _h("--chunked-prefill: tokens per step (decode tokens first, then prompt chunks)", 512)
-    max_waiting: int = _h("admission queue bound; beyond it requests get 503", 4096)
+    max_waiting: int = _h("admission bound: requests admitted and not decoding yet (queued for or in prefill, or "
+                          "waiting for a decode slot); beyond it new requests get 503 with Retry-After at once", 4096)
+    max_waiting_tokens: int | None = _h("admission bound in those requests' prompt tokens (default: none)", None)
+    step_timeout: float = _h("seconds a step may run before its instance counts as hung: its requests fail and "
+                             "it leaves dispatch (0: no deadline)", 120.0)
+    transfer_timeout: float = _h("seconds a KV pull may run before its decode instance counts as hung "
+                                 "(0: no deadline)", 30.0)
+    max_instance_faults: int = _h("steps or KV pulls in a row that may raise on an instance (each fails its "
+                                  "requests) before it is taken out of dispatch", 3)
+    max_stream_lag: int = _h("tokens a stream's reader may fall behind before the request is aborted and its "
+                             "KV freed", 1024)
     step_trace: int = _h("record the last N engine steps (shape, iteration time) for GET /debug/steps (0: off)", 0)
 
     def engine_config(self) -> EngineConfig:
@@ -78,10 +88,12 @@ class EngineArgs:
                                     num_blocks=self.decode_kv_blocks) if self.decode_kv_blocks else None)
         sched = SchedulerConfig(max_num_seqs=self.max_num_seqs, max_prefill_tokens=self.max_prefill_tokens,
                                 max_prefill_seqs=self.max_prefill_seqs, chunk_budget=self.chunk_budget,
-                                max_waiting=self.max_waiting)
+                                max_waiting=self.max_waiting, max_waiting_tokens=self.max_waiting_tokens)
+        faults = FaultConfig(self.step_timeout, self.transfer_timeout, self.max_instance_faults)
         return EngineConfig(model=self.model, dtype=self.dtype, mode=self.mode, transfer=self.transfer,
                             swap_space_bytes=self.swap_space, cache=cache, decode_cache=decode_cache,
-                            scheduler=sched, step_trace=self.step_trace, **layout)
+                            scheduler=sched, step_trace=self.step_trace, faults=faults,
+                            max_stream_lag=self.max_stream_lag, **layout)
 
     @classmethod
     def add_cli_args(cls, parser: argparse.ArgumentParser, **defaults: object) -> None:

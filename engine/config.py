@@ -142,12 +142,32 @@ class SchedulerConfig:
     max_prefill_tokens: int = 4096  # prompt tokens per prefill batch
     max_prefill_seqs: int = 64  # prompts per prefill batch
     chunk_budget: int = 512  # tokens per step in chunked-prefill mode (decode + prompt chunks)
-    max_waiting: int = 4096  # admission queue bound (server answers 503 beyond)
+    max_waiting: int = 4096  # admission bound: requests not decoding yet (server answers 503 beyond)
+    max_waiting_tokens: int | None = None  # ... and their prompt tokens (None: no token bound)
 
     def __post_init__(self) -> None:
         for name in ("max_num_seqs", "max_prefill_tokens", "max_prefill_seqs", "chunk_budget", "max_waiting"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.max_waiting_tokens is not None and self.max_waiting_tokens <= 0:
+            raise ValueError(f"max_waiting_tokens must be positive, got {self.max_waiting_tokens}")
+
+
+@dataclass
+class FaultConfig:
+    """When an instance counts as broken. A step or KV pull that raises fails its requests and the instance
+    goes on, until `max_faults` in a row take it out of dispatch; one that outlives its deadline (its thread
+    cannot be stopped) takes it out at once. 0: no deadline."""
+
+    step_timeout: float = 120.0  # seconds for one step (swap copies, forward, sampling)
+    transfer_timeout: float = 30.0  # seconds for one KV pull
+    max_faults: int = 3  # consecutive steps or pulls that raised
+
+    def __post_init__(self) -> None:
+        if self.step_timeout < 0 or self.transfer_timeout < 0:
+            raise ValueError("step_timeout and transfer_timeout must be >= 0 (0: no deadline)")
+        if self.max_faults <= 0:
+            raise ValueError(f"max_faults must be positive, got {self.max_faults}")
 
 
 Mode = Literal["colocated", "disagg"]
@@ -175,10 +195,14 @@ class EngineConfig:
     decode_cache: CacheConfig | None = None  # disagg: decode pools of another size (None: same as cache)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     step_trace: int = 0  # keep the last N steps' shapes and iteration times (scheduler/runtime/trace.py); 0: off
+    faults: FaultConfig = field(default_factory=FaultConfig)
+    max_stream_lag: int = 1024  # tokens a stream's reader may fall behind before its request is aborted
 
     def __post_init__(self) -> None:
         if self.step_trace < 0:
             raise ValueError(f"step_trace must be >= 0, got {self.step_trace}")
+        if self.max_stream_lag <= 0:
+            raise ValueError(f"max_stream_lag must be positive, got {self.max_stream_lag}")
         if self.mode not in ("colocated", "disagg"):
             raise ValueError(f"mode must be 'colocated' or 'disagg', got {self.mode!r}")
         if self.dtype not in ("auto", "bfloat16", "float32", "float16"):

@@ -19,6 +19,10 @@ class QueueFullError(RuntimeError):
     """The admission queue is full: retry later (the server answers 503 with Retry-After)."""
 
 
+class EngineUnavailableError(RuntimeError):
+    """No request can be served: no instance of some role is left in dispatch, or the engine is shut down."""
+
+
 @dataclass
 class RequestOutput:
     """One update of a request's stream: what is new since the previous one. The last update has
@@ -32,9 +36,17 @@ class RequestOutput:
     num_tokens: int = 0  # tokens generated so far, these included
     finished: bool = False
     finish_reason: str | None = None  # stop | length | abort | error
+    error: str | None = None  # why, when finish_reason is abort or error (None: the caller knows)
     token_ids: list[int] | None = None  # the final update: every generated token
     text: str | None = None  # the final update: every released character
     metrics: Metrics | None = None  # the final update
+
+    def absorb(self, later: RequestOutput) -> None:
+        """Fold a later non-final update into this one (what a reader that fell behind gets)."""
+        self.new_token_ids += later.new_token_ids
+        self.new_text += later.new_text
+        self.new_logprobs += later.new_logprobs
+        self.num_tokens = later.num_tokens
 
 
 @dataclass(frozen=True)
@@ -52,6 +64,8 @@ class InstanceStats:
     running: int  # decoding
     swapped: int  # preempted, waiting to resume
     in_step: int = 0  # requests inside the step (or KV pull) the instance is running now
+    state: str = "ok"  # ok | failed | hung (failed and hung instances are out of dispatch)
+    faults: int = 0  # steps and KV pulls that raised or hung on it
 
 
 class EngineClient(Protocol):
@@ -71,8 +85,8 @@ class EngineClient(Protocol):
 
     def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
                     request_id: str | None = None) -> AsyncIterator[RequestOutput]:
-        """Queue a request (ValueError: bad input; QueueFullError: come back later); closing the
-        iterator aborts it."""
+        """Queue a request (ValueError: bad input; QueueFullError: come back later; EngineUnavailableError:
+        nothing can serve it); closing the iterator aborts it."""
         ...
 
     def abort(self, request_id: str) -> None: ...

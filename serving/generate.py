@@ -10,13 +10,14 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
+from contextlib import aclosing
 
 import orjson
 from aiohttp import web
 
 from serving import sse
 from serving.access_log import ACCESS
-from serving.api import QueueFullError, RequestOutput
+from serving.api import EngineUnavailableError, QueueFullError, RequestOutput
 from serving.protocol import ApiError, GenerateRequest, bad, parse_chat, parse_completion
 from serving.responses import Choice, choice_usage
 from serving.state import STATE, State, unavailable
@@ -47,46 +48,59 @@ def _submit(st: State, req: GenerateRequest, rid: str) -> list[AsyncIterator[Req
                 eid = f"{rid}-{len(streams)}"
                 streams.append(st.engine.add_request(prompt, req.choice_params(j), eid))
                 st.live.add(eid)
-    except (ValueError, QueueFullError) as e:
+    except (ValueError, QueueFullError, EngineUnavailableError) as e:
         for k in range(len(streams)):
             st.engine.abort(f"{rid}-{k}")
             st.live.discard(f"{rid}-{k}")
         if isinstance(e, QueueFullError):
             raise unavailable(f"server busy: {e}; retry later", st, "queue_full") from None
+        if isinstance(e, EngineUnavailableError):
+            raise unavailable(f"engine unavailable: {e}", st, "engine_unavailable") from None
         msg = str(e)
         param = "messages" if req.endpoint == "chat" else "prompt"
         code = "context_length_exceeded" if "exceeds" in msg else None
         raise bad(msg, "max_tokens" if code and req.params.max_tokens else param, code) from None
+    st.metrics.started.inc(len(streams))
     return streams
 
 
+def _cut_short(st: State, out: RequestOutput) -> ApiError | None:
+    """The error a client gets for a request that ended without its result: 503 if aborted (shutdown, or
+    the client fell too far behind its stream), 500 if an engine instance failed."""
+    if out.finish_reason == "abort":
+        return unavailable(f"request aborted: {out.error or 'the server is shutting down'}", st, "aborted")
+    if out.finish_reason == "error":
+        return ApiError(500, out.error or "engine error", "server_error", None, "engine_error")
+    return None
+
+
 async def _merged(streams: list[AsyncIterator[RequestOutput]]) -> AsyncIterator[tuple[int, RequestOutput]]:
-    """(choice index, output) from every stream as they come. Closing this closes them all (-> engine abort)."""
+    """(choice index, output) from every stream as they come, one read ahead per stream at most (a slow
+    consumer leaves the engine's streams unread, so they merge their updates and stay bounded). Closing
+    this closes them all (-> engine abort)."""
     if len(streams) == 1:  # the common case, without a task per stream
-        async for out in streams[0]:
-            yield 0, out
-        return
-    queue: asyncio.Queue = asyncio.Queue()
-
-    async def pump(i: int, s: AsyncIterator[RequestOutput]) -> None:
         try:
-            async for out in s:
-                queue.put_nowait((i, out))
-        except Exception as e:  # surfaced to the handler below
-            queue.put_nowait((i, e))
-
-    tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
+            async for out in streams[0]:
+                yield 0, out
+        finally:
+            await streams[0].aclose()
+        return
+    reads = {asyncio.ensure_future(anext(s)): i for i, s in enumerate(streams)}
     try:
-        left = len(streams)
-        while left:
-            i, out = await queue.get()
-            if isinstance(out, Exception):
-                raise out
-            left -= out.finished
-            yield i, out
+        while reads:
+            done, _ = await asyncio.wait(reads, return_when=asyncio.FIRST_COMPLETED)
+            for read in done:
+                i = reads.pop(read)
+                out = read.result()  # a failed stream raises here, to the handler
+                if not out.finished:
+                    reads[asyncio.ensure_future(anext(streams[i]))] = i
+                yield i, out
     finally:
-        for t in tasks:
-            t.cancel()
+        for read in reads:
+            read.cancel()
+        await asyncio.gather(*reads, return_exceptions=True)
+        for s in streams:
+            await s.aclose()
 
 
 def _update(st: State, c: Choice, out: RequestOutput) -> None:
@@ -138,12 +152,13 @@ async def _generate(request: web.Request, endpoint: str) -> web.StreamResponse:
     try:
         if req.stream:
             return await _stream(request, st, req, rid, streams, choices)
-        async for i, out in _merged(streams):
-            _update(st, choices[i], out)
-            if req.logprobs is not None:
-                choices[i].logprobs.extend(out.new_logprobs)
-        if any(c.finish_reason == "abort" for c in choices):
-            raise unavailable("request aborted: the server is shutting down", st, "aborted")
+        async with aclosing(_merged(streams)) as merged:
+            async for i, out in merged:
+                _update(st, choices[i], out)
+                if (err := _cut_short(st, out)) is not None:
+                    raise err
+                if req.logprobs is not None:
+                    choices[i].logprobs.extend(out.new_logprobs)
         build = st.formatter.completion_response if endpoint == "completions" else st.formatter.chat_response
         resp = build(rid, int(time.time()), choices, len(req.prompts), req.logprobs is not None)
         return web.Response(body=orjson.dumps(resp), content_type="application/json")
@@ -175,8 +190,7 @@ async def _stream(request: web.Request, st: State, req: GenerateRequest, rid: st
         async for i, out in merged:
             c = choices[i]
             _update(st, c, out)
-            if out.finish_reason == "abort":
-                err = unavailable("request aborted: the server is shutting down", st, "aborted")
+            if (err := _cut_short(st, out)) is not None:
                 await resp.write(sse.event(err.body()) + sse.DONE)
                 return resp
             entries = out.new_logprobs if req.logprobs is not None else None

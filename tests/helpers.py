@@ -53,3 +53,23 @@ def hf_from_checkpoint(cfg: ModelConfig, weights: dict[str, torch.Tensor], dtype
     if cfg.tie_word_embeddings:
         model.tie_weights()
     return model.to(dtype).eval()
+
+
+class TinyTokenizer:
+    """A stand-in tokenizer for tiny random models: one "x" of text per token; any text encodes as [3, 4, 5]."""
+
+    def decode(self, ids, skip_special_tokens=True, spaces_between_special_tokens=True):
+        return "x" * len(ids)
+
+    def decode_incremental(self, ids, prefix_offset, read_offset, skip_special_tokens=True,
+                           spaces_between_special_tokens=True):
+        return "x" * (len(ids) - read_offset), prefix_offset, len(ids)
+
+    def encode(self, text, add_special_tokens=False):
+        return [3, 4, 5]
+
+    def apply_chat_template(self, messages, add_generation_prompt=True, **kwargs):
+        return " ".join(m["content"] for m in messages)
+
+    def encode_chat(self, messages, add_generation_prompt=True, **kwargs):
+        return self.encode(self.apply_chat_template(messages, add_generation_prompt, **kwargs))

@@ -21,7 +21,7 @@ from scheduler.planner.simulator import Layout, Parallel, Pricer, Simulation
 from scheduler.runtime.cluster import Pull
 from scheduler.runtime.lifecycle import Token
 from serving.engine import AsyncEngine
-from tests.helpers import hf_model, tiny_config
+from tests.helpers import TinyTokenizer, hf_model, tiny_config
 from tests.virtual_time import VirtualExecutor, VirtualLoop
 
 BLOCK = 16
@@ -31,11 +31,6 @@ COEFFS = PhaseCoeffs((10.0, 0.5, 0.001), (5.0, 0.01, 1.0), (5.0, 0.01, 1.0), thr
 def profile(blocks: int) -> Profile:
     return Profile("tiny", "virtual", "cpu", {1: COEFFS}, {(1, 1): blocks * BLOCK}, kv_bytes_per_token=1000,
                    transfer_bandwidth_Bps=2e6, swap_bandwidth_Bps=1e6, block_size=BLOCK)
-
-
-class _Tok:
-    def decode_incremental(self, ids, prefix_offset, read_offset, skip_special_tokens=True, spaces_between=True):
-        return "", prefix_offset, read_offset
 
 
 class Recorder:
@@ -61,7 +56,7 @@ def workload(n: int = 12, seed: int = 0) -> tuple[list[float], list[tuple[int, i
 
 def run_engine(layout: Layout, blocks: int, sched: SchedulerConfig, arrivals, lengths) -> list[tuple]:
     cfg = tiny_config()
-    ckpt = Checkpoint(cfg, hf_model(cfg).state_dict(), _Tok(), "tiny")
+    ckpt = Checkpoint(cfg, hf_model(cfg).state_dict(), TinyTokenizer(), "tiny")
     if layout.mode == "disagg":
         devices = dict(mode="disagg", prefill_devices=["cpu"] * layout.prefill.count,
                        decode_devices=["cpu"] * layout.decode.count)
