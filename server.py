@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import errno
 import hmac
 import logging
 import os
@@ -32,10 +31,12 @@ from engine.config import EngineConfig
 from serving import access_log, dashboard
 from serving.api import EngineClient
 from serving.engine import AsyncEngine
+from serving.errors import ApiError
 from serving.generate import chat_completions, completions
-from serving.metrics import CONTENT_TYPE, ServerMetrics
+from serving.info import debug_steps, health, metrics, model_card, models
+from serving.listen import bind_error, bind_socket
+from serving.metrics import ServerMetrics
 from serving.plan import PlanError, load_plan
-from serving.protocol import ApiError
 from serving.responses import Formatter
 from serving.state import STATE, ServerConfig, State
 
@@ -93,55 +94,6 @@ async def _middleware(request: web.Request, handler) -> web.StreamResponse:
 
 
 
-def _card(st: State) -> dict:
-    return {"id": st.model, "object": "model", "created": st.created, "owned_by": "distserve",
-            "max_model_len": st.engine.max_model_len}
-
-
-async def models(request: web.Request) -> web.Response:
-    body = {"object": "list", "data": [_card(request.app[STATE])]}
-    return web.Response(body=orjson.dumps(body), content_type="application/json")
-
-
-async def model_card(request: web.Request) -> web.Response:
-    """GET /v1/models/{id}: the openai client's models.retrieve."""
-    st, name = request.app[STATE], request.match_info["id"]
-    if name not in (st.model, st.engine.model_name):
-        raise ApiError(404, f"model '{name}' does not exist; this server serves '{st.model}'", param="model",
-                       code="model_not_found")
-    return web.Response(body=orjson.dumps(_card(st)), content_type="application/json")
-
-
-async def health(request: web.Request) -> web.Response:
-    """200 while requests can be served: status "ready", or "degraded" with an instance out of dispatch; else
-    503: "starting", "draining", or "unavailable" (no instance of a role left). Each instance's state."""
-    st = request.app[STATE]
-    stats = st.engine.stats()
-    body: dict = {"status": st.phase, "instances": [
-        {"name": s.instance, "role": s.role, "device": s.device, "state": s.state, "faults": s.faults}
-        for s in stats]}
-    lost = sorted({s.role for s in stats} - {s.role for s in stats if s.state == "ok"})
-    if st.phase == "ready" and lost:
-        body["status"], body["error"] = "unavailable", f"no {' or '.join(lost)} instance left in dispatch"
-    elif st.phase == "ready" and any(s.state != "ok" for s in stats):
-        body["status"] = "degraded"
-    return web.Response(body=orjson.dumps(body), status=200 if body["status"] in ("ready", "degraded") else 503,
-                        content_type="application/json")
-
-
-async def metrics(request: web.Request) -> web.Response:
-    return web.Response(body=request.app[STATE].metrics.render(), headers={"Content-Type": CONTENT_TYPE})
-
-
-async def debug_steps(request: web.Request) -> web.Response:
-    """The step trace recorded since the last call (and forgets it), for fitting the planner in-server."""
-    trace = request.app[STATE].engine.step_trace
-    if trace is None:
-        raise ApiError(404, "step tracing is off (start the server with --step-trace N)", "invalid_request_error",
-                       None, "not_found")
-    return web.Response(body=orjson.dumps({"steps": trace.drain()}), content_type="application/json")
-
-
 def create_app(engine: EngineClient, config: ServerConfig | None = None) -> web.Application:
     """The app around an engine; the engine starts with the app and shuts down with it."""
     config = config or ServerConfig()
@@ -191,32 +143,6 @@ async def drain(app: web.Application, runner: web.AppRunner) -> None:
             except TimeoutError:
                 pass
     await runner.cleanup()
-
-
-def bind_socket(host: str, port: int) -> socket.socket:
-    """Claim the address before the model loads (seconds), so a busy port is one clear line, not a traceback
-    after the load. Listening at once (another server cannot claim it meanwhile): connections made during the
-    load wait in the backlog and are served when the server is up. OSError says why."""
-    family, kind, proto, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
-    sock = socket.socket(family, kind, proto)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as aiohttp does: restart over TIME_WAIT
-    try:
-        sock.bind(addr)
-        sock.listen(socket.SOMAXCONN)
-    except OSError:
-        sock.close()
-        raise
-    sock.setblocking(False)
-    return sock
-
-
-def _bind_error(host: str, port: int, e: OSError) -> str:
-    if e.errno == errno.EADDRINUSE:
-        return (f"cannot listen on {host}:{port}: the address is already in use (another server?); "
-                f"stop it, or choose another --port (--port 0 picks a free one)")
-    if e.errno == errno.EACCES:
-        return f"cannot listen on {host}:{port}: permission denied (ports below 1024 need privileges)"
-    return f"cannot listen on {host}:{port}: {e.strerror or e}"
 
 
 async def serve(engine: EngineClient, config: ServerConfig, sock: socket.socket | None = None) -> int:
@@ -313,7 +239,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         sock = bind_socket(scfg.host, scfg.port)  # before the model loads: a busy port fails in a second
     except OSError as e:
-        print(f"error: {_bind_error(scfg.host, scfg.port, e)}", file=sys.stderr)
+        print(f"error: {bind_error(scfg.host, scfg.port, e)}", file=sys.stderr)
         return 2
     print(f"distserve: loading {args.model or 'the bundled SmolLM2-135M-Instruct'} ...", flush=True)
     engine = AsyncEngine(ecfg)  # loads the model before the loop starts

@@ -5,7 +5,9 @@ engine.py: AsyncEngine (instances + the scheduler's Cluster + output processing)
 api.py: what the server may call (EngineClient) and what comes back (RequestOutput, InstanceStats).
 outputs.py: tokens -> text deltas, stop strings, per-request streams.
 state.py: ServerConfig and the per-app State.  generate.py: the completion endpoints, full and streamed.
-protocol.py: OpenAI request bodies -> validated engine requests, and ApiError.
+errors.py: ApiError (OpenAI's error JSON).  schema.py: the request schema (pydantic) and its error messages.
+protocol.py: validated OpenAI request bodies -> engine requests.  info.py: models, health, metrics, step trace.
+listen.py: claiming the address before the model loads.  dashboard.py, static/: the live dashboard.
 responses.py: engine outputs -> OpenAI responses, stream chunks, logprobs, usage.
 sse.py: Server-Sent Events framing.  metrics.py: Prometheus metrics.  plan.py: --plan files.
 """

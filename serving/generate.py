@@ -18,7 +18,8 @@ from aiohttp import web
 from serving import sse
 from serving.access_log import ACCESS
 from serving.api import EngineUnavailableError, QueueFullError, RequestOutput
-from serving.protocol import ApiError, GenerateRequest, bad, parse_chat, parse_completion
+from serving.errors import ApiError, bad
+from serving.protocol import GenerateRequest, parse_chat, parse_completion
 from serving.responses import Choice, choice_usage
 from serving.state import STATE, State, unavailable
 

@@ -12,35 +12,15 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
-from typing import Any, get_args, get_origin
-
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from typing import Any
 
 from engine.config import SamplingParams
+from serving.errors import bad
+from serving.schema import ChatCompletionRequest, CompletionRequest, SamplingFields, type_name, validate
 
-MAX_N = 32  # choices per request: each is an engine request, so bound the fan-out
-MAX_LOGPROBS = 20  # the sampler's limit
-_INT64 = 2**63
 # Sampling fields whose default a server may set (the checkpoint's generation config, or flags).
 DEFAULTABLE = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
 OPENAI_DEFAULTS = {"temperature": 1.0, "top_p": 1.0, "top_k": 0, "min_p": 0.0, "repetition_penalty": 1.0}
-
-
-class ApiError(Exception):
-    """An error the client caused (or must wait out); rendered as OpenAI's error JSON."""
-
-    def __init__(self, status: int, message: str, type: str = "invalid_request_error", param: str | None = None,
-                 code: str | None = None, headers: dict[str, str] | None = None) -> None:
-        super().__init__(message)
-        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
-        self.headers = headers or {}
-
-    def body(self) -> dict:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
-
-
-def bad(message: str, param: str | None = None, code: str | None = None) -> ApiError:
-    return ApiError(400, message, param=param, code=code)
 
 
 @dataclass
@@ -67,183 +47,8 @@ class GenerateRequest:
         return replace(p, seed=seed, stop=list(p.stop), stop_token_ids=list(p.stop_token_ids))
 
 
-# ---------------- the schema: types and ranges, one declaration each ----------------
-class _Schema(BaseModel):
-    # strict: "8" is not an integer, 1 is not a boolean (OpenAI's API refuses both); extra keys are handled
-    # by _check_fields, with names and modes pydantic's own messages do not give.
-    model_config = ConfigDict(strict=True, extra="allow")
-
-
-class StreamOptions(_Schema):
-    include_usage: bool | None = None
-    continuous_usage_stats: bool | None = None
-
-
-class _Sampling(_Schema):
-    """Fields both endpoints take."""
-
-    model: str | None = None
-    stream: bool | None = None
-    stream_options: StreamOptions | None = None
-    n: int | None = Field(None, ge=1, le=MAX_N)
-    max_tokens: int | None = Field(None, ge=1)
-    temperature: float | None = Field(None, ge=0.0, le=2.0)
-    top_p: float | None = Field(None, gt=0.0, le=1.0)
-    top_k: int | None = Field(None, ge=-1)
-    min_p: float | None = Field(None, ge=0.0, le=1.0)
-    seed: int | None = Field(None, ge=-_INT64, lt=_INT64)
-    stop: str | list[str] | None = None
-    presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
-    frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
-    repetition_penalty: float | None = Field(None, gt=0.0, le=2.0)
-    user: str | None = None
-    # vLLM's sampling extensions
-    ignore_eos: bool | None = None
-    min_tokens: int | None = Field(None, ge=0)
-    stop_token_ids: list[int] | None = None
-    include_stop_str_in_output: bool | None = None
-    skip_special_tokens: bool | None = None
-    spaces_between_special_tokens: bool | None = None
-
-
-class CompletionRequest(_Sampling):
-    prompt: Any = None  # string, strings, token ids or lists of them: _prompts() checks, with its own messages
-    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
-
-
-class ChatCompletionRequest(_Sampling):
-    messages: Any = None  # _messages() checks, naming the message and part at fault
-    max_completion_tokens: int | None = Field(None, ge=1)
-    logprobs: bool | None = None
-    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
-    # vLLM's chat-template extensions
-    add_generation_prompt: bool | None = None
-    continue_final_message: bool | None = None
-    chat_template_kwargs: dict[str, Any] | None = None
-    documents: list[dict[str, Any]] | None = None
-
-
-# Unsupported features: the values at which they are no-ops (so clients that send defaults still work).
-_NOOP: dict[str, Callable[[Any], bool]] = {
-    "echo": lambda v: v is False,
-    "suffix": lambda v: v == "",
-    "best_of": lambda v: v == 1,
-    "logit_bias": lambda v: v == {},
-    "tools": lambda v: v == [],
-    "functions": lambda v: v == [],
-    "tool_choice": lambda v: v == "none",
-    "function_call": lambda v: v == "none",
-    "parallel_tool_calls": lambda v: isinstance(v, bool),  # meaningless without tools
-    "response_format": lambda v: v == {"type": "text"},
-    "store": lambda v: v is False,
-    "modalities": lambda v: v == ["text"],
-    "service_tier": lambda v: v in ("auto", "default"),
-    # vLLM's, at their defaults
-    "use_beam_search": lambda v: v is False,
-    "length_penalty": lambda v: v == 1,
-    "priority": lambda v: v == 0,
-    "allowed_token_ids": lambda v: v == [],
-    "bad_words": lambda v: v == [],
-    "return_tokens_as_token_ids": lambda v: v is False,
-    "request_id": lambda v: isinstance(v, str),  # vLLM's internal id: ours are generated
-    "cache_salt": lambda v: isinstance(v, str),  # no prefix cache here to salt
-    "mm_processor_kwargs": lambda v: v == {},
-}
-_UNSUPPORTED_ANYWHERE = {"metadata", "audio", "prediction", "reasoning_effort", "web_search_options",
-                         "guided_json", "guided_regex", "guided_choice", "guided_grammar", "structural_tag",
-                         "guided_decoding_backend", "logits_processors", "prompt_logprobs", "truncate_prompt_tokens",
-                         "chat_template", "vllm_xargs", "kv_transfer_params"}
-
-
-def _check_fields(body: dict, schema: type[BaseModel], strict: bool, prefix: str = "") -> list[str]:
-    """Refuses unsupported features by name; returns the unknown fields (400 instead when strict)."""
-    ignored = []
-    for name, value in body.items():
-        if name in schema.model_fields or value is None:
-            continue
-        where = prefix + name
-        if name in _NOOP or name in _UNSUPPORTED_ANYWHERE:
-            if name in _NOOP and _NOOP[name](value):
-                continue
-            raise bad(f"'{where}' is not supported by this server", where, "unsupported_parameter")
-        if strict:
-            raise bad(f"unknown field '{where}'", where, "unknown_parameter")
-        ignored.append(where)
-    return ignored
-
-
-def _validate(schema: type[BaseModel], body: dict, strict: bool) -> tuple[Any, list[str]]:
-    ignored = _check_fields(body, schema, strict)
-    opts = body.get("stream_options")
-    if isinstance(opts, dict):
-        ignored += _check_fields(opts, StreamOptions, strict, "stream_options.")
-    try:
-        return schema.model_validate(body), ignored
-    except ValidationError as e:
-        raise _explain(e.errors(include_url=False)[0], body, schema) from None
-
-
-# ---------------- pydantic's verdict -> today's messages: the field, what it must be, what it got ----------------
-def _type_name(v: Any) -> str:
-    return "null" if v is None else {bool: "boolean", int: "integer", float: "number", str: "string",
-                                     list: "array", dict: "object"}.get(type(v), type(v).__name__)
-
-
-_WORDS = {int: ("an integer", "integers"), float: ("a number", "numbers"), bool: ("a boolean", "booleans"),
-          str: ("a string", "strings"), dict: ("an object", "objects")}
-
-
-def _expected(annotation: Any) -> str:
-    """'an integer', 'a string or an array of strings', ... from a field's type."""
-    out = []
-    for t in get_args(annotation) or (annotation,):
-        if t is type(None):
-            continue
-        origin = get_origin(t)
-        if origin is list:
-            out.append(f"an array of {_WORDS.get(get_args(t)[0], ('', 'values'))[1]}")
-        elif origin is dict or (isinstance(t, type) and issubclass(t, BaseModel)):
-            out.append("an object")
-        else:
-            out.append(_WORDS.get(t, (getattr(t, "__name__", str(t)),))[0])
-    return " or ".join(out)
-
-
-def _range(info: Any, integer: bool) -> str:
-    lo = hi = None
-    lo_open = hi_open = False
-    bounds = (("ge", True, False), ("gt", True, True), ("le", False, False), ("lt", False, True))
-    for m in info.metadata:
-        for attr, is_lo, is_open in bounds:
-            v = getattr(m, attr, None)
-            if v is not None:
-                if is_lo:
-                    lo, lo_open = v, is_open
-                else:
-                    hi, hi_open = v, is_open
-    if integer:  # integers read best as plain bounds
-        lo = None if lo is None else lo + lo_open
-        hi = None if hi is None else hi - hi_open
-        return f">= {lo}" if hi is None else f"between {lo} and {hi}" if lo is not None else f"<= {hi}"
-    if hi is None:
-        return f"{'>' if lo_open else '>='} {lo}"
-    return f"in {'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}"
-
-
-def _explain(err: dict, body: dict, schema: type[BaseModel]) -> ApiError:
-    loc = err["loc"]
-    name, value = str(loc[0]), body.get(loc[0])
-    if name == "stream_options" and len(loc) > 1 and loc[1] in StreamOptions.model_fields:
-        schema, name, value = StreamOptions, f"stream_options.{loc[1]}", value.get(loc[1])
-    info = schema.model_fields[name.rsplit(".", 1)[-1]]
-    if err["type"] in ("greater_than", "greater_than_equal", "less_than", "less_than_equal"):
-        integer = int in get_args(info.annotation)
-        return bad(f"'{name}' must be {_range(info, integer)}, got {value}", name, "invalid_value")
-    return bad(f"'{name}' must be {_expected(info.annotation)}, got {_type_name(value)}", name, "invalid_type")
-
-
 # ---------------- from a validated schema to a GenerateRequest ----------------
-def _common(r: _Sampling, endpoint: str, prompts: list, max_tokens: int | None, logprobs: int | None,
+def _common(r: SamplingFields, endpoint: str, prompts: list, max_tokens: int | None, logprobs: int | None,
             ignored: list[str], defaults: Mapping[str, float] | None) -> GenerateRequest:
     stream = bool(r.stream)
     opts = r.stream_options
@@ -291,7 +96,7 @@ def _common(r: _Sampling, endpoint: str, prompts: list, max_tokens: int | None, 
 
 def _object(body: Any) -> dict:
     if not isinstance(body, dict):
-        raise bad(f"request body must be a JSON object, got {_type_name(body)}")
+        raise bad(f"request body must be a JSON object, got {type_name(body)}")
     return body
 
 
@@ -301,7 +106,7 @@ def parse_completion(body: Any, strict: bool = False, defaults: Mapping[str, flo
 
     strict: unknown fields are a 400 (else ignored, listed in .ignored). defaults: the server's sampling
     defaults for fields the request leaves out (else OpenAI's)."""
-    r, ignored = _validate(CompletionRequest, _object(body), strict)
+    r, ignored = validate(CompletionRequest, _object(body), strict)
     prompts = _prompts(r.prompt)
     return _common(r, "completions", prompts, 16 if r.max_tokens is None else r.max_tokens, r.logprobs, ignored,
                    defaults)
@@ -330,7 +135,7 @@ def parse_chat(body: Any, render: Callable[..., str], strict: bool = False,
                defaults: Mapping[str, float] | None = None) -> GenerateRequest:
     """POST /v1/chat/completions. `render(messages, add_generation_prompt, **template_kwargs)` is the chat
     template; strict and defaults as in parse_completion."""
-    r, ignored = _validate(ChatCompletionRequest, _object(body), strict)
+    r, ignored = validate(ChatCompletionRequest, _object(body), strict)
     messages = _messages(r.messages)
     top = r.top_logprobs
     if top is not None and not r.logprobs:
@@ -395,8 +200,8 @@ def _content(c: Any, where: str) -> str:
         texts = []
         for j, part in enumerate(c):
             if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
-                kind = part.get("type") if isinstance(part, dict) else _type_name(part)
+                kind = part.get("type") if isinstance(part, dict) else type_name(part)
                 raise bad(f"'{where}[{j}]': only text parts are supported, got {kind!r}", f"{where}[{j}]")
             texts.append(part["text"])
         return "".join(texts)
-    raise bad(f"'{where}' must be a string or an array of text parts, got {_type_name(c)}", where, "invalid_type")
+    raise bad(f"'{where}' must be a string or an array of text parts, got {type_name(c)}", where, "invalid_type")

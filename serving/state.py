@@ -10,8 +10,8 @@ from aiohttp import web
 from engine.config import parse_size
 from serving.api import EngineClient
 from serving.dashboard import LiveWindow
+from serving.errors import ApiError
 from serving.metrics import ServerMetrics
-from serving.protocol import ApiError
 from serving.responses import Formatter
 
 

@@ -11,10 +11,12 @@ import pytest
 from engine.step import TokenLogprobs
 from serving import sse
 from serving.api import InstanceStats
+from serving.errors import ApiError
 from serving.metrics import ServerMetrics
 from serving.plan import PlanError, load_plan
-from serving.protocol import MAX_N, ApiError, parse_chat, parse_completion
+from serving.protocol import parse_chat, parse_completion
 from serving.responses import Choice, Formatter, usage
+from serving.schema import MAX_N
 
 
 def render(msgs: list[dict], add_generation_prompt: bool = True, **kwargs) -> str:

@@ -28,9 +28,10 @@ from aiohttp.test_utils import TestClient, TestServer, make_mocked_request
 
 from bench.server_process import ServerProcess
 from engine.config import EngineConfig, SamplingParams
-from server import STATE, ServerConfig, create_app, drain, health
+from server import STATE, ServerConfig, create_app, drain
 from serving import sse
 from serving.api import InstanceStats, QueueFullError, RequestOutput
+from serving.info import health
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 KEY = "test-key"
