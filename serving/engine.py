@@ -33,7 +33,8 @@ from engine.instance import GIL_SWITCH_INTERVAL_S, Worker, build_instances
 from engine.loader import Checkpoint, load_checkpoint
 from engine.request import Request
 from engine.stop import StopRule
-from scheduler.runtime.cluster import Cluster, Execute, Pull, Slot, make_policy
+from scheduler.runtime.cluster import Cluster, Execute, Pull, Slot
+from scheduler.runtime.policy import make_policy
 from scheduler.runtime.trace import StepTrace
 from serving.api import EngineUnavailableError, InstanceStats, QueueFullError, RequestOutput
 from serving.outputs import OutputProcessor

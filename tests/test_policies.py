@@ -13,9 +13,10 @@ from engine.kv_cache import BlockAllocator
 from engine.request import Request, Status
 from engine.step import Sampled, Step
 from engine.stop import StopRule
-from scheduler.runtime.cluster import Cluster, Execute, Slot, make_policy, queue_counts
+from scheduler.runtime.cluster import Cluster, Execute, Slot
 from scheduler.runtime.decode import DecodeScheduler
 from scheduler.runtime.lifecycle import Finished, HandOff, Preempted, Token
+from scheduler.runtime.policy import make_policy, queue_counts
 from scheduler.runtime.prefill import PrefillScheduler
 
 RULE = StopRule(frozenset({2}), max_model_len=10_000)

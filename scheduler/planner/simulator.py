@@ -41,8 +41,9 @@ from engine.stop import StopRule
 from scheduler.planner.latency import LatencyModel, Profile
 from scheduler.planner.results import RequestResult
 from scheduler.planner.workload import SLO
-from scheduler.runtime.cluster import Cluster, Execute, Pull, Slot, make_policy
+from scheduler.runtime.cluster import Cluster, Execute, Pull, Slot
 from scheduler.runtime.lifecycle import Token
+from scheduler.runtime.policy import make_policy
 
 Mode = Literal["disagg", "colocated", "prefill", "decode"]
 

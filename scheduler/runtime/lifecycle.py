@@ -16,7 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Protocol
 
-from engine.request import Request, Status
+from engine.request import Request
 from engine.step import Sampled, Step
 from engine.stop import StopRule
 
@@ -89,7 +89,3 @@ def advance(step: Step, sampled: list[Sampled], now: float, rule: StopRule) -> l
 def finishing(events: list[Event]) -> set[str]:
     """Ids of the requests a list of events finishes."""
     return {e.req.id for e in events if isinstance(e, Finished)}
-
-
-def prompt_done(req: Request) -> bool:
-    return req.status is Status.PREFILLING and req.num_computed >= req.num_prompt
