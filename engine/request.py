@@ -74,7 +74,8 @@ class Request:
         self.logprobs: list = []  # engine.step.TokenLogprobs per output token when params.logprobs is set
         self.generator = None  # torch.Generator when params.seed is set
         self.swapped = None  # host copy of the KV while swapped out
-        self.aborted = False
+        self.aborted: str | None = None  # cut short ("abort" | "error"): the reason it ends with once the
+        # step or pull it is inside reports back
 
     @property
     def all_ids(self) -> list[int]:

@@ -141,7 +141,7 @@ class AsyncEngine:
     async def shutdown(self) -> None:
         self.closed = True
         for req in list(self.cluster.requests.values()):
-            req.aborted = True
+            req.aborted = "abort"
         for t in self.tasks:
             t.cancel()
         await asyncio.gather(*self.tasks, return_exceptions=True)

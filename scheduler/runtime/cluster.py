@@ -13,6 +13,10 @@ model on a virtual clock. Both therefore share every decision and every piece of
 
 A request inside a step or a pull (`slot.in_flight`) is never finished under the driver's feet: an
 abort marks it, and the Cluster finishes it when the step or pull reports back.
+
+Faults: a step or pull that raised or hung ends its requests (`failed`); an instance taken out of
+dispatch (`retire`) hands its queued requests that hold no KV there to another instance of its role and
+ends the rest with "error". If no instance of a role is left, every request ends and `unavailable` says why.
 """
 from __future__ import annotations
 
@@ -68,6 +72,7 @@ def queue_counts(policy: Policy) -> QueueCounts:
     return QueueCounts(waiting, prefilling)
 
 
+
 @dataclass(eq=False)
 class Slot:
     """One instance: its policy and block allocator. What executes its steps is the driver's business."""
@@ -78,6 +83,8 @@ class Slot:
     allocator: BlockAllocator
     busy: bool = False  # inside a step or a pull
     in_flight: set[str] = field(default_factory=set)  # ids of the requests in that step or pull
+    state: str = "ok"  # ok | failed | hung: anything but ok is out of dispatch for good
+    faults: int = 0  # steps and pulls that raised or hung here
 
 
 @dataclass(frozen=True)
@@ -116,8 +123,9 @@ class Cluster:
     def __init__(self, slots: list[Slot], clock: Callable[[], float], wake: Callable[[Slot], None], sink: Sink,
                  trace: StepTrace | None = None) -> None:
         self.slots = slots
-        self.entry = [s for s in slots if s.role in ("prefill", "colocated")]
+        self.entry = [s for s in slots if s.role in ("prefill", "colocated")]  # live ones: dispatch targets
         self.decoders = [s for s in slots if s.role == "decode"]
+        self.roles = {s.role for s in slots}
         self.clock, self.wake, self.sink, self.trace = clock, wake, sink, trace
         self.requests: dict[str, Request] = {}  # live requests by id
         self.pending: dict[str, Pull] = {}  # pulls in flight: their destination blocks are held here
@@ -128,10 +136,7 @@ class Cluster:
         if req.id in self.requests:
             raise ValueError(f"duplicate request id {req.id!r}")
         self.requests[req.id] = req
-        slot = slot or least_loaded(self.entry, lambda s: s.policy.load)
-        req.kv_home = slot
-        slot.policy.add(req)
-        self.wake(slot)
+        self._dispatch(req, slot)
 
     def add_prefilled(self, req: Request) -> None:
         """A request whose prompt KV exists outside the cluster (decode-only simulation): decoders pull it."""
@@ -142,11 +147,16 @@ class Cluster:
     def abort(self, request_id: str) -> None:
         """Cancel in any phase; every block the request holds is freed now, or when its step or pull ends."""
         req = self.requests.get(request_id)
-        if req is None or req.finished:
+        if req is not None:
+            self.end(req, "abort")
+
+    def end(self, req: Request, reason: str) -> None:
+        """Finish req with `reason` now, or, inside a step or pull, when that reports back."""
+        if req.finished or req.aborted:
             return
-        req.aborted = True
+        req.aborted = reason
         if not any(req.id in s.in_flight for s in self.slots):
-            self.finish(req, "abort")
+            self.finish(req, reason)
 
     def finish(self, req: Request, reason: str) -> None:
         """The one way a request ends: out of every queue, every block freed, the sink told."""
@@ -200,7 +210,7 @@ class Cluster:
         self._apply(events)
         for req in step.requests + [r for r, _ in step.swap_out] + step.swap_in:
             if req.aborted and not req.finished:
-                self.finish(req, "abort")
+                self.finish(req, req.aborted)
         if self.trace is not None:
             self.trace.end(slot.name, self.clock())
 
@@ -219,19 +229,56 @@ class Cluster:
         if not slot.in_flight:
             slot.busy = False
         if req.aborted:
-            self.finish(req, "abort")
+            self.finish(req, req.aborted)
 
     def failed(self, slot: Slot, reason: str) -> list[Request]:
-        """The slot's step or pull raised: its in-flight requests end with `reason`. Returns them."""
+        """The slot's step or pull raised (or hung): its in-flight requests end with `reason`, their blocks
+        freed on both sides. Returns them."""
         reqs = [self.requests[i] for i in slot.in_flight if i in self.requests]
         self._leave(slot)
+        slot.faults += 1
         for req in reqs:
-            self.finish(req, reason)
+            self.finish(req, req.aborted or reason)  # an abort that came meanwhile stays an abort
         return reqs
+
+    def retire(self, slot: Slot, state: str = "failed") -> list[Request]:
+        """Take slot out of dispatch for good (its driver has stopped; call `failed` first for its step).
+        Requests queued there that hold no KV there go to another instance of its role; the others end
+        with "error" (when their step elsewhere reports back, if inside one). If that was the last
+        instance of its role, every request ends. Returns the requests ended or marked to end."""
+        slot.state = state
+        for live in (self.entry, self.decoders):
+            if slot in live:
+                live.remove(slot)
+        lost = self.unavailable() is not None
+        doomed = []
+        for req in list(self.requests.values()):
+            queued = slot.policy.remove(req)
+            if not lost and queued and req.kv_home is not slot:  # migrating here, KV still on its prefill side
+                self._hand_off(req)
+            elif not lost and queued and req.status is Status.WAITING and not req.block_table:
+                self._dispatch(req)  # not started: another entry instance takes it
+            elif lost or queued or req.kv_home is slot:
+                doomed.append(req)
+                self.end(req, "error")
+        return doomed
+
+    def unavailable(self) -> str | None:
+        """Why no request can be served any more (an instance role with none left in dispatch), or None."""
+        for role, live in (("prefill", self.entry), ("colocated", self.entry), ("decode", self.decoders)):
+            if role in self.roles and not live:
+                return f"no {role} instance left in dispatch"
+        return None
 
     # ---------------- views ----------------
     def counts(self, slot: Slot) -> QueueCounts:
         return queue_counts(slot.policy)
+
+    def queued(self) -> tuple[int, int]:
+        """Requests admitted and not decoding yet (queued for or in prefill, or waiting for a decode slot), and
+        their prompt tokens: what the admission bounds count."""
+        reqs = [r for r in self.requests.values() if r.status in (Status.WAITING, Status.PREFILLING, Status.MIGRATING)]
+        return len(reqs), sum(r.num_prompt for r in reqs)
 
     def check(self) -> None:
         """Allocator invariants of every slot (tests call it after each scenario)."""
@@ -260,13 +307,19 @@ class Cluster:
                 self.finish(req, ev.reason)
             elif isinstance(ev, HandOff):
                 if req.aborted:
-                    self.finish(req, "abort")
+                    self.finish(req, req.aborted)
                 else:
                     self._hand_off(req)
 
+    def _dispatch(self, req: Request, slot: Slot | None = None) -> None:
+        slot = slot or least_loaded(self.entry, lambda s: s.policy.load)
+        req.kv_home = slot
+        slot.policy.add(req)
+        self.wake(slot)
+
     def _hand_off(self, req: Request) -> None:
         if not self.decoders:  # a prefill-only layout (the simulator's phase search): the KV leaves at once
-            self.finish(req, "prefilled")
+            self.finish(req, "error" if "decode" in self.roles else "prefilled")
             return
         dec = least_loaded(self.decoders, lambda s: s.policy.load)
         dec.policy.add(req)
