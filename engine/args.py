@@ -59,6 +59,13 @@ class EngineArgs:
     max_prefill_seqs: int = _h("prompts per prefill batch", 64)
     chunk_budget: int = _h("--chunked-prefill: tokens per step (decode tokens first, then prompt chunks)", 512)
     max_waiting: int = _h("admission queue bound; beyond it requests get 503", 4096)
+    cluster: Literal["local", "ray"] = _h(
+        "where instances run: local (threads of this process) or ray (one Ray actor each, across nodes; "
+        "devices may name a node, node1/cpu:0)", "local")
+    ray_address: str | None = _h("--cluster ray: address of a running Ray cluster (auto, HOST:PORT); default: "
+                                 "start a one-node Ray here", None)
+    ray_max_restarts: int = _h("--cluster ray: times Ray restarts an instance's actor that died (it rejoins "
+                               "dispatch with an empty pool)", 0)
     step_trace: int = _h("record the last N engine steps (shape, iteration time) for GET /debug/steps (0: off)", 0)
 
     def engine_config(self) -> EngineConfig:
@@ -81,7 +88,8 @@ class EngineArgs:
                                 max_waiting=self.max_waiting)
         return EngineConfig(model=self.model, dtype=self.dtype, mode=self.mode, transfer=self.transfer,
                             swap_space_bytes=self.swap_space, cache=cache, decode_cache=decode_cache,
-                            scheduler=sched, step_trace=self.step_trace, **layout)
+                            scheduler=sched, step_trace=self.step_trace, cluster=self.cluster,
+                            ray_address=self.ray_address, ray_max_restarts=self.ray_max_restarts, **layout)
 
     @classmethod
     def add_cli_args(cls, parser: argparse.ArgumentParser, **defaults: object) -> None:
