@@ -113,8 +113,19 @@ async def model_card(request: web.Request) -> web.Response:
 
 
 async def health(request: web.Request) -> web.Response:
-    phase = request.app[STATE].phase
-    return web.Response(body=orjson.dumps({"status": phase}), status=200 if phase == "ready" else 503,
+    """200 while requests can be served: status "ready", or "degraded" with an instance out of dispatch; else
+    503: "starting", "draining", or "unavailable" (no instance of a role left). Each instance's state."""
+    st = request.app[STATE]
+    stats = st.engine.stats()
+    body: dict = {"status": st.phase, "instances": [
+        {"name": s.instance, "role": s.role, "device": s.device, "state": s.state, "faults": s.faults}
+        for s in stats]}
+    lost = sorted({s.role for s in stats} - {s.role for s in stats if s.state == "ok"})
+    if st.phase == "ready" and lost:
+        body["status"], body["error"] = "unavailable", f"no {' or '.join(lost)} instance left in dispatch"
+    elif st.phase == "ready" and any(s.state != "ok" for s in stats):
+        body["status"] = "degraded"
+    return web.Response(body=orjson.dumps(body), status=200 if body["status"] in ("ready", "degraded") else 503,
                         content_type="application/json")
 
 

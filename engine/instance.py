@@ -110,10 +110,11 @@ class Instance:
         self.sampler = Sampler(model.cfg.vocab_size, self.device, eos_ids=model.cfg.eos_token_ids)
         self.stream = torch.cuda.Stream(self.device) if kind == "cuda" else None
         self.thread_id: int | None = None
-        self.executor = ThreadPoolExecutor(1, thread_name_prefix=name, initializer=self._init_thread)
+        self.executor = ThreadPoolExecutor(1, thread_name_prefix=name, initializer=self.pin_thread)
 
-    def _init_thread(self) -> None:
-        """Pin this thread to its cores and size torch's intra-op pool to them (per-thread on OpenMP)."""
+    def pin_thread(self) -> None:
+        """Pin the calling thread to the instance's cores and size torch's intra-op pool to them (per-thread on
+        OpenMP); on CUDA make its device current. Its executor thread runs this first."""
         self.thread_id = threading.get_native_id()
         if self.cores is not None:
             os.sched_setaffinity(0, self.cores)  # pid 0 = the calling thread
@@ -132,10 +133,14 @@ class Instance:
 
     # ---- runs on the instance thread ----
     def run(self, step: Step) -> list[Sampled]:
+        return self.on_device(self._run, step)
+
+    def on_device(self, fn: Callable[..., T], *args) -> T:
+        """fn(*args) on the instance's CUDA stream, done when it returns (on a CPU: just fn(*args))."""
         if self.stream is None:
-            return self._run(step)
+            return fn(*args)
         with torch.cuda.stream(self.stream):
-            out = self._run(step)
+            out = fn(*args)
         self.stream.synchronize()
         return out
 
@@ -173,18 +178,23 @@ class Instance:
         return self.sampler(logits, b.samplers)
 
 
-def build_instances(config: EngineConfig, ckpt: Checkpoint) -> list[Instance]:
-    """The layout's instances, named role + index ("prefill0", "decode1", "colocated0")."""
+def layout(config: EngineConfig) -> list[tuple[str, str, str, CacheConfig]]:
+    """(name, role, device, KV pool config) per instance, named role + index ("prefill0", "decode1")."""
     specs = ([("prefill", d) for d in config.prefill_devices] + [("decode", d) for d in config.decode_devices]
              if config.mode == "disagg" else [("colocated", d) for d in config.devices])
-    models: dict[str, LlamaModel] = {}  # one copy of the weights per physical device
+    return [(f"{role}{i}", role, dev, config.decode_cache if role == "decode" and config.decode_cache else config.cache)
+            for i, (role, dev) in enumerate(specs)]
+
+
+def build_instances(config: EngineConfig, ckpt: Checkpoint) -> list[Instance]:
+    """The layout's instances as threads of this process, one copy of the weights per physical device."""
+    models: dict[str, LlamaModel] = {}
     out = []
-    for i, (role, dev) in enumerate(specs):
+    for name, role, dev, cache in layout(config):
         kind, idx = parse_device(dev)
         key = "cpu" if kind == "cpu" else f"cuda:{idx}"
         if key not in models:
             device = torch.device(key)
             models[key] = LlamaModel(ckpt.config, ckpt.weights, resolve_dtype(config.dtype, device), device)
-        cache = config.decode_cache if role == "decode" and config.decode_cache else config.cache
-        out.append(Instance(f"{role}{i}", role, dev, models[key], cache))
+        out.append(Instance(name, role, dev, models[key], cache))
     return out

@@ -22,15 +22,15 @@ from dataclasses import replace
 import torch
 
 from engine.config import EngineConfig, SamplingParams
-from engine.instance import GIL_SWITCH_INTERVAL_S, Worker, build_instances
+from engine.instance import GIL_SWITCH_INTERVAL_S, Worker, WorkerDied
 from engine.loader import Checkpoint, load_checkpoint
 from engine.request import Request
 from engine.stop import StopRule
-from scheduler.runtime.cluster import Cluster, Execute, Pull, Slot, make_policy
+from scheduler.runtime.cluster import Cluster, Execute, Slot, make_policy
 from scheduler.runtime.trace import StepTrace
 from serving.api import InstanceStats, QueueFullError, RequestOutput
 from serving.outputs import OutputProcessor
-from transfer.base import make_transfer
+from serving.workers import build_workers
 
 log = logging.getLogger("engine")
 
@@ -48,8 +48,9 @@ class AsyncEngine:
         self.model_name, self.model_config, self.tokenizer = ckpt.name, ckpt.config, ckpt.tokenizer
         self.max_model_len = ckpt.config.max_position_embeddings
         self.rule = StopRule(frozenset(ckpt.config.eos_token_ids), self.max_model_len)
-        self.instances: list[Worker] = build_instances(config, ckpt)
-        self.dtype = self.instances[0].pool.cache.dtype
+        self.workers = build_workers(config, ckpt)  # threads here, or Ray actors (config.cluster)
+        self.instances: list[Worker] = self.workers.instances
+        self.dtype = self.instances[0].pool.dtype
         self.slots = [Slot(i.name, i.role, make_policy(i.role, config.scheduler, i.pool.allocator, self.rule,
                                                        config.chunked_prefill,
                                                        config.swap_space_bytes // i.pool.block_bytes),
@@ -58,9 +59,6 @@ class AsyncEngine:
         self.outputs = OutputProcessor(self.tokenizer, self.rule)
         self.step_trace = StepTrace(config.step_trace) if config.step_trace else None
         self.cluster = Cluster(self.slots, clock, self._wake, self.outputs, self.step_trace)
-        self.transfers = {(p.name, d.name): make_transfer(config.transfer, p.spec, d.spec)
-                          for p in self.instances if p.role == "prefill"
-                          for d in self.instances if d.role == "decode"}
         self.wake: dict[str, asyncio.Event] = {}
         self.tasks: list[asyncio.Task] = []
         self._ids = itertools.count()
@@ -71,9 +69,13 @@ class AsyncEngine:
     async def start(self) -> None:
         """Start one driver task per instance on the running event loop."""
         self.wake = {s.name: asyncio.Event() for s in self.slots}
-        self.tasks = [asyncio.create_task(self._drive(s), name=s.name) for s in self.slots]
-        for t in self.tasks:
-            t.add_done_callback(self._driver_ended)
+        self.tasks = [self._start_driver(s) for s in self.slots]
+        self.workers.watch(self._died, self._back)
+
+    def _start_driver(self, slot: Slot) -> asyncio.Task:
+        task = asyncio.create_task(self._drive(slot), name=slot.name)
+        task.add_done_callback(self._driver_ended)
+        return task
 
     def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
                     request_id: str | None = None, arrival: float | None = None) -> AsyncIterator[RequestOutput]:
@@ -81,8 +83,9 @@ class AsyncEngine:
 
         Closing the iterator aborts the request; a caller that never iterates it must call abort().
         """
-        if self.closed:
-            raise RuntimeError(self.error or "engine is shut down")
+        down = self.error or "engine is shut down" if self.closed else self.cluster.unavailable()
+        if down:
+            raise RuntimeError(down)
         params = replace(params or SamplingParams())  # ours to fill in: the caller's stays as it was
         ids = self.tokenizer.encode(prompt, add_special_tokens=True) if isinstance(prompt, str) else list(prompt)
         self.validate(ids, params)
@@ -131,7 +134,8 @@ class AsyncEngine:
         for s, inst in zip(self.slots, self.instances):
             c = self.cluster.counts(s)
             out.append(InstanceStats(s.name, s.role, inst.spec, s.allocator.num_used, s.allocator.num_blocks,
-                                     c.waiting, c.prefilling, c.migrating, c.running, c.swapped, len(s.in_flight)))
+                                     c.waiting, c.prefilling, c.migrating, c.running, c.swapped, len(s.in_flight),
+                                     s.state, s.faults))
         return out
 
     def check(self) -> None:
@@ -147,6 +151,7 @@ class AsyncEngine:
         await asyncio.gather(*self.tasks, return_exceptions=True)
         for inst in self.instances:
             inst.close()
+        self.workers.close()
         for req in list(self.cluster.requests.values()):
             self.cluster.finish(req, "abort")
 
@@ -167,21 +172,48 @@ class AsyncEngine:
                 for _ in range(3):  # a burst of arrivals (e.g. over HTTP) lands in one batch, not two
                     await asyncio.sleep(0)
                 continue
-            if isinstance(action, Execute):
-                sampled = await inst.execute(action.step)
-                self.cluster.executed(slot, action.step, sampled)
-            else:
-                for pull in action:
-                    nbytes = await inst.call(self._copy, pull)
-                    self.cluster.pulled(pull, nbytes)
+            try:
+                if isinstance(action, Execute):
+                    sampled = await inst.execute(action.step)
+                    self.cluster.executed(slot, action.step, sampled)
+                else:
+                    for pull in action:
+                        nbytes = await self.workers.pull(pull)
+                        self.cluster.pulled(pull, nbytes)
+            except WorkerDied as e:  # this worker's process, or the one a pull read from, is gone
+                self._died(e.worker, str(e))
+                if e.worker == slot.name:
+                    return
+                self.cluster.failed(slot, "error")  # the pull's requests: their blocks freed on both sides
             await asyncio.sleep(0)  # let the server's handlers run between steps
 
-    def _copy(self, pull: Pull) -> int:
-        """On the decoder's thread: the prompt's blocks (the rest of dst_blocks is room for new tokens)."""
-        src, dst = self._instance[pull.src.name], self._instance[pull.dst.name]
-        stats = self.transfers[(src.name, dst.name)].pull(src.pool, pull.src_blocks, dst.pool,
-                                                          pull.dst_blocks[:len(pull.src_blocks)])
-        return stats.bytes
+    # ---------------- workers that die (Ray actors) ----------------
+    def _died(self, name: str, why: str) -> None:
+        """A worker's process is gone: what it was running fails, it leaves dispatch ("dead"), and every request
+        whose queue or KV was there ends with an error, its blocks freed on the other side. The others go on."""
+        slot = next(s for s in self.slots if s.name == name)
+        if slot.state != "ok":
+            return
+        self._fault(slot, why, "dead")
+        task = self.tasks[self.slots.index(slot)]
+        if task is not asyncio.current_task():
+            task.cancel()
+
+    def _back(self, name: str) -> None:
+        """A dead worker was restarted (empty, as retire left its pool): back into dispatch."""
+        i, slot = next((i, s) for i, s in enumerate(self.slots) if s.name == name)
+        self.cluster.restore(slot)
+        self.tasks[i] = self._start_driver(slot)
+
+    def _fault(self, slot: Slot, what: str, state: str) -> None:
+        """End slot's in-flight requests and take it out of dispatch (issue 14's path, reduced to what a dead
+        worker needs)."""
+        log.error("instance %s: %s; taken out of dispatch (%s)", slot.name, what, state)
+        self.cluster.failed(slot, "error")
+        self.cluster.retire(slot, state)
+        down = self.cluster.unavailable()
+        if down:
+            log.error("engine unavailable: %s", down)
 
     def _driver_ended(self, task: asyncio.Task) -> None:
         """A driver must never die quietly: log it, fail every live request, refuse new ones."""
