@@ -66,10 +66,6 @@ class InstanceActor:
         self.remote[src] = actor
         self.peers.pop(src, None)
 
-    def seal(self) -> None:
-        """Peers have mapped the pool: its name can go (the memory stays while any process maps it)."""
-        self.shared.seal()
-
     # ---------------- the instance's work, in order ----------------
     def execute(self, wire: WireStep) -> WireResult:
         self._pin()

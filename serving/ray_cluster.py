@@ -176,8 +176,7 @@ class RayCluster:
         ).remote(name, role, device, self.config.model, self.config.dtype, cache)
 
     def _connect(self, changed: list[RayWorker]) -> None:
-        """Decode actors map the pools of same-node prefill actors and link to the others; then the pools'
-        shared-memory names are removed (each stays mapped while a process uses it)."""
+        """Decode actors map the pools of same-node prefill actors and link to the others."""
         import ray
 
         prefill = [w for w in self.instances if w.role == "prefill"]
@@ -189,7 +188,6 @@ class RayCluster:
                     calls.append(d.actor.attach.remote(p.name, p.handle) if d.node_id == p.node_id
                                  else d.actor.link.remote(p.name, p.actor))
         ray.get(calls)
-        ray.get([w.actor.seal.remote() for w in changed])
 
     async def pull(self, pull: Pull) -> int:
         """On the decode actor, in order with its steps: the prompt's blocks (the rest of dst_blocks is room)."""

@@ -1,9 +1,10 @@
 """KV hand-off between processes of one node: the prefill pool's memory is shared, so a pull is the one copy
 a hand-off needs, the same copy TorchTransfer makes between two pools of one process.
 
-CPU: the pool is a file in /dev/shm mapped with `torch.from_file(path, shared=True)`; a peer maps the same
-file and copies blocks out of it. Once the peers have mapped it, the owner unlinks the name (`seal`): the
-memory lives until the last process mapping it exits, so a killed process leaves nothing in /dev/shm.
+CPU: the pool is a file in /dev/shm mapped with `torch.from_file(path, shared=True)`. Its name is removed as
+soon as it exists, the owner keeping a descriptor open; a peer maps it through /proc/OWNER_PID/fd/N and copies
+blocks out of it. The memory lives while some process maps it, so a killed process leaves nothing behind in
+/dev/shm, and a peer that is restarted maps the pool again the same way.
 CUDA: the pool's CUDA IPC handle, made by `torch.multiprocessing.reductions.reduce_tensor` (how torch shares
 CUDA tensors between processes); the peer opens it with the rebuild function that came with it, and the
 pull is a device-to-device copy (peer-to-peer between two GPUs). Both processes must number the GPUs alike
@@ -42,14 +43,18 @@ class SharedPool:
 
     def __init__(self, name: str, device: torch.device, directory: str = SHM_DIR) -> None:
         self.device = device
-        self.path = os.path.join(directory, f"distserve-kv-{name}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+        self.name = os.path.join(directory, f"distserve-kv-{name}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
         self.tensor: torch.Tensor | None = None
+        self.fd: int | None = None  # keeps the unnamed file reachable for peers
 
     def allocate(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
         if self.device.type == "cuda":
             self.tensor = torch.zeros(shape, dtype=dtype, device=self.device)
-        else:  # a new file reads as zeros
-            self.tensor = torch.from_file(self.path, shared=True, size=math.prod(shape), dtype=dtype).view(shape)
+            return self.tensor
+        # a new file reads as zeros; pages are taken as they are first written
+        self.tensor = torch.from_file(self.name, shared=True, size=math.prod(shape), dtype=dtype).view(shape)
+        self.fd = os.open(self.name, os.O_RDWR)
+        os.unlink(self.name)
         return self.tensor
 
     def handle(self) -> PoolHandle:
@@ -59,12 +64,7 @@ class SharedPool:
             from torch.multiprocessing.reductions import reduce_tensor  # lazy: CUDA only
 
             return PoolHandle(tuple(t.shape), dtype, ipc=reduce_tensor(t))
-        return PoolHandle(tuple(t.shape), dtype, path=self.path)
-
-    def seal(self) -> None:
-        """Remove the file's name; every process that mapped it keeps its mapping."""
-        if self.device.type != "cuda" and os.path.exists(self.path):
-            os.unlink(self.path)
+        return PoolHandle(tuple(t.shape), dtype, path=f"/proc/{os.getpid()}/fd/{self.fd}")
 
 
 def open_pool(handle: PoolHandle, block_size: int, name: str) -> KVPool:
