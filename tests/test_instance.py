@@ -98,3 +98,30 @@ def test_cupy_peer_transfer_is_bit_exact():
     stats = CupyTransfer().pull(src, [1, 2, 3, 7], dst, [5, 6, 7, 0])
     assert torch.equal(dst.cache[[5, 6, 7, 0]].cpu(), src.cache[[1, 2, 3, 7]].cpu())
     assert stats.copies == 2
+
+
+def test_shared_pool_is_mapped_by_another_process_and_leaves_no_file(tmp_path):
+    """transfer/shared.py: a second process maps the pool (no copy), reads what was written and writes back;
+    the file has no name from the start, so nothing can be left behind."""
+    import subprocess
+    import sys
+
+    from transfer.shared import SharedPool, open_pool
+
+    shared = SharedPool("t", torch.device("cpu"), directory=str(tmp_path))
+    pool = KVPool(tiny_config(), CacheConfig(num_blocks=6, block_size=4), torch.bfloat16, allocate=shared.allocate)
+    pool.cache[2].fill_(1.5)
+    assert list(tmp_path.iterdir()) == []
+    same = open_pool(shared.handle(), 4, "again")  # this process can map it too: the same memory
+    assert same.cache.data_ptr() != pool.cache.data_ptr() and torch.equal(same.cache, pool.cache)
+    code = ("import pickle, sys, torch; from transfer.shared import open_pool; "
+            "p = open_pool(pickle.loads(sys.stdin.buffer.read()), 4, 'peer'); "
+            "assert float(p.cache[2].float().mean()) == 1.5; p.cache[5].fill_(-2)")
+    import pickle
+
+    subprocess.run([sys.executable, "-c", code], input=pickle.dumps(shared.handle()), check=True,
+                   cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert torch.all(pool.cache[5] == -2) and torch.all(pool.cache[4] == 0)
+    stats = TorchTransfer().pull(same, [5, 2], KVPool(tiny_config(), CacheConfig(num_blocks=3, block_size=4),
+                                                      torch.bfloat16), [0, 1])
+    assert stats.bytes == 2 * pool.block_bytes
