@@ -44,12 +44,17 @@ PING_S = 1.0  # how often the watcher pings each actor
 START_TIMEOUT_S = 600.0  # placing the groups and loading the model in every actor
 
 
-def resources(device: str) -> dict[str, float]:
-    """A bundle for one instance: its cores (all of a node's: one CPU), or one GPU."""
-    kind, idx = parse_device(device)
-    if kind == "cuda":
-        return {"CPU": 1.0, "GPU": 1.0}
-    return {"CPU": float(len(idx) if isinstance(idx, list) else 1)}
+def bundles(devices: list[str]) -> list[dict[str, float]]:
+    """One node's bundles, one per instance: its cores (a whole node's, "cpu": one CPU), or its GPU; instances
+    that name the same GPU share it (1/k of it each, so Ray gives them one device, as in process)."""
+    kinds = [parse_device(d) for d in devices]
+    out = []
+    for kind, idx in kinds:
+        if kind == "cuda":
+            out.append({"CPU": 1.0, "GPU": 1.0 / kinds.count((kind, idx))})
+        else:
+            out.append({"CPU": float(len(idx) if isinstance(idx, list) else 1)})
+    return out
 
 
 class RayWorker:
@@ -133,21 +138,21 @@ class RayCluster:
         nodes: dict[int, list[int]] = {}  # node of the layout -> its instances
         for i, (_, _, dev, _) in enumerate(plan):
             nodes.setdefault(split_node(dev)[0] or 0, []).append(i)
-        self.groups = {n: placement_group([resources(split_node(plan[i][2])[1]) for i in members],
-                                          strategy="STRICT_PACK", name=f"distserve-node{n}-{os.getpid()}")
-                       for n, members in nodes.items()}
+        need = {n: bundles([split_node(plan[i][2])[1] for i in members]) for n, members in nodes.items()}
+        self.groups = {n: placement_group(need[n], strategy="STRICT_PACK", name=f"distserve-node{n}-{os.getpid()}")
+                       for n in nodes}
         try:
             ray.get([g.ready() for g in self.groups.values()], timeout=START_TIMEOUT_S)
         except ray.exceptions.GetTimeoutError:
             self.close()
-            need = {n: [resources(split_node(plan[i][2])[1]) for i in m] for n, m in nodes.items()}
             raise RuntimeError(f"Ray could not place the layout's nodes {need} (one machine each, STRICT_PACK) "
                                f"within {START_TIMEOUT_S:g} s: see `ray status` for what the cluster has") from None
         self.actors = []
         for n, members in nodes.items():
             for bundle, i in enumerate(members):
                 name, role, dev, cache = plan[i]
-                self.actors.append((i, self._start(name, role, split_node(dev)[1], cache, self.groups[n], bundle)))
+                self.actors.append((i, self._start(name, role, split_node(dev)[1], cache, self.groups[n], bundle,
+                                                   need[n][bundle])))
         self.actors = [a for _, a in sorted(self.actors, key=lambda x: x[0])]
         infos = ray.get([a.info.remote() for a in self.actors], timeout=START_TIMEOUT_S)
         for (name, _, _, _), info in zip(plan, infos):
@@ -161,11 +166,10 @@ class RayCluster:
         self.by_name = {w.name: w for w in self.instances}
         self._connect(self.instances)
 
-    def _start(self, name: str, role: str, device: str, cache, group, bundle: int):
+    def _start(self, name: str, role: str, device: str, cache, group, bundle: int, res: dict[str, float]):
         import ray
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-        res = resources(device)
         env = {"PYTHONPATH": os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")])),
                "RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES": "1"}  # CUDA IPC needs one GPU numbering
         cls = ray.remote(concurrency_groups={"io": 1})(InstanceActor)

@@ -86,6 +86,7 @@ def test_auto_transfer_is_torch_on_cpu():
     assert make_transfer("auto", "cpu:0", "cpu:1").name == "torch"
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.device_count() < 2, reason="needs 2 CUDA devices")
 def test_cupy_peer_transfer_is_bit_exact():
     pytest.importorskip("cupy")
@@ -125,3 +126,29 @@ def test_shared_pool_is_mapped_by_another_process_and_leaves_no_file(tmp_path):
     stats = TorchTransfer().pull(same, [5, 2], KVPool(tiny_config(), CacheConfig(num_blocks=3, block_size=4),
                                                       torch.bfloat16), [0, 1])
     assert stats.bytes == 2 * pool.block_bytes
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_instance_runs_on_its_own_stream_and_matches_the_cpu_instance(model):
+    """A step on the instance's CUDA stream is complete when run() returns: the same tokens and KV as on a CPU."""
+    from engine.config import SamplingParams
+    from engine.request import Request
+    from engine.step import Step
+
+    cfg = model.cfg
+    gpu_model = LlamaModel(cfg, {k: v.cpu() for k, v in hf_model(cfg).state_dict().items()}, torch.float32,
+                           torch.device("cuda:0"))
+    out = {}
+    for dev, m in (("cpu", model), ("cuda:0", gpu_model)):
+        inst = Instance("i", "colocated", dev, m, CacheConfig(num_blocks=8, block_size=4))
+        try:
+            assert (inst.stream is not None) == dev.startswith("cuda")
+            req = Request("r", list(range(3, 14)), SamplingParams(temperature=0))
+            req.block_table = inst.pool.allocator.allocate("r", 3)
+            sampled = inst.executor.submit(inst.run, Step([(req, 11)])).result()
+            out[dev] = (sampled[0].token, inst.pool.cache[req.block_table].cpu())
+        finally:
+            inst.close()
+    assert out["cpu"][0] == out["cuda:0"][0]
+    torch.testing.assert_close(out["cuda:0"][1], out["cpu"][1], atol=1e-4, rtol=1e-4)

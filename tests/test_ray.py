@@ -29,6 +29,30 @@ TEXT = ("Disaggregated serving splits the prefill phase, which is compute bound,
         "bound by memory bandwidth, and moves the key-value cache from one to the other. ") * 6
 
 
+@pytest.mark.cuda
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs CUDA")
+def test_cuda_ipc_hand_off_between_actors_gives_the_in_process_tokens(ckpt):
+    """Both actors on this machine's GPUs (one shared GPU, or two): the decode actor opens the prefill pool's CUDA
+    IPC handle and copies device to device. Runs before the CPU cluster of the tests below exists."""
+    import torch
+
+    last = torch.cuda.device_count() - 1
+    kw = dict(mode="disagg", prefill_devices=["cuda:0"], decode_devices=[f"cuda:{last}"], dtype="float32")
+    prompts, _ = requests(ckpt)
+    greedy = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
+    with LLM(checkpoint=ckpt, **kw) as llm:
+        want = [o.token_ids for o in llm.generate(prompts, greedy)]
+    ray.init(num_cpus=4, num_gpus=last + 1, include_dashboard=False)
+    try:
+        with LLM(checkpoint=ckpt, cluster="ray", **kw) as llm:
+            assert llm.engine.instances[0].handle.ipc is not None
+            got = [o.token_ids for o in llm.generate(prompts, greedy)]
+            llm.check()
+    finally:
+        ray.shutdown()
+    assert got == want
+
+
 @pytest.fixture(scope="module")
 def cluster():
     from ray.cluster_utils import Cluster
