@@ -22,8 +22,11 @@ pool and it rejoins dispatch, empty.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
+import signal
+import threading
 from collections.abc import Callable
 from pathlib import Path
 
@@ -41,7 +44,9 @@ from serving.ray_actor import InstanceActor
 log = logging.getLogger("engine.ray")
 ROOT = str(Path(__file__).resolve().parents[1])  # actors import this checkout, not another installed copy
 PING_S = 1.0  # how often the watcher pings each actor
-START_TIMEOUT_S = 600.0  # placing the groups and loading the model in every actor
+PLACE_TIMEOUT_S = 60.0  # for Ray to find each layout node a machine with its bundles
+START_TIMEOUT_S = 600.0  # for every actor to load the model
+CLOSE_TIMEOUT_S = 15.0
 
 
 def bundles(devices: list[str]) -> list[dict[str, float]]:
@@ -101,9 +106,7 @@ class RayWorker:
         return await remote(self.name, self.actor.call, fn, *args)
 
     def close(self) -> None:
-        import ray
-
-        ray.kill(self.actor)
+        """Nothing here: RayCluster.close ends every actor at once, bounded in time."""
 
 
 async def remote(name: str, method, *args, source: str | None = None):
@@ -131,9 +134,11 @@ class RayCluster:
         self.config = config
         self.watchers: list[asyncio.Task] = []
         self.groups: dict = {}
+        self.actors: list = []
         self.started_ray = not ray.is_initialized()
         if self.started_ray:
             ray.init(address=config.ray_address, include_dashboard=False, logging_level=logging.WARNING)
+        self.node_id = ray.get_runtime_context().get_node_id()  # this process's node
         plan = layout(config)
         nodes: dict[int, list[int]] = {}  # node of the layout -> its instances
         for i, (_, _, dev, _) in enumerate(plan):
@@ -142,19 +147,23 @@ class RayCluster:
         self.groups = {n: placement_group(need[n], strategy="STRICT_PACK", name=f"distserve-node{n}-{os.getpid()}")
                        for n in nodes}
         try:
-            ray.get([g.ready() for g in self.groups.values()], timeout=START_TIMEOUT_S)
+            ray.get([g.ready() for g in self.groups.values()], timeout=PLACE_TIMEOUT_S)
         except ray.exceptions.GetTimeoutError:
             self.close()
             raise RuntimeError(f"Ray could not place the layout's nodes {need} (one machine each, STRICT_PACK) "
-                               f"within {START_TIMEOUT_S:g} s: see `ray status` for what the cluster has") from None
-        self.actors = []
+                               f"within {PLACE_TIMEOUT_S:g} s: see `ray status` for what the cluster has") from None
+        started = []
         for n, members in nodes.items():
             for bundle, i in enumerate(members):
                 name, role, dev, cache = plan[i]
-                self.actors.append((i, self._start(name, role, split_node(dev)[1], cache, self.groups[n], bundle,
-                                                   need[n][bundle])))
-        self.actors = [a for _, a in sorted(self.actors, key=lambda x: x[0])]
-        infos = ray.get([a.info.remote() for a in self.actors], timeout=START_TIMEOUT_S)
+                started.append((i, self._start(name, role, split_node(dev)[1], cache, self.groups[n], bundle,
+                                               need[n][bundle])))
+        self.actors = [a for _, a in sorted(started, key=lambda x: x[0])]
+        try:
+            infos = ray.get([a.info.remote() for a in self.actors], timeout=START_TIMEOUT_S)
+        except Exception:  # an actor failed to start (its error says why) or took too long
+            self.close()
+            raise
         for (name, _, _, _), info in zip(plan, infos):
             if info["model_config"] != ckpt.config:
                 self.close()
@@ -232,12 +241,30 @@ class RayCluster:
             on_back(w.name)
 
     def close(self) -> None:
+        """End the actors, free the placement groups, disconnect (and stop the Ray we started). Never raises and
+        never hangs: a Ray whose raylet is already gone (a signal sent to the whole process group) may not
+        answer, so past CLOSE_TIMEOUT_S the actors of this machine are killed and the rest is left to Ray."""
+        for t in self.watchers:
+            t.cancel()
+        worker = threading.Thread(target=self._teardown, name="ray-teardown", daemon=True)
+        worker.start()
+        worker.join(CLOSE_TIMEOUT_S)
+        if worker.is_alive():
+            log.warning("Ray did not shut down within %g s: killing this machine's actors", CLOSE_TIMEOUT_S)
+            for w in getattr(self, "instances", []):
+                if w.node_id == self.node_id:
+                    with contextlib.suppress(OSError):
+                        os.kill(w.pid, signal.SIGKILL)
+
+    def _teardown(self) -> None:
         import ray
         from ray.util.placement_group import remove_placement_group
 
-        for t in self.watchers:
-            t.cancel()
-        for g in self.groups.values():
-            remove_placement_group(g)
-        if self.started_ray:
-            ray.shutdown()
+        steps = [lambda a=a: ray.kill(a) for a in self.actors]
+        steps += [lambda g=g: remove_placement_group(g) for g in self.groups.values()]
+        steps += [ray.shutdown] if self.started_ray else []
+        for step in steps:
+            try:
+                step()
+            except Exception as e:  # noqa: BLE001  (a dead raylet: whatever is left, Ray's processes end with it)
+                log.warning("Ray teardown: %r", e)
