@@ -47,10 +47,13 @@ class LocalWorkers:
                           for d in self.instances if d.role == "decode"}
 
     async def pull(self, pull: Pull) -> int:
+        return await self.by_name[pull.dst.name].call(self._copy, pull)
+
+    def _copy(self, pull: Pull) -> int:
+        """On the decoder's thread: the prompt's blocks (the rest of dst_blocks is room for new tokens)."""
         src, dst = self.by_name[pull.src.name], self.by_name[pull.dst.name]
-        transfer = self.transfers[(src.name, dst.name)]
-        stats = await dst.call(transfer.pull, src.pool, pull.src_blocks, dst.pool,
-                               pull.dst_blocks[:len(pull.src_blocks)])
+        stats = self.transfers[(src.name, dst.name)].pull(src.pool, pull.src_blocks, dst.pool,
+                                                          pull.dst_blocks[:len(pull.src_blocks)])
         return stats.bytes
 
     def watch(self, on_death: Callable[[str, str], None], on_back: Callable[[str], None]) -> None:
