@@ -9,6 +9,7 @@ behind a step.
 """
 from __future__ import annotations
 
+import logging
 import os
 import threading
 import warnings
@@ -24,11 +25,14 @@ from engine.step import WireResult, WireStep
 from transfer.shared import PoolHandle, SharedPool, open_pool
 from transfer.torch_copy import TorchTransfer
 
+log = logging.getLogger("engine.ray")
+
 
 class InstanceActor:
     def __init__(self, name: str, role: str, device: str, model: str | None, dtype: str, cache: CacheConfig) -> None:
         import ray  # lazy: this module is imported wherever the engine is, but runs only inside an actor
 
+        _normal_priority()
         kind, _ = parse_device(device)
         if kind == "cuda":  # every GPU is visible (IPC needs one numbering): take the one Ray assigned
             device = f"cuda:{int(ray.get_gpu_ids()[0])}"
@@ -129,4 +133,17 @@ class InstanceActor:
         tid = threading.get_native_id()
         if tid not in self.pinned:
             self.inst.pin_thread()
+            _normal_priority()
             self.pinned.add(tid)
+
+
+def _normal_priority() -> None:
+    """Ray starts worker processes at nice 15: an instance would then lose its cores to any other process (the
+    in-process threads run at the server's priority). Back to the nice of 0, for every thread there is now
+    (Linux keeps one per thread) and, through inheritance, those started later."""
+    try:
+        for tid in os.listdir("/proc/self/task"):
+            os.setpriority(os.PRIO_PROCESS, int(tid), 0)
+    except (OSError, PermissionError) as e:  # lowering nice needs CAP_SYS_NICE or a RLIMIT_NICE that allows it
+        log.warning("instance actor stays at nice %d (%s): it yields its cores to other processes",
+                    os.getpriority(os.PRIO_PROCESS, 0), e)
