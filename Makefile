@@ -3,7 +3,7 @@
 PY := .venv/bin/python
 STAMP := .venv/.installed
 
-.PHONY: install serve test lint interop loadgen profile plan bench-engine bench-serving bench-simulator \
+.PHONY: install serve test test-gpu lint interop loadgen profile plan bench-engine bench-serving bench-simulator \
 	bench-transfer bench-interference bench-overload soak clean
 
 $(STAMP): requirements.txt requirements-dev.txt pyproject.toml
@@ -26,6 +26,13 @@ serve: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests $(ARGS)
+
+# Every CUDA test of the project (pytest marker `cuda`: streams, CuPy peer-to-peer, xformers, the Ray CUDA IPC
+# hand-off). Fails, rather than skips, when no GPU is visible: one command proves the GPU layer on a GPU machine.
+test-gpu: $(STAMP)
+	@$(PY) -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 'make test-gpu: no CUDA device is visible (torch.cuda.is_available() is False)')"
+	$(PY) -m pip install -q --disable-pip-version-check -r requirements-gpu.txt
+	$(PY) -m pytest -q -m cuda tests $(ARGS)
 
 lint: $(STAMP)
 	$(PY) -m ruff check .

@@ -218,7 +218,7 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
     eargs = EngineArgs.from_cli(args)
     if args.plan:
         layout = dict(devices=None, prefill_devices=None, decode_devices=None, chunked_prefill=False)
-        eargs = replace(eargs, **(layout | load_plan(args.plan)))
+        eargs = replace(eargs, **(layout | load_plan(args.plan, args.cluster)))
     return eargs.engine_config()
 
 

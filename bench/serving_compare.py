@@ -71,7 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--warmup", type=int, help=f"warm-up requests per server (default {FULL['warmup']})")
     a("--attainment", type=float, default=0.9)
     a("--seed", type=int, default=0)
-    a("--modes", help="comma-separated subset of mode names (colocated must run for derived SLOs)")
+    a("--modes", help="comma-separated mode names, run in that order (colocated first for derived SLOs); the Ray "
+      "variants (disagg-1p1d-ray: --cluster ray) run only when named")
     a("--disagg-splits", type=lambda t: [int(x) for x in t.split(",")], help="prefill core counts (default: all)")
     a("--kv-total-mib", type=int, default=1024, help="KV budget per mode, split across its instances")
     a("--max-num-seqs", type=int, default=64)
@@ -188,10 +189,11 @@ async def amain(args: argparse.Namespace, cmd: str) -> int:
             "token_ids": True, "date": datetime.now().astimezone().isoformat(timespec="seconds"),
             "machine": machine(), "probe_prompt": probes[0].prompt_len,
             "probe_output": probes[0].output_len}  # fmt: skip
-    modes = layouts(sorted(os.sched_getaffinity(0)), args.kv_total_mib, args.disagg_splits)
-    if args.modes:
-        keep = set(args.modes.split(","))
-        modes = [m for m in modes if m.name in keep]
+    keep = args.modes.split(",") if args.modes else None
+    modes = layouts(sorted(os.sched_getaffinity(0)), args.kv_total_mib, args.disagg_splits,
+                    ray=any(m.endswith("-ray") for m in keep or ()))
+    if keep:  # in the order given
+        modes = [m for name in keep for m in modes if m.name == name]
     slos = None
     if args.ttft_slo is not None and args.tpot_slo is not None:
         slos = Slos(args.ttft_slo, args.tpot_slo, float("nan"), float("nan"), 1.0, 1.0, "given on the command line")

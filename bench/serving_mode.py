@@ -44,12 +44,21 @@ def server(mode: Mode, args: argparse.Namespace, log: Path) -> ServerProcess:
 
 
 def cpu(srv: ServerProcess) -> CpuSample:
-    """Machine-wide busy CPU and this benchmark's share (the server's threads and this process)."""
+    """Machine-wide busy CPU and this benchmark's share: this process, the server and every process under it
+    (with --cluster ray its raylet and the instances' actors)."""
+    import psutil
+
     hz = os.sysconf("SC_CLK_TCK")
     with open("/proc/stat") as f:
         busy = proc_stat_busy(f.readline(), hz)
     ours = 0.0
-    for pid in (os.getpid(), srv.proc.pid if srv.proc else None):
+    pids = [os.getpid()]
+    if srv.proc:
+        try:
+            pids += [srv.proc.pid, *(c.pid for c in psutil.Process(srv.proc.pid).children(recursive=True))]
+        except psutil.Error:
+            pass
+    for pid in pids:
         try:
             ours += pid_cpu(Path(f"/proc/{pid}/stat").read_text(), hz) if pid else 0.0
         except OSError:

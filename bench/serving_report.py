@@ -28,8 +28,9 @@ def _cpu(cores: list[int]) -> str:
     return "cpu:" + ",".join(map(str, cores))
 
 
-def layouts(cores: list[int], kv_total_mib: int, splits: list[int] | None = None) -> list[Mode]:
-    """Colocated, colocated + chunked prefill, then one disagg layout per prefill/decode core split.
+def layouts(cores: list[int], kv_total_mib: int, splits: list[int] | None = None, ray: bool = False) -> list[Mode]:
+    """Colocated, colocated + chunked prefill, then one disagg layout per prefill/decode core split (with `ray`,
+    each followed by the same layout as Ray actors: --cluster ray, "disagg-1p1d-ray").
 
     `splits` lists prefill core counts (default: every split, 1..n-1); on 2 cores that is 1p + 1d.
     Every mode gets the same total KV budget, split evenly across its instances, so memory is no
@@ -50,6 +51,9 @@ def layouts(cores: list[int], kv_total_mib: int, splits: list[int] | None = None
         half = f"{kv_total_mib // 2}MiB"
         args = ("--mode", "disagg", "--prefill-devices", pre, "--decode-devices", dec, "--kv-cache-memory", half)
         modes.append(Mode(f"disagg-{p}p{n - p}d", args, f"prefill {pre}, decode {dec}", n))
+        if ray:  # each instance a Ray actor (its own process) instead of a thread of the server
+            modes.append(Mode(f"disagg-{p}p{n - p}d-ray", (*args, "--cluster", "ray"),
+                              f"prefill {pre}, decode {dec}, Ray actors", n))
     return modes
 
 

@@ -69,6 +69,13 @@ class EngineArgs:
                                   "requests) before it is taken out of dispatch", 3)
     max_stream_lag: int = _h("tokens a stream's reader may fall behind before the request is aborted and its "
                              "KV freed", 1024)
+    cluster: Literal["local", "ray"] = _h(
+        "where instances run: local (threads of this process) or ray (one Ray actor each, across nodes; "
+        "devices may name a node, node1/cpu:0)", "local")
+    ray_address: str | None = _h("--cluster ray: address of a running Ray cluster (auto, HOST:PORT); default: "
+                                 "start a one-node Ray here", None)
+    ray_max_restarts: int = _h("--cluster ray: times Ray restarts an instance's actor that died (it rejoins "
+                               "dispatch with an empty pool)", 0)
     step_trace: int = _h("record the last N engine steps (shape, iteration time) for GET /debug/steps (0: off)", 0)
 
     def engine_config(self) -> EngineConfig:
@@ -93,7 +100,8 @@ class EngineArgs:
         return EngineConfig(model=self.model, dtype=self.dtype, mode=self.mode, transfer=self.transfer,
                             swap_space_bytes=self.swap_space, cache=cache, decode_cache=decode_cache,
                             scheduler=sched, step_trace=self.step_trace, faults=faults,
-                            max_stream_lag=self.max_stream_lag, **layout)
+                            max_stream_lag=self.max_stream_lag, cluster=self.cluster,
+                            ray_address=self.ray_address, ray_max_restarts=self.ray_max_restarts, **layout)
 
     @classmethod
     def add_cli_args(cls, parser: argparse.ArgumentParser, **defaults: object) -> None:

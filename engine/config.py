@@ -171,13 +171,16 @@ class FaultConfig:
 
 
 Mode = Literal["colocated", "disagg"]
+ClusterKind = Literal["local", "ray"]
 
 
 @dataclass
 class EngineConfig:
     """What to serve and how it is laid out.
 
-    Devices: "cuda:N", or on a CPU a core set: "cpu" (all cores), "cpu:0", "cpu:0-1", "cpu:0,2".
+    Devices: "cuda:N", or on a CPU a core set: "cpu" (all cores), "cpu:0", "cpu:0-1", "cpu:0,2"; with
+    cluster "ray" each may name its node: "node1/cuda:0", "node0/cpu:1" (instances on one node share a
+    placement group, and their KV hand-offs stay in shared memory).
     disagg: one entry of prefill_devices / decode_devices per instance; colocated: one instance
     per entry of `devices`.
     """
@@ -197,8 +200,15 @@ class EngineConfig:
     step_trace: int = 0  # keep the last N steps' shapes and iteration times (scheduler/runtime/trace.py); 0: off
     faults: FaultConfig = field(default_factory=FaultConfig)
     max_stream_lag: int = 1024  # tokens a stream's reader may fall behind before its request is aborted
+    cluster: ClusterKind = "local"  # local: instances are threads of this process; ray: Ray actors, across nodes
+    ray_address: str | None = None  # cluster ray: an existing Ray cluster ("auto", "HOST:PORT"); None: start one here
+    ray_max_restarts: int = 0  # cluster ray: times Ray restarts a dead instance's actor (it then rejoins dispatch)
 
     def __post_init__(self) -> None:
+        if self.cluster not in ("local", "ray"):
+            raise ValueError(f"cluster must be 'local' or 'ray', got {self.cluster!r}")
+        if self.ray_max_restarts < 0:
+            raise ValueError(f"ray_max_restarts must be >= 0, got {self.ray_max_restarts}")
         if self.step_trace < 0:
             raise ValueError(f"step_trace must be >= 0, got {self.step_trace}")
         if self.max_stream_lag <= 0:
@@ -217,8 +227,23 @@ class EngineConfig:
         elif not self.devices:
             raise ValueError("colocated mode needs at least one device")
         for d in self.devices + self.prefill_devices + self.decode_devices:
-            parse_device(d)
+            node, local = split_node(d)
+            if node is not None and self.cluster != "ray":
+                raise ValueError(f"device {d!r} names a node: layouts across nodes run with --cluster ray "
+                                 "[--ray-address ADDR]")
+            parse_device(local)
         self.swap_space_bytes = parse_size(self.swap_space_bytes)
+
+
+def split_node(spec: str) -> tuple[int | None, str]:
+    """'node1/cuda:0' -> (1, 'cuda:0'); 'cpu:0' -> (None, 'cpu:0'). A plan across nodes names each instance's
+    node (scheduler/planner/placement.py); the devices after the slash are that node's."""
+    head, sep, rest = spec.partition("/")
+    if not sep:
+        return None, spec
+    if not (head.startswith("node") and head[4:].isdigit()):
+        raise ValueError(f"bad device {spec!r}: a node is named nodeK, e.g. node1/cuda:0 or node1/cpu:0-3")
+    return int(head[4:]), rest
 
 
 def parse_device(spec: str) -> tuple[str, list[int] | int | None]:

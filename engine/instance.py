@@ -23,7 +23,7 @@ from engine.kv_cache import KVPool
 from engine.loader import Checkpoint
 from engine.model import LlamaModel
 from engine.sampler import Sampler
-from engine.step import Sampled, Step
+from engine.step import Sampled, Step, StepBatch, TokenLogprobs, pack
 
 # Instances are threads of one process. A thread returning from a torch op (GIL released) waits for
 # the GIL until the thread holding it drops it, forced after the switch interval (CPython: 5 ms). A
@@ -64,14 +64,24 @@ def cpu_cores(spec: str) -> list[int]:
 T = TypeVar("T")
 
 
+class WorkerDied(RuntimeError):
+    """The process behind a worker is gone (a Ray actor that died): `worker` names it. Raised by its calls,
+    or by a KV pull whose source it was."""
+
+    def __init__(self, worker: str, detail: str) -> None:
+        super().__init__(f"instance {worker} died: {detail}")
+        self.worker = worker
+
+
 class Worker(Protocol):
     """An instance as the engine drives it: Instance (a pinned thread of this process, below), or a worker
-    elsewhere behind the same methods. Awaiting them never blocks the event loop."""
+    elsewhere behind the same methods (serving/ray_cluster.py: a Ray actor). Awaiting them never blocks the
+    event loop."""
 
     name: str
     role: str  # prefill | decode | colocated
     spec: str  # the device string it was built for
-    pool: KVPool
+    pool: KVPool  # its block allocator and shape; the tensor itself may live in the worker's process
 
     async def execute(self, step: Step) -> list[Sampled]:
         """Swap copies, one forward pass over the step, sampling."""
@@ -88,21 +98,23 @@ class Instance:
     """A Worker on a thread of this process, pinned to its cores (CPU) or on its own CUDA stream."""
 
     def __init__(self, name: str, role: str, device: str, model: LlamaModel, cache: CacheConfig,
-                 attention: str = "auto") -> None:
+                 attention: str = "auto", allocate: Callable | None = None) -> None:
+        """allocate: where the KV pool's memory comes from (engine.kv_cache.KVPool; default: torch.zeros)."""
         self.name, self.role, self.spec = name, role, device
         kind, _ = parse_device(device)
         self.device = torch.device(device if kind == "cuda" else "cpu")
         self.cores = cpu_cores(device) if kind == "cpu" else None
         self.model = model
         self.attention = make_backend(attention, self.device)
-        self.pool = KVPool(model.cfg, cache, model.dtype, self.device, name=name)
+        self.pool = KVPool(model.cfg, cache, model.dtype, self.device, name=name, allocate=allocate)
         self.sampler = Sampler(model.cfg.vocab_size, self.device, eos_ids=model.cfg.eos_token_ids)
         self.stream = torch.cuda.Stream(self.device) if kind == "cuda" else None
         self.thread_id: int | None = None
-        self.executor = ThreadPoolExecutor(1, thread_name_prefix=name, initializer=self._init_thread)
+        self.executor = ThreadPoolExecutor(1, thread_name_prefix=name, initializer=self.pin_thread)
 
-    def _init_thread(self) -> None:
-        """Pin this thread to its cores and size torch's intra-op pool to them (per-thread on OpenMP)."""
+    def pin_thread(self) -> None:
+        """Pin the calling thread to the instance's cores and size torch's intra-op pool to them (per-thread on
+        OpenMP); on CUDA make its device current. Its executor thread runs this first."""
         self.thread_id = threading.get_native_id()
         if self.cores is not None:
             os.sched_setaffinity(0, self.cores)  # pid 0 = the calling thread
@@ -121,60 +133,68 @@ class Instance:
 
     # ---- runs on the instance thread ----
     def run(self, step: Step) -> list[Sampled]:
+        return self.on_device(self._run, step)
+
+    def on_device(self, fn: Callable[..., T], *args) -> T:
+        """fn(*args) on the instance's CUDA stream, done when it returns (on a CPU: just fn(*args))."""
         if self.stream is None:
-            return self._run(step)
+            return fn(*args)
         with torch.cuda.stream(self.stream):
-            out = self._run(step)
+            out = fn(*args)
         self.stream.synchronize()
         return out
 
     @torch.inference_mode()
     def _run(self, step: Step) -> list[Sampled]:
-        cache = self.pool.cache
         for req, blocks in step.swap_out:  # before the forward: these blocks may be reused now
-            req.swapped = cache[torch.tensor(blocks, device=self.device)].to("cpu")
+            req.swapped = self.save_blocks(blocks)
         for req in step.swap_in:  # its new table may be longer: room for the tokens still to come
-            n = req.swapped.shape[0]
-            cache[torch.tensor(req.block_table[:n], device=self.device)] = req.swapped.to(self.device)
+            self.load_blocks(req.swapped, req.block_table)
             req.swapped = None
         if not step.items:
             return []
-        ids: list[int] = []
-        pos: list[int] = []
-        q_lens, ctx_lens, tables, rows, samplers = [], [], [], [], []
-        for req, n in step.items:
-            start = req.num_computed
-            ids.extend(req.all_ids[start:start + n])
-            pos.extend(range(start, start + n))
-            q_lens.append(n)
-            ctx_lens.append(start + n)
-            tables.append(req.block_table)
-            if start + n == req.num_tokens:  # all known tokens computed: sample the next
-                rows.append(len(ids) - 1)
-                samplers.append(req)
+        batch = pack(step)
+        tokens, logprobs = self.forward(batch)
+        return [Sampled(r, t, lp) for r, t, lp in zip(batch.samplers, tokens, logprobs)]
+
+    def save_blocks(self, blocks: list[int]) -> torch.Tensor:
+        """A host copy of these blocks of the pool."""
+        return self.pool.cache[torch.tensor(blocks, device=self.device)].to("cpu")
+
+    def load_blocks(self, host: torch.Tensor, table: list[int]) -> None:
+        """A host copy back into the first len(host) blocks of table."""
+        self.pool.cache[torch.tensor(table[:host.shape[0]], device=self.device)] = host.to(self.device)
+
+    @torch.inference_mode()
+    def forward(self, b: StepBatch) -> tuple[list[int], list[TokenLogprobs | None]]:
+        """One forward pass over the packed batch, then sampling of its rows."""
         dev = self.device
-        meta = AttentionMetadata.build(q_lens, ctx_lens, tables, self.pool.block_size, dev, self.model.dtype)
-        logits = self.model.forward(torch.tensor(ids, device=dev), torch.tensor(pos, device=dev), meta,
+        meta = AttentionMetadata.build(b.q_lens, b.ctx_lens, b.tables, self.pool.block_size, dev, self.model.dtype)
+        logits = self.model.forward(torch.tensor(b.ids, device=dev), torch.tensor(b.pos, device=dev), meta,
                                     [self.pool.layer(i) for i in range(self.model.cfg.num_layers)],
-                                    torch.tensor(rows, dtype=torch.long, device=dev), self.attention)
-        if not samplers:
-            return []
-        tokens, logprobs = self.sampler(logits, samplers)
-        return [Sampled(r, t, lp) for r, t, lp in zip(samplers, tokens, logprobs)]
+                                    torch.tensor(b.rows, dtype=torch.long, device=dev), self.attention)
+        if not b.samplers:
+            return [], []
+        return self.sampler(logits, b.samplers)
+
+
+def layout(config: EngineConfig) -> list[tuple[str, str, str, CacheConfig]]:
+    """(name, role, device, KV pool config) per instance, named role + index ("prefill0", "decode1")."""
+    specs = ([("prefill", d) for d in config.prefill_devices] + [("decode", d) for d in config.decode_devices]
+             if config.mode == "disagg" else [("colocated", d) for d in config.devices])
+    return [(f"{role}{i}", role, dev, config.decode_cache if role == "decode" and config.decode_cache else config.cache)
+            for i, (role, dev) in enumerate(specs)]
 
 
 def build_instances(config: EngineConfig, ckpt: Checkpoint) -> list[Instance]:
-    """The layout's instances, named role + index ("prefill0", "decode1", "colocated0")."""
-    specs = ([("prefill", d) for d in config.prefill_devices] + [("decode", d) for d in config.decode_devices]
-             if config.mode == "disagg" else [("colocated", d) for d in config.devices])
-    models: dict[str, LlamaModel] = {}  # one copy of the weights per physical device
+    """The layout's instances as threads of this process, one copy of the weights per physical device."""
+    models: dict[str, LlamaModel] = {}
     out = []
-    for i, (role, dev) in enumerate(specs):
+    for name, role, dev, cache in layout(config):
         kind, idx = parse_device(dev)
         key = "cpu" if kind == "cpu" else f"cuda:{idx}"
         if key not in models:
             device = torch.device(key)
             models[key] = LlamaModel(ckpt.config, ckpt.weights, resolve_dtype(config.dtype, device), device)
-        cache = config.decode_cache if role == "decode" and config.decode_cache else config.cache
-        out.append(Instance(f"{role}{i}", role, dev, models[key], cache))
+        out.append(Instance(name, role, dev, models[key], cache))
     return out

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import heapq
+from collections.abc import Callable
 
 import torch
 
@@ -75,6 +76,13 @@ def dtype_bytes(dtype: torch.dtype) -> int:
     return torch.empty((), dtype=dtype).element_size()
 
 
+def _bytes(shape: tuple[int, ...], dtype: torch.dtype) -> int:
+    n = dtype_bytes(dtype)
+    for d in shape:
+        n *= d
+    return n
+
+
 class KVPool:
     """One instance's KV cache.
 
@@ -83,21 +91,39 @@ class KVPool:
     """
 
     def __init__(self, model: ModelConfig, cache: CacheConfig, dtype: torch.dtype,
-                 device: torch.device | str = "cpu", name: str = "pool") -> None:
+                 device: torch.device | str = "cpu", name: str = "pool",
+                 allocate: Callable[[tuple[int, ...], torch.dtype], torch.Tensor] | None = None) -> None:
+        """allocate(shape, dtype) -> a zeroed tensor: where the pool's memory comes from (default: torch.zeros
+        on `device`; transfer/shared.py puts it in shared memory so that other processes can read it)."""
+        block_shape = (model.num_layers, 2, cache.block_size, model.num_kv_heads, model.head_dim)
+        num_blocks = cache.num_blocks or max(1, cache.memory_bytes // _bytes(block_shape, dtype))
+        shape = (num_blocks, *block_shape)
+        self._init(allocate(shape, dtype) if allocate else torch.zeros(shape, dtype=dtype, device=device),
+                   cache.block_size, name)
+
+    @classmethod
+    def over(cls, cache: torch.Tensor, block_size: int, name: str) -> KVPool:
+        """A pool over an existing tensor [blocks, layers, 2, block_size, kv_heads, head_dim]: another process's
+        pool mapped here, or blocks received from another node."""
+        pool = cls.__new__(cls)
+        pool._init(cache, block_size, name)
+        return pool
+
+    def _init(self, cache: torch.Tensor, block_size: int, name: str) -> None:
         self.name = name
-        self.block_size = cache.block_size
-        self.block_shape = (model.num_layers, 2, cache.block_size, model.num_kv_heads, model.head_dim)
-        block_bytes = dtype_bytes(dtype)
-        for d in self.block_shape:
-            block_bytes *= d
-        self.block_bytes = block_bytes
-        num_blocks = cache.num_blocks or max(1, cache.memory_bytes // block_bytes)
-        self.cache = torch.zeros((num_blocks, *self.block_shape), dtype=dtype, device=device)
-        self.allocator = BlockAllocator(num_blocks, cache.block_size)
+        self.block_size = block_size
+        self.block_shape = tuple(cache.shape[1:])
+        self.block_bytes = _bytes(self.block_shape, cache.dtype)
+        self.cache = cache
+        self.allocator = BlockAllocator(cache.shape[0], block_size)
 
     @property
     def num_blocks(self) -> int:
         return self.allocator.num_blocks
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.cache.dtype
 
     def layer(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Views of layer i: k, v each [num_blocks, block_size, kv_heads, head_dim] (strided)."""

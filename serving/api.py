@@ -64,7 +64,7 @@ class InstanceStats:
     running: int  # decoding
     swapped: int  # preempted, waiting to resume
     in_step: int = 0  # requests inside the step (or KV pull) the instance is running now
-    state: str = "ok"  # ok | failed | hung (failed and hung instances are out of dispatch)
+    state: str = "ok"  # ok | failed | hung | dead (anything but ok is out of dispatch)
     faults: int = 0  # steps and KV pulls that raised or hung on it
 
 

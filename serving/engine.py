@@ -1,47 +1,38 @@
 """The AsyncEngine: the instances of a layout, driven by one asyncio loop.
 
-    add_request ──> Cluster.add (least-loaded prefill/colocated instance) ──> per instance, a driver task:
-        action = cluster.next_action(slot)          # scheduler/runtime: what to run, or None (sleep until woken)
-        Execute(step) -> instance.run on its pinned thread ──> cluster.executed(...)  -> tokens, hand-offs, finishes
-        Pull(...)     -> KV copy (transfer/) on the decoder's thread ──> cluster.pulled(...)
+    add_request ──> Cluster.add (least-loaded prefill/colocated instance)
+        ──> per instance, a driver task (serving/driver.py): next_action -> execute on the worker -> executed
     tokens ──> OutputProcessor (serving/outputs.py) ──> the request's async stream
 
-Every decision and every piece of request bookkeeping is the Cluster's (shared with the simulator);
-this file only performs actions and wires the parts together.
-
-Faults (engine.config.FaultConfig): a step or pull that raises fails its requests and the instance goes on;
-`max_faults` in a row, or one step or pull past its deadline (a hung thread cannot be stopped), take the
-instance out of dispatch, its driver ends, and the others go on. With no instance of a role left, new
-requests fail fast (EngineUnavailableError).
+Every decision and every piece of request bookkeeping is the Cluster's (shared with the simulator); the
+drivers perform its actions on the workers (serving/workers.py: threads here, or Ray actors); this file wires
+the parts together and is the engine's public API (serving.api.EngineClient).
 """
 from __future__ import annotations
 
-import asyncio
 import itertools
 import logging
 import sys
-import threading
 import time
-from collections.abc import AsyncIterator, Callable, Coroutine
+from collections.abc import AsyncIterator, Callable
 from dataclasses import replace
-from typing import TypeVar
 
 import torch
 
 from engine.config import EngineConfig, SamplingParams
-from engine.instance import GIL_SWITCH_INTERVAL_S, Worker, build_instances
+from engine.instance import GIL_SWITCH_INTERVAL_S, Worker
 from engine.loader import Checkpoint, load_checkpoint
 from engine.request import Request
 from engine.stop import StopRule
-from scheduler.runtime.cluster import Cluster, Execute, Pull, Slot
+from scheduler.runtime.cluster import Cluster, Slot
 from scheduler.runtime.policy import make_policy
 from scheduler.runtime.trace import StepTrace
 from serving.api import EngineUnavailableError, InstanceStats, QueueFullError, RequestOutput
+from serving.driver import Drivers
 from serving.outputs import OutputProcessor
-from transfer.base import make_transfer
+from serving.workers import build_workers
 
 log = logging.getLogger("engine")
-T = TypeVar("T")
 
 
 class AsyncEngine:
@@ -59,31 +50,24 @@ class AsyncEngine:
         self.model_name, self.model_config, self.tokenizer = ckpt.name, ckpt.config, ckpt.tokenizer
         self.max_model_len = ckpt.config.max_position_embeddings
         self.rule = StopRule(frozenset(ckpt.config.eos_token_ids), self.max_model_len)
-        self.instances: list[Worker] = [(wrap or _same)(i) for i in build_instances(config, ckpt)]
-        self.dtype = self.instances[0].pool.cache.dtype
+        self.workers = build_workers(config, ckpt, wrap)  # threads here, or Ray actors (config.cluster)
+        self.instances: list[Worker] = self.workers.instances
+        self.dtype = self.instances[0].pool.dtype
         self.slots = [Slot(i.name, i.role, make_policy(i.role, config.scheduler, i.pool.allocator, self.rule,
                                                        config.chunked_prefill,
                                                        config.swap_space_bytes // i.pool.block_bytes),
                            i.pool.allocator) for i in self.instances]
-        self._instance = {s.name: i for s, i in zip(self.slots, self.instances)}
         self.outputs = OutputProcessor(self.tokenizer, self.rule, config.max_stream_lag)
         self.step_trace = StepTrace(config.step_trace) if config.step_trace else None
-        self.cluster = Cluster(self.slots, clock, self._wake, self.outputs, self.step_trace)
-        self.transfers = {(p.name, d.name): make_transfer(config.transfer, p.spec, d.spec)
-                          for p in self.instances if p.role == "prefill"
-                          for d in self.instances if d.role == "decode"}
-        self.wake: dict[str, asyncio.Event] = {}
-        self.tasks: list[asyncio.Task] = []
+        self.cluster = Cluster(self.slots, clock, self._notify, self.outputs, self.step_trace)
+        self.drivers = Drivers(self.cluster, self.workers, self.outputs, config.faults)
         self._ids = itertools.count()
         self.closed = False
 
     # ---------------- public API ----------------
     async def start(self) -> None:
         """Start one driver task per instance on the running event loop."""
-        self.wake = {s.name: asyncio.Event() for s in self.slots}
-        self.tasks = [asyncio.create_task(self._drive(s), name=s.name) for s in self.slots]
-        for t in self.tasks:
-            t.add_done_callback(self._driver_ended)
+        self.drivers.start()
 
     def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
                     request_id: str | None = None, arrival: float | None = None) -> AsyncIterator[RequestOutput]:
@@ -163,14 +147,7 @@ class AsyncEngine:
         for req in list(self.cluster.requests.values()):
             req.aborted = "abort"
             self.outputs.explain(req.id, "the server is shutting down")
-        for t in self.tasks:
-            t.cancel()
-        await asyncio.gather(*self.tasks, return_exceptions=True)
-        for slot, inst in zip(self.slots, self.instances):
-            if slot.state == "hung":  # its thread may never return: do not wait for it
-                threading.Thread(target=inst.close, name=f"close-{slot.name}", daemon=True).start()
-            else:
-                inst.close()
+        await self.drivers.stop()
         for req in list(self.cluster.requests.values()):
             self.cluster.finish(req, "abort")
 
@@ -179,96 +156,5 @@ class AsyncEngine:
         """Instances whose thread is stuck in a step or pull (a process holding one cannot exit cleanly)."""
         return [s.name for s in self.slots if s.state == "hung"]
 
-    # ---------------- driving the instances ----------------
-    def _wake(self, slot: Slot) -> None:
-        ev = self.wake.get(slot.name)
-        if ev is not None:
-            ev.set()
-
-    async def _drive(self, slot: Slot) -> None:
-        inst = self._instance[slot.name]
-        ev = self.wake[slot.name]
-        faults = self.config.faults
-        in_a_row = 0  # consecutive steps or pulls that raised
-        while True:
-            action = self.cluster.next_action(slot)
-            if action is None:
-                await ev.wait()
-                ev.clear()
-                for _ in range(3):  # a burst of arrivals (e.g. over HTTP) lands in one batch, not two
-                    await asyncio.sleep(0)
-                continue
-            try:
-                if isinstance(action, Execute):
-                    sampled = await _perform(inst.execute(action.step), faults.step_timeout, "step")
-                    self.cluster.executed(slot, action.step, sampled)
-                else:
-                    for pull in action:
-                        nbytes = await _perform(inst.call(self._copy, pull), faults.transfer_timeout, "KV pull")
-                        self.cluster.pulled(pull, nbytes)
-                in_a_row = 0
-            except Fault as e:
-                in_a_row += 1
-                state = "hung" if e.hung else "failed" if in_a_row >= faults.max_faults else None
-                self._fault(slot, str(e), state, e.__cause__)
-                if state is not None:
-                    return
-            await asyncio.sleep(0)  # let the server's handlers run between steps
-
-    def _fault(self, slot: Slot, what: str, state: str | None, exc: BaseException | None = None) -> None:
-        """A step or pull of slot failed: end its requests; with state, take slot out of dispatch for good."""
-        log.error("instance %s: %s%s", slot.name, what, f"; taken out of dispatch ({state})" if state else "",
-                  exc_info=exc)
-        for rid in slot.in_flight:
-            self.outputs.explain(rid, f"instance {slot.name} failed: {what}")
-        self.cluster.failed(slot, "error")
-        if state is not None:
-            self.cluster.retire(slot, state)
-            down = self.cluster.unavailable()
-            if down:
-                log.error("engine unavailable: %s; new requests are refused", down)
-
-    def _copy(self, pull: Pull) -> int:
-        """On the decoder's thread: the prompt's blocks (the rest of dst_blocks is room for new tokens)."""
-        src, dst = self._instance[pull.src.name], self._instance[pull.dst.name]
-        stats = self.transfers[(src.name, dst.name)].pull(src.pool, pull.src_blocks, dst.pool,
-                                                          pull.dst_blocks[:len(pull.src_blocks)])
-        return stats.bytes
-
-    def _driver_ended(self, task: asyncio.Task) -> None:
-        """A driver must never die quietly: a bug outside the worker (in the scheduling code) takes its
-        instance out of dispatch, as a fault would."""
-        if task.cancelled() or task.exception() is None:
-            return
-        slot = next(s for s in self.slots if s.name == task.get_name())
-        self._fault(slot, f"its loop crashed: {task.exception()!r}", "failed", task.exception())
-
-
-class Fault(Exception):
-    """A worker's step or pull raised (the cause), or outlived its deadline (hung)."""
-
-    def __init__(self, message: str, hung: bool = False) -> None:
-        super().__init__(message)
-        self.hung = hung
-
-
-async def _perform(work: Coroutine[object, object, T], seconds: float, what: str) -> T:
-    """Await a worker's step or pull; Fault if it raises or is not done within `seconds` (0: no deadline).
-    A hung thread cannot be stopped: past the deadline it is left to itself and its result is dropped."""
-    task = asyncio.ensure_future(work)
-    try:
-        done, _ = await asyncio.wait({task}, timeout=seconds or None)
-    except asyncio.CancelledError:
-        task.cancel()
-        raise
-    if not done:
-        task.cancel()
-        raise Fault(f"{what} did not finish within {seconds:g} s", hung=True)
-    try:
-        return task.result()
-    except Exception as e:
-        raise Fault(f"{what} raised {e!r}") from e
-
-
-def _same(worker: Worker) -> Worker:
-    return worker
+    def _notify(self, slot: Slot) -> None:
+        self.drivers.notify(slot)

@@ -4,21 +4,26 @@
      "devices": {"prefill_devices": ["cuda:0"], "decode_devices": ["cuda:1"]}}
     {"mode": "colocated", "colocated": {"tp": 1, "pp": 1, "instances": 2}, "devices": ["cuda:0", "cuda:1"],
      "chunked_prefill": true}
+
+A plan across nodes names each instance's node ("node1/cuda:0", "node1/cpu:0", as
+scheduler/planner/placement.py writes them); it runs with --cluster ray, where Ray's placement groups check
+each node's devices. Under the default --cluster local, every device must be one of this machine's.
 """
 from __future__ import annotations
 
 import json
 import os
 
-from engine.config import parse_device
+from engine.config import parse_device, split_node
 
 
 class PlanError(ValueError):
     """The plan cannot run here; the message says why (the CLI exits 2 with it)."""
 
 
-def load_plan(path: str) -> dict:
-    """Plan file -> engine.args.EngineArgs overrides: mode, device lists, and chunked prefill (colocated)."""
+def load_plan(path: str, cluster: str = "local") -> dict:
+    """Plan file -> engine.args.EngineArgs overrides: mode, device lists, and chunked prefill (colocated).
+    cluster: the --cluster it will run under (ray: devices may be on other nodes)."""
     try:
         with open(path, encoding="utf-8") as f:
             plan = json.load(f)
@@ -62,16 +67,23 @@ def load_plan(path: str) -> dict:
         if want is not None and want != len(devs):
             raise PlanError(f"plan {path}: {role} has {want} instances but {len(devs)} devices")
         for d in devs:
-            check_device(d)
+            check_device(d, cluster)
     return out
 
 
-def check_device(spec: str) -> None:
-    """Raise PlanError unless `spec` names a device this process can use."""
+def check_device(spec: str, cluster: str = "local") -> None:
+    """Raise PlanError unless `spec` names a device this process can use (cluster ray: a well-formed device
+    of some node; Ray's placement checks that the node has it)."""
     try:
-        kind, idx = parse_device(spec)
+        node, local = split_node(spec)
+        kind, idx = parse_device(local)
     except ValueError as e:
         raise PlanError(str(e)) from None
+    if node is not None and cluster != "ray":
+        raise PlanError(f"plan places instances on several nodes ({spec}): run it with --cluster ray "
+                        "[--ray-address ADDR]")
+    if cluster == "ray":
+        return
     if kind == "cuda":
         import torch  # lazy: only plans naming CUDA devices need to ask
 

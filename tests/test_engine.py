@@ -12,6 +12,7 @@ from collections import deque
 import pytest
 
 from engine.config import CacheConfig, EngineConfig, SamplingParams, SchedulerConfig, parse_size
+from engine.instance import WorkerDied
 from engine.request import Status
 from serving.engine import AsyncEngine
 from serving.llm import LLM
@@ -197,7 +198,7 @@ def test_streams_carry_deltas_and_nothing_outlives_a_request(ckpt, prompts):
     def held(engine) -> int:  # everything the engine could accumulate per request
         parts = [engine, engine.cluster, engine.outputs] + [s.policy for s in engine.slots]
         return sum(len(v) for p in parts for v in vars(p).values() if isinstance(v, (list, dict, set, deque))
-                   and v not in (engine.instances, engine.slots, engine.tasks, engine.cluster.slots,
+                   and v not in (engine.instances, engine.slots, engine.cluster.slots,
                                  engine.cluster.entry, engine.cluster.decoders))
 
     async def body(engine):
@@ -261,3 +262,26 @@ def test_step_trace_records_every_step_shape_and_iteration(ckpt, prompts):
     for role in ("prefill", "decode"):  # one instance's iterations never overlap
         rs = sorted((r for r in trace if r.role == role), key=lambda r: r.start)
         assert all(a.end <= b.start for a, b in zip(rs, rs[1:]))
+
+
+def test_a_worker_that_dies_fails_its_step_and_the_others_go_on(ckpt, prompts, reference):
+    """What happens when a Ray actor dies (tests/test_ray.py kills a real one), on in-process workers: the step
+    it was running fails with an error, the instance leaves dispatch for good, the rest are served elsewhere."""
+    config = EngineConfig(dtype="float32", mode="colocated", devices=[C0, C1])
+
+    async def dies(step):
+        raise WorkerDied("colocated0", "killed by the test")
+
+    async def body(engine):
+        engine.instances[0].execute = dies
+        outs = await asyncio.gather(*(collect(engine.add_request(p, params("greedy", i)))
+                                      for i, p in enumerate(prompts[:4])))
+        assert {o.finish_reason for o in outs} == {"error", "length"}
+        state = {s.instance: s.state for s in engine.stats()}
+        assert state == {"colocated0": "dead", "colocated1": "ok"}
+        later = await asyncio.gather(*(collect(engine.add_request(p, params("greedy", i)))
+                                       for i, p in enumerate(prompts[:4])))
+        assert [o.token_ids for o in later] == reference["greedy"][:4]
+        assert_all_free(engine)
+
+    run_engine(ckpt, config, body)

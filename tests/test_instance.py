@@ -86,6 +86,7 @@ def test_auto_transfer_is_torch_on_cpu():
     assert make_transfer("auto", "cpu:0", "cpu:1").name == "torch"
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.device_count() < 2, reason="needs 2 CUDA devices")
 def test_cupy_peer_transfer_is_bit_exact():
     pytest.importorskip("cupy")
@@ -98,3 +99,56 @@ def test_cupy_peer_transfer_is_bit_exact():
     stats = CupyTransfer().pull(src, [1, 2, 3, 7], dst, [5, 6, 7, 0])
     assert torch.equal(dst.cache[[5, 6, 7, 0]].cpu(), src.cache[[1, 2, 3, 7]].cpu())
     assert stats.copies == 2
+
+
+def test_shared_pool_is_mapped_by_another_process_and_leaves_no_file(tmp_path):
+    """transfer/shared.py: a second process maps the pool (no copy), reads what was written and writes back;
+    the file has no name from the start, so nothing can be left behind."""
+    import subprocess
+    import sys
+
+    from transfer.shared import SharedPool, open_pool
+
+    shared = SharedPool("t", torch.device("cpu"), directory=str(tmp_path))
+    pool = KVPool(tiny_config(), CacheConfig(num_blocks=6, block_size=4), torch.bfloat16, allocate=shared.allocate)
+    pool.cache[2].fill_(1.5)
+    assert list(tmp_path.iterdir()) == []
+    same = open_pool(shared.handle(), 4, "again")  # this process can map it too: the same memory
+    assert same.cache.data_ptr() != pool.cache.data_ptr() and torch.equal(same.cache, pool.cache)
+    code = ("import pickle, sys, torch; from transfer.shared import open_pool; "
+            "p = open_pool(pickle.loads(sys.stdin.buffer.read()), 4, 'peer'); "
+            "assert float(p.cache[2].float().mean()) == 1.5; p.cache[5].fill_(-2)")
+    import pickle
+
+    subprocess.run([sys.executable, "-c", code], input=pickle.dumps(shared.handle()), check=True,
+                   cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert torch.all(pool.cache[5] == -2) and torch.all(pool.cache[4] == 0)
+    stats = TorchTransfer().pull(same, [5, 2], KVPool(tiny_config(), CacheConfig(num_blocks=3, block_size=4),
+                                                      torch.bfloat16), [0, 1])
+    assert stats.bytes == 2 * pool.block_bytes
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_instance_runs_on_its_own_stream_and_matches_the_cpu_instance(model):
+    """A step on the instance's CUDA stream is complete when run() returns: the same tokens and KV as on a CPU."""
+    from engine.config import SamplingParams
+    from engine.request import Request
+    from engine.step import Step
+
+    cfg = model.cfg
+    gpu_model = LlamaModel(cfg, {k: v.cpu() for k, v in hf_model(cfg).state_dict().items()}, torch.float32,
+                           torch.device("cuda:0"))
+    out = {}
+    for dev, m in (("cpu", model), ("cuda:0", gpu_model)):
+        inst = Instance("i", "colocated", dev, m, CacheConfig(num_blocks=8, block_size=4))
+        try:
+            assert (inst.stream is not None) == dev.startswith("cuda")
+            req = Request("r", list(range(3, 14)), SamplingParams(temperature=0))
+            req.block_table = inst.pool.allocator.allocate("r", 3)
+            sampled = inst.executor.submit(inst.run, Step([(req, 11)])).result()
+            out[dev] = (sampled[0].token, inst.pool.cache[req.block_table].cpu())
+        finally:
+            inst.close()
+    assert out["cpu"][0] == out["cuda:0"][0]
+    torch.testing.assert_close(out["cuda:0"][1], out["cpu"][1], atol=1e-4, rtol=1e-4)

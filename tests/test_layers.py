@@ -50,3 +50,16 @@ def test_each_package_imports_only_the_layers_below_it():
             if here is not None and there is not None and there != here and there not in ALLOWED[here]:
                 wrong.append(f"{path.relative_to(ROOT)} imports {imp}")
     assert not wrong, "\n".join(wrong)
+
+
+def test_every_cuda_test_carries_the_cuda_marker():
+    """`make test-gpu` runs `pytest -m cuda`: a test that skips without CUDA but lacks the marker would never run
+    on the day a GPU machine is lent."""
+    unmarked = []
+    for path in sorted((ROOT / "tests").glob("test_*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+                marks = [ast.unparse(d) for d in node.decorator_list]
+                if any("cuda" in m and "skipif" in m for m in marks) and "pytest.mark.cuda" not in marks:
+                    unmarked.append(f"{path.name}::{node.name}")
+    assert not unmarked, unmarked

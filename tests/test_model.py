@@ -100,6 +100,7 @@ def test_loading_rejects_missing_and_leftover_weights():
         LlamaModel(cfg, extra)
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_xformers_backend_matches_torch_backend_on_cuda():
     pytest.importorskip("xformers")

@@ -308,6 +308,33 @@ def test_plan_that_cannot_run_here_says_why(tmp_path, plan, words):
         load_plan(_plan(tmp_path, plan))
 
 
+def test_plan_across_nodes_runs_under_cluster_ray_only(tmp_path):
+    """The planner's multi-node plan (CPU profile, 2 nodes x 1 core) names each instance's node."""
+    import server
+    from engine.args import EngineArgs
+    from scheduler.planner.placement import _device_strings
+    from scheduler.planner.search import Cluster
+
+    class CpuProfile:
+        device_kind = "cpu"
+
+    pre, dec = _device_strings(CpuProfile(), Cluster(2, 1), [1, 1])  # type: ignore[arg-type]
+    assert (pre, dec) == ("node0/cpu:0", "node1/cpu:0")
+    plan = {"mode": "disagg", "prefill": {"tp": 1, "pp": 1, "instances": 1}, "decode": {"tp": 1, "pp": 1},
+            "devices": {"prefill_devices": [pre], "decode_devices": [dec]}}
+    path = _plan(tmp_path, plan)
+    with pytest.raises(PlanError, match="--cluster ray"):
+        load_plan(path)
+    assert server.main(["--plan", path]) == 2
+    config = server.engine_config(server.build_parser().parse_args(["--plan", path, "--cluster", "ray"]))
+    assert (config.cluster, config.prefill_devices, config.decode_devices) == ("ray", [pre], [dec])
+    with pytest.raises(ValueError, match="--cluster ray"):
+        EngineArgs(mode="disagg", prefill_devices=[pre], decode_devices=["cpu"]).engine_config()
+    with pytest.raises(PlanError, match="nodeK"):
+        load_plan(_plan(tmp_path, {**plan, "devices": {"prefill_devices": ["rack1/cpu:0"],
+                                                        "decode_devices": [dec]}}), "ray")
+
+
 # ---------------- metrics ----------------
 def test_metrics_registry_is_per_app_and_reads_engine_stats():
     rows = [InstanceStats("prefill0", "prefill", "cpu:0", kv_blocks_used=3, kv_blocks_total=10, waiting=2,

@@ -55,17 +55,26 @@ def dataset_lengths(args: argparse.Namespace) -> tuple[list[tuple[int, int]], st
 def _device_strings(profile: Profile, cluster: Cluster, sizes: list[int]) -> list[str]:
     """Consecutive devices for instances of the given sizes, in order."""
     out, nxt = [], 0
-    g = cluster.devices_per_node
     for size in sizes:
         ids = list(range(nxt, nxt + size))
         nxt += size
-        if profile.device_kind == "cpu":
-            out.append(f"cpu:{ids[0]}" if size == 1 else f"cpu:{ids[0]}-{ids[-1]}")
-        elif cluster.num_nodes == 1:
-            out.append("cuda:" + ",".join(str(i) for i in ids))
-        else:
-            out.append(",".join(f"node{i // g}/cuda:{i % g}" for i in ids))
+        out.append(_instance_devices(profile, cluster, ids))
     return out
+
+
+def _instance_devices(profile: Profile, cluster: Cluster, ids: list[int]) -> str:
+    """One instance's devices (global ids, node-major): "cpu:0-1" / "cuda:0,1" on one node; across nodes each
+    device names its node, "node1/cuda:0" (CPU cores of one node: "node1/cpu:0-1"), which needs --cluster ray."""
+    g = cluster.devices_per_node
+    if profile.device_kind == "cpu" and ids == list(range(ids[0], ids[0] + len(ids))) and (
+            cluster.num_nodes == 1 or ids[0] // g == ids[-1] // g):
+        lo, hi = (ids[0], ids[-1]) if cluster.num_nodes == 1 else (ids[0] % g, ids[-1] % g)
+        cores = f"cpu:{lo}" if lo == hi else f"cpu:{lo}-{hi}"
+        return cores if cluster.num_nodes == 1 else f"node{ids[0] // g}/{cores}"
+    kind = "cpu" if profile.device_kind == "cpu" else "cuda"
+    if cluster.num_nodes == 1:
+        return f"{kind}:" + ",".join(map(str, ids))
+    return ",".join(f"node{i // g}/{kind}:{i % g}" for i in ids)
 
 
 def _unit_device_strings(profile: Profile, cluster: Cluster, c: Candidate) -> tuple[list[str], list[str]]:
@@ -79,12 +88,7 @@ def _unit_device_strings(profile: Profile, cluster: Cluster, c: Candidate) -> tu
             for _ in range(spec.count):
                 ids = [(u * s + j) * g + local + k for j in range(s) for k in range(per_node)]
                 local += per_node
-                if profile.device_kind == "cpu":
-                    sink.append("cpu:" + ",".join(map(str, ids)))
-                elif cluster.num_nodes == 1:
-                    sink.append("cuda:" + ",".join(map(str, ids)))
-                else:
-                    sink.append(",".join(f"node{i // g}/cuda:{i % g}" for i in ids))
+                sink.append(_instance_devices(profile, cluster, ids))
     return prefill, decode
 
 

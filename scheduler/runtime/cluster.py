@@ -233,6 +233,14 @@ class Cluster:
                 self.end(req, "error")
         return doomed
 
+    def restore(self, slot: Slot) -> None:
+        """A retired slot's worker was restarted (its pool empty, as retire left its allocator): back in dispatch."""
+        slot.state, slot.faults = "ok", 0
+        live = self.decoders if slot.role == "decode" else self.entry
+        if slot not in live:
+            live.append(slot)
+        self.wake(slot)
+
     def unavailable(self) -> str | None:
         """Why no request can be served any more (an instance role with none left in dispatch), or None."""
         for role, live in (("prefill", self.entry), ("colocated", self.entry), ("decode", self.decoders)):
