@@ -23,6 +23,7 @@ from engine.config import EngineConfig, SamplingParams, parse_device
 from engine.instance import Instance, Sampled
 from engine.loader import Checkpoint, load_checkpoint
 from engine.model import LlamaModel
+from engine.precision import build_model, resolve_dtype  # noqa: F401 (resolve_dtype: re-exported)
 from engine.request import Metrics, Request, Status
 from engine.step_trace import StepTrace
 from engine.stop import StopStringMatcher, check_stop
@@ -74,22 +75,6 @@ class _Track:
         self.read_offset = 0
 
 
-def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    if name == "auto":
-        if device.type == "cuda":
-            return torch.bfloat16
-        return torch.bfloat16 if torch.backends.mkldnn.is_available() and _cpu_has_bf16() else torch.float32
-    return {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}[name]
-
-
-def _cpu_has_bf16() -> bool:
-    try:
-        flags = open("/proc/cpuinfo").read()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
 class AsyncEngine:
     def __init__(self, config: EngineConfig | None = None, checkpoint: Checkpoint | None = None) -> None:
         self.config = config = config or EngineConfig()
@@ -109,7 +94,7 @@ class AsyncEngine:
             key = "cpu" if kind == "cpu" else f"cuda:{idx}"
             if key not in models:
                 device = torch.device(key)
-                models[key] = LlamaModel(ckpt.config, ckpt.weights, resolve_dtype(config.dtype, device), device)
+                models[key] = build_model(ckpt, config.dtype, config.weights, device)
             cache = config.decode_cache if role == "decode" and config.decode_cache else config.cache
             self.instances.append(Instance(f"{role}{i}", role, dev, models[key], cache))
         self.dtype = next(iter(models.values())).dtype

@@ -28,7 +28,7 @@ def default_disagg_devices() -> tuple[list[str], list[str]]:
 
 
 class LLM:
-    def __init__(self, model: str | None = None, dtype: str = "auto", mode: str = "colocated",
+    def __init__(self, model: str | None = None, dtype: str = "auto", weights: str = "auto", mode: str = "colocated",
                  chunked_prefill: bool = False, devices: list[str] | None = None,
                  prefill_devices: list[str] | None = None, decode_devices: list[str] | None = None,
                  kv_cache_memory: int | str = "512MiB", num_kv_blocks: int | None = None,
@@ -39,7 +39,8 @@ class LLM:
             p, d = default_disagg_devices()
             prefill_devices, decode_devices = prefill_devices or p, decode_devices or d
         self.config = EngineConfig(
-            model=model, dtype=dtype, mode=mode, chunked_prefill=chunked_prefill, devices=devices or ["cpu"],
+            model=model, dtype=dtype, weights=weights, mode=mode, chunked_prefill=chunked_prefill,
+            devices=devices or ["cpu"],
             prefill_devices=prefill_devices or [], decode_devices=decode_devices or [], transfer=transfer,
             cache=CacheConfig(block_size=block_size, memory_bytes=kv_cache_memory, num_blocks=num_kv_blocks),
             decode_cache=CacheConfig(block_size=block_size, memory_bytes=kv_cache_memory, num_blocks=decode_kv_blocks)
