@@ -1,7 +1,7 @@
 // CPU matmul kernels for the engine's hot path, built on first use by engine/kernels.py
 // (torch.utils.cpp_extension, -O3 -march=native: the build is specific to the machine it runs on).
 //
-//   distserve::quant_linear(x, qs, d, m, kind, K, exact)  y[M, N] = x[M, K] @ W^T, W in GGUF blocks, float32 out
+//   distserve::quant_linear(x, qs, d, m, kind, K)  y[M, N] = x[M, K] @ W^T, W in GGUF blocks, float32 out
 //   distserve::quant_dequant(qs, d, m, kind, K)    W as dense float32 [N, K]
 //   distserve::bf16_linear(x, w)                   y = x @ w^T for bf16 x [M, K], w [N, K] (small M)
 //
@@ -14,8 +14,10 @@
 //
 // The product dequantizes each block in registers to exactly those float32 values and multiplies in
 // float32 (FMA), reusing each dequantized block for up to 4 rows of x: the result equals the dense
-// float32 product on the dequantized weights up to summation order. (llama.cpp rounds activations to
-// int8 per block instead: measured here, that costs SmolLM2 ~5% of teacher-forced top-1 agreement.)
+// float32 product on the dequantized weights up to summation order, and a row's sum runs in the same
+// order whatever the batch, so a request's logits do not depend on what it is batched with.
+// (llama.cpp rounds activations to int8 per block instead: measured here, that costs SmolLM2 ~5% of
+// teacher-forced top-1 agreement; int16 rounding was only ~7% faster per decode step than this.)
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -211,143 +213,6 @@ inline void tile(const float* x, int64_t ldx, int64_t kb, const uint8_t* qs, con
 }
 #endif
 
-#ifdef __AVX2__
-// ---- one row of x (decode at small batch): memory-bound, so fewer instructions per weight win. x is
-// rounded to int16 per block of 32 (scale max|x| / 32767, relative error ~2e-5 of the block's
-// largest value), the 4- or 8-bit weights widen to int16, and vpmaddwd forms the integer dot
-// products; each block's sum is scaled in float32 by d * s. Weights are exact as above. ------------
-struct X16 {
-  std::vector<int16_t> q;  // [kb * 32]
-  std::vector<float> s;    // [kb (+16 padding for masked loads)] scale of each block
-  std::vector<float> ss;   // scale * sum of the block's int16 values
-};
-
-inline void quantize_x16(const float* x, int64_t kb, X16& out) {
-  out.q.resize(kb * QK);
-  out.s.assign(kb + 16, 0.f);
-  out.ss.assign(kb + 16, 0.f);
-  for (int64_t g = 0; g < kb; ++g) {
-    const float* v = x + g * QK;
-    float amax = 0.f;
-    for (int j = 0; j < QK; ++j) amax = std::max(amax, std::fabs(v[j]));
-    const float s = amax / 32767.f, inv = amax > 0.f ? 32767.f / amax : 0.f;
-    int sum = 0;
-    for (int j = 0; j < QK; ++j) {
-      const int q = static_cast<int>(std::nearbyint(v[j] * inv));
-      out.q[g * QK + j] = static_cast<int16_t>(q);
-      sum += q;
-    }
-    out.s[g] = s;
-    out.ss[g] = s * static_cast<float>(sum);
-  }
-}
-
-#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
-template <int KIND>
-inline __m512i load_w16(const uint8_t* q) {  // 32 weights as int16, values 0-31 in order
-  if constexpr (KIND == Q8_0) return _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(q)));
-  const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(q));
-  const __m128i low = _mm_set1_epi8(15);
-  return _mm512_cvtepu8_epi16(_mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(raw, 4), low), _mm_and_si128(raw, low)));
-}
-inline __m512i dot16(__m512i w, __m512i x) {
-#ifdef __AVX512VNNI__
-  return _mm512_dpwssd_epi32(_mm512_setzero_si512(), w, x);
-#else
-  return _mm512_madd_epi16(w, x);
-#endif
-}
-
-template <int KIND, int NR>
-inline void gemv16_tile(const X16& X, int64_t kb, const uint8_t* qs, const at::Half* d, const at::Half* mn,
-                        int64_t ldq, int64_t lds, float* y) {
-  constexpr int64_t QB = KIND == Q8_0 ? 32 : 16;
-  __m512 acc[NR];
-  for (int r = 0; r < NR; ++r) acc[r] = _mm512_setzero_ps();
-  alignas(64) float dbuf[NR][16];
-  for (int64_t c = 0; c < kb; c += 16) {
-    const int64_t nc = std::min<int64_t>(16, kb - c);
-    for (int r = 0; r < NR; ++r) halves_to_floats(d + r * lds + c, nc, dbuf[r]);
-    for (int64_t g = 0; g < nc; ++g) {
-      const __m512i xv = _mm512_loadu_si512(X.q.data() + (c + g) * QK);
-      const __m512 sv = _mm512_set1_ps(X.s[c + g]);
-      for (int r = 0; r < NR; ++r) {
-        const __m512 dot = _mm512_cvtepi32_ps(dot16(load_w16<KIND>(qs + r * ldq + (c + g) * QB), xv));
-        acc[r] = _mm512_fmadd_ps(_mm512_mul_ps(dot, _mm512_set1_ps(dbuf[r][g])), sv, acc[r]);
-      }
-    }
-  }
-  if constexpr (KIND != Q8_0) {  // Q4_1: + sum_g m_g * ss_g; Q4_0: - 8 * sum_g d_g * ss_g
-    const __m512 k = _mm512_set1_ps(KIND == Q4_1 ? 1.f : -8.f);
-    for (int64_t c = 0; c < kb; c += 16) {
-      const __mmask16 mask = static_cast<__mmask16>((1u << std::min<int64_t>(16, kb - c)) - 1);
-      const __m512 ss = _mm512_maskz_loadu_ps(mask, X.ss.data() + c);
-      for (int r = 0; r < NR; ++r) {
-        const at::Half* off = (KIND == Q4_1 ? mn : d) + r * lds + c;
-        const __m512 o = _mm512_mul_ps(k, _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mask, off)));
-        acc[r] = _mm512_fmadd_ps(o, ss, acc[r]);
-      }
-    }
-  }
-  for (int r = 0; r < NR; ++r) y[r] = _mm512_reduce_add_ps(acc[r]);
-}
-constexpr int NR_GEMV = 4;
-#else
-template <int KIND, int NR>
-inline void gemv16_tile(const X16& X, int64_t kb, const uint8_t* qs, const at::Half* d, const at::Half* mn,
-                        int64_t ldq, int64_t lds, float* y) {
-  constexpr int64_t QB = KIND == Q8_0 ? 32 : 16;
-  __m256 acc[NR];
-  for (int r = 0; r < NR; ++r) acc[r] = _mm256_setzero_ps();
-  float extra[NR] = {};
-  const __m128i low = _mm_set1_epi8(15);
-  for (int64_t g = 0; g < kb; ++g) {
-    const __m256i x0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(X.q.data() + g * QK));
-    const __m256i x1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(X.q.data() + g * QK + 16));
-    for (int r = 0; r < NR; ++r) {
-      const uint8_t* q = qs + r * ldq + g * QB;
-      __m256i w0, w1;
-      if constexpr (KIND == Q8_0) {
-        w0 = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q)));
-        w1 = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + 16)));
-      } else {
-        const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(q));
-        w0 = _mm256_cvtepu8_epi16(_mm_and_si128(raw, low));
-        w1 = _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(raw, 4), low));
-      }
-      const __m256 dot = _mm256_cvtepi32_ps(_mm256_add_epi32(_mm256_madd_epi16(w0, x0), _mm256_madd_epi16(w1, x1)));
-      const float dg = h2f(d + r * lds + g);
-      acc[r] = _mm256_fmadd_ps(dot, _mm256_set1_ps(dg * X.s[g]), acc[r]);
-      if constexpr (KIND == Q4_1) extra[r] += h2f(mn + r * lds + g) * X.ss[g];
-      else if constexpr (KIND == Q4_0) extra[r] -= 8.f * dg * X.ss[g];
-    }
-  }
-  for (int r = 0; r < NR; ++r) y[r] = vsum(acc[r]) + extra[r];
-}
-constexpr int NR_GEMV = 2;
-#endif
-
-template <int KIND>
-void quant_gemv(const float* x, int64_t M, int64_t K, const uint8_t* qs, const at::Half* d, const at::Half* mn,
-                int64_t nb, int64_t N, float* y) {
-  const int64_t ldq = nb * (KIND == Q8_0 ? 32 : 16), lds = nb, kb = K / QK;
-  for (int64_t i = 0; i < M; ++i) {
-    X16 X;
-    quantize_x16(x + i * K, kb, X);
-    float* yi = y + i * N;
-    const int64_t tiles = N / NR_GEMV;
-    at::parallel_for(0, tiles, 64 / NR_GEMV, [&](int64_t t0, int64_t t1) {
-      for (int64_t t = t0; t < t1; ++t) {
-        const int64_t n = t * NR_GEMV;
-        gemv16_tile<KIND, NR_GEMV>(X, kb, qs + n * ldq, d + n * lds, mn ? mn + n * lds : nullptr, ldq, lds, yi + n);
-      }
-    });
-    for (int64_t n = tiles * NR_GEMV; n < N; ++n)
-      gemv16_tile<KIND, 1>(X, kb, qs + n * ldq, d + n * lds, mn ? mn + n * lds : nullptr, ldq, lds, yi + n);
-  }
-}
-#endif
-
 template <int KIND, int NR>
 void rows(const float* x, int64_t M, int64_t K, const uint8_t* qs, const at::Half* d, const at::Half* mn, int64_t ldq,
           int64_t lds, float* y, int64_t N) {
@@ -358,10 +223,7 @@ void rows(const float* x, int64_t M, int64_t K, const uint8_t* qs, const at::Hal
 
 template <int KIND>
 void quant_gemm(const float* x, int64_t M, int64_t K, const uint8_t* qs, const at::Half* d, const at::Half* mn,
-                int64_t nb, int64_t N, float* y, bool exact) {
-#ifdef __AVX2__
-  if (M < MR_MAX && !exact) return quant_gemv<KIND>(x, M, K, qs, d, mn, nb, N, y);
-#endif
+                int64_t nb, int64_t N, float* y) {
   const int64_t ldq = nb * (KIND == Q8_0 ? 32 : 16), lds = nb;
   const int64_t tiles = N / NR_T;
   at::parallel_for(0, tiles, std::max<int64_t>(1, 64 / NR_T), [&](int64_t t0, int64_t t1) {
@@ -388,7 +250,7 @@ void check_packed(const at::Tensor& qs, const at::Tensor& d, const at::Tensor& m
 }
 
 at::Tensor quant_linear(const at::Tensor& x_in, const at::Tensor& qs, const at::Tensor& d,
-                        const c10::optional<at::Tensor>& m_opt, int64_t kind, int64_t K, bool exact) {
+                        const c10::optional<at::Tensor>& m_opt, int64_t kind, int64_t K) {
   const at::Tensor m = m_opt.has_value() ? *m_opt : at::Tensor();
   check_packed(qs, d, m, kind, K);
   TORCH_CHECK(x_in.dim() == 2 && x_in.size(1) == K, "x must be [M, K]");
@@ -400,9 +262,9 @@ at::Tensor quant_linear(const at::Tensor& x_in, const at::Tensor& qs, const at::
   const at::Half* dp = d.data_ptr<at::Half>();
   const at::Half* mp = kind == Q4_1 ? m.data_ptr<at::Half>() : nullptr;
   float* yp = y.data_ptr<float>();
-  if (kind == Q4_0) quant_gemm<Q4_0>(xp, M, K, qp, dp, mp, nb, N, yp, exact);
-  else if (kind == Q4_1) quant_gemm<Q4_1>(xp, M, K, qp, dp, mp, nb, N, yp, exact);
-  else quant_gemm<Q8_0>(xp, M, K, qp, dp, mp, nb, N, yp, exact);
+  if (kind == Q4_0) quant_gemm<Q4_0>(xp, M, K, qp, dp, mp, nb, N, yp);
+  else if (kind == Q4_1) quant_gemm<Q4_1>(xp, M, K, qp, dp, mp, nb, N, yp);
+  else quant_gemm<Q8_0>(xp, M, K, qp, dp, mp, nb, N, yp);
   return y;
 }
 
@@ -479,7 +341,7 @@ at::Tensor bf16_linear(const at::Tensor& x_in, const at::Tensor& w) {
 }  // namespace
 
 TORCH_LIBRARY(distserve, m) {
-  m.def("quant_linear(Tensor x, Tensor qs, Tensor d, Tensor? m, int kind, int K, bool exact=False) -> Tensor");
+  m.def("quant_linear(Tensor x, Tensor qs, Tensor d, Tensor? m, int kind, int K) -> Tensor");
   m.def("quant_dequant(Tensor qs, Tensor d, Tensor? m, int kind, int K) -> Tensor");
   m.def("bf16_linear(Tensor x, Tensor w) -> Tensor");
 }

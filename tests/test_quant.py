@@ -51,16 +51,16 @@ def test_row_reordering_and_fusing_are_lossless():
 
 @needs_kernels
 @pytest.mark.parametrize("kind", sorted(KINDS))
-@pytest.mark.parametrize("m", [1, 3, 4, 9])  # 1-3: the int16 GEMV path; 4+: the float32 tiles
+@pytest.mark.parametrize("m", [1, 3, 4, 9])
 def test_kernel_product_equals_dense_float32_product(kind, m):
     raw, ref = blocks(kind, 45, 96)
     q = QuantTensor.from_blocks(raw, kind, 96)
     x = torch.randn(m, 96, generator=torch.Generator().manual_seed(m))
+    got = torch.ops.distserve.quant_linear(x, q.qs, q.d, q.m, KINDS[kind], 96)
     want = x @ torch.from_numpy(ref).T
-    for exact in (False, True):
-        got = torch.ops.distserve.quant_linear(x, q.qs, q.d, q.m, KINDS[kind], 96, exact)
-        tol = 1e-6 if exact or m >= 4 else 1e-4  # small batches round x to int16 per block of 32
-        assert ((got - want).norm() / want.norm()).item() < tol, (kind, m, exact)
+    assert ((got - want).norm() / want.norm()).item() < 1e-6
+    # each row is summed in the same order whatever the batch: a request's logits do not depend on it
+    assert torch.equal(torch.ops.distserve.quant_linear(x[:1], q.qs, q.d, q.m, KINDS[kind], 96), got[:1])
     # the op the model calls: any activation dtype in, the same dtype out
     lin = QuantLinear(q, None, torch.bfloat16)
     assert lin(x.bfloat16()).dtype == torch.bfloat16 and lin(x).shape == (m, 45)
@@ -71,8 +71,7 @@ def test_kernel_product_equals_dense_float32_product(kind, m):
 def test_native_q4_1_model_agrees_with_dense_float32_top1(ckpt):
     """Teacher-forced top-1 over >= 500 positions of real text: the native model (the default file is
     Q4_1 with a Q8_0 embedding) against the dense float32 forward on gguf's dequantized weights, both
-    as decode steps (3 sequences a token at a time: the int16 GEMV) and as 16-token chunks (48 rows:
-    the float32 tiles)."""
+    as decode steps (3 sequences a token at a time) and as 16-token chunks (48 rows per matmul)."""
     assert ckpt.native_kinds and set(ckpt.native_kinds) <= set(KINDS)
     text = ("The history of computing is a story of abstraction: from switches to instructions, from "
             "assembly to compilers, from single machines to networks of them. Each layer hides the "
