@@ -192,6 +192,9 @@ def build_parser() -> argparse.ArgumentParser:
     a("--dtype", choices=("auto", "bfloat16", "float32", "float16"), default="auto", help="activations and KV dtype")
     a("--weights", choices=("auto", "dense", "native"), default="auto",
       help="native: the GGUF's own Q4_0/Q4_1/Q8_0 blocks; dense: dequantized to --dtype (auto: native if it can)")
+    a("--compile", action=argparse.BooleanOptionalAction, default=False,
+      help="compiled decode steps (torch.compile; the first start on a machine compiles for minutes, later "
+           "starts load them from the disk cache)")
     a("--max-num-seqs", type=int, default=64, help="running decodes per instance")
     a("--max-waiting", type=int, default=4096, help="admission queue bound; beyond it requests get 503")
     a("--max-prefill-tokens", type=int, default=4096, help="prompt tokens per prefill batch (FCFS)")
@@ -225,7 +228,8 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         if args.prefill_devices or args.decode_devices:
             raise ValueError("--prefill-devices and --decode-devices apply to --mode disagg only")
         layout.update(devices=args.devices or ["cpu"], chunked_prefill=args.chunked_prefill)
-    return EngineConfig(model=args.model, dtype=args.dtype, weights=args.weights, **layout, step_trace=args.step_trace,
+    return EngineConfig(model=args.model, dtype=args.dtype, weights=args.weights, compile=args.compile, **layout,
+                        step_trace=args.step_trace,
                         cache=CacheConfig(memory_bytes=args.kv_cache_memory),
                         scheduler=SchedulerConfig(max_num_seqs=args.max_num_seqs, max_waiting=args.max_waiting,
                                                   max_prefill_tokens=args.max_prefill_tokens,

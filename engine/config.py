@@ -160,6 +160,7 @@ class EngineConfig:
     model: str | None = None  # GGUF file or HF directory; None: the default model
     dtype: str = "auto"  # auto | bfloat16 | float32 | float16
     weights: str = "auto"  # auto | dense | native (the checkpoint's GGUF blocks; engine/precision.py)
+    compile: bool = False  # decode steps through torch.compile (engine/compile.py; minutes the first time)
     mode: Mode = "colocated"
     chunked_prefill: bool = False  # colocated only: Sarathi-style token budget per step
     devices: list[str] = field(default_factory=lambda: ["cpu"])

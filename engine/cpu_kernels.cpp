@@ -4,6 +4,9 @@
 //   distserve::quant_linear(x, qs, d, m, kind, K)  y[M, N] = x[M, K] @ W^T, W in GGUF blocks, float32 out
 //   distserve::quant_dequant(qs, d, m, kind, K)    W as dense float32 [N, K]
 //   distserve::bf16_linear(x, w)                   y = x @ w^T for bf16 x [M, K], w [N, K] (small M)
+//   distserve::packed_linear(x, w, b)              oneDNN's linear on a prepacked weight, as an opaque op
+//                                                  (torch.compile's lowering of the mkldnn op itself wants
+//                                                  the weight frozen into the graph)
 //
 // Quantized weights (engine/quant.py packs them from the GGUF blocks, losslessly), per output row n
 // and block g of 32 values (nb blocks per row, padded to an even count with zero blocks):
@@ -20,6 +23,8 @@
 // teacher-forced top-1 agreement; int16 rounding was only ~7% faster per decode step than this.)
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <ATen/core/stack.h>
 #include <torch/library.h>
 
 #include <cmath>
@@ -338,19 +343,32 @@ at::Tensor bf16_linear(const at::Tensor& x_in, const at::Tensor& w) {
   return at::linear(x_in.to(at::kBFloat16), w);
 }
 
+at::Tensor packed_linear(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& b) {
+  static const c10::OperatorHandle op = c10::Dispatcher::singleton().findSchemaOrThrow("mkldnn::_linear_pointwise", "");
+  torch::jit::Stack stack{x, w, b, c10::IValue(std::string("none")), c10::IValue(c10::List<std::optional<at::Scalar>>()),
+                          c10::IValue()};
+  op.callBoxed(&stack);
+  return stack[0].toTensor();
+}
+
 }  // namespace
 
 TORCH_LIBRARY(distserve, m) {
   m.def("quant_linear(Tensor x, Tensor qs, Tensor d, Tensor? m, int kind, int K) -> Tensor");
   m.def("quant_dequant(Tensor qs, Tensor d, Tensor? m, int kind, int K) -> Tensor");
   m.def("bf16_linear(Tensor x, Tensor w) -> Tensor");
+  m.def("packed_linear(Tensor x, Tensor w, Tensor? b) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(distserve, CPU, m) {
   m.impl("quant_linear", &quant_linear);
   m.impl("quant_dequant", &quant_dequant);
   m.impl("bf16_linear", &bf16_linear);
+  m.impl("packed_linear", &packed_linear);
 }
+
+// the prepacked weight is an opaque oneDNN tensor: its dispatch key is MkldnnCPU
+TORCH_LIBRARY_IMPL(distserve, MkldnnCPU, m) { m.impl("packed_linear", &packed_linear); }
 
 // which vector path was compiled in, for logs and the bench
 extern "C" const char* distserve_kernels_isa() {

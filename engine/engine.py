@@ -94,7 +94,7 @@ class AsyncEngine:
             key = "cpu" if kind == "cpu" else f"cuda:{idx}"
             if key not in models:
                 device = torch.device(key)
-                models[key] = build_model(ckpt, config.dtype, config.weights, device)
+                models[key] = build_model(ckpt, config.dtype, config.weights, device, config.compile)
             cache = config.decode_cache if role == "decode" and config.decode_cache else config.cache
             self.instances.append(Instance(f"{role}{i}", role, dev, models[key], cache))
         self.dtype = next(iter(models.values())).dtype

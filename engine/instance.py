@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from engine.attention import AttentionMetadata, make_backend
+from engine.compile import decode_inputs
 from engine.config import CacheConfig, parse_device
 from engine.kv_cache import KVPool
 from engine.model import LlamaModel
@@ -56,6 +57,9 @@ class Instance:
         self.thread_id: int | None = None
         self.executor = ThreadPoolExecutor(1, thread_name_prefix=name, initializer=self._init_thread)
         self.busy: set[str] = set()  # ids of requests inside a step running on the thread now
+        self.compiled = getattr(model, "compiled", None)  # engine/compile.py CompiledDecode, or None: eager
+        if self.compiled is not None:  # compile (or load) before the first step, on this instance's thread
+            self.executor.submit(self.compiled.warmup, self.pool.cache, 64)
 
     def _init_thread(self) -> None:
         """Pin this thread to its cores and size torch's intra-op pool to them (per-thread on OpenMP)."""
@@ -103,10 +107,20 @@ class Instance:
                 rows.append(len(ids) - 1)
                 samplers.append(req)
         dev = self.device
-        meta = AttentionMetadata.build(q_lens, ctx_lens, tables, self.pool.block_size, dev, self.model.dtype)
-        logits = self.model.forward(torch.tensor(ids, device=dev), torch.tensor(pos, device=dev), meta,
-                                    [self.pool.layer(i) for i in range(self.model.cfg.num_layers)],
-                                    torch.tensor(rows, dtype=torch.long, device=dev), self.attention)
+        dec = decode_inputs(q_lens, ctx_lens, tables, self.pool.block_size, dev) if self.compiled else None
+        if dec is not None:  # decode-only: the compiled step; it returns the new K/V and we write them here
+            table, slot_blocks, slot_offsets = dec
+            logits, k, v = self.compiled(torch.tensor(ids, device=dev), torch.tensor(pos, device=dev), table,
+                                         torch.tensor(ctx_lens, device=dev), cache)
+            cache[slot_blocks, :, 0, slot_offsets] = k  # [B, layers, KVH, D] into each slot of every layer
+            cache[slot_blocks, :, 1, slot_offsets] = v
+            if len(rows) < len(ids):  # a 1-token prompt chunk that does not sample yet
+                logits = logits[torch.tensor(rows, dtype=torch.long, device=dev)]
+        else:
+            meta = AttentionMetadata.build(q_lens, ctx_lens, tables, self.pool.block_size, dev, self.model.dtype)
+            logits = self.model.forward(torch.tensor(ids, device=dev), torch.tensor(pos, device=dev), meta,
+                                        [self.pool.layer(i) for i in range(self.model.cfg.num_layers)],
+                                        torch.tensor(rows, dtype=torch.long, device=dev), self.attention)
         if not samplers:
             return []
         tokens, logprobs = self.sampler(logits, samplers)

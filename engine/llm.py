@@ -34,12 +34,12 @@ class LLM:
                  kv_cache_memory: int | str = "512MiB", num_kv_blocks: int | None = None,
                  decode_kv_blocks: int | None = None, block_size: int = 16,
                  max_num_seqs: int = 64, max_prefill_tokens: int = 4096, chunk_budget: int = 512,
-                 transfer: str = "auto", checkpoint: Checkpoint | None = None) -> None:
+                 transfer: str = "auto", checkpoint: Checkpoint | None = None, compile: bool = False) -> None:
         if mode == "disagg" and not (prefill_devices and decode_devices):
             p, d = default_disagg_devices()
             prefill_devices, decode_devices = prefill_devices or p, decode_devices or d
         self.config = EngineConfig(
-            model=model, dtype=dtype, weights=weights, mode=mode, chunked_prefill=chunked_prefill,
+            model=model, dtype=dtype, weights=weights, compile=compile, mode=mode, chunked_prefill=chunked_prefill,
             devices=devices or ["cpu"],
             prefill_devices=prefill_devices or [], decode_devices=decode_devices or [], transfer=transfer,
             cache=CacheConfig(block_size=block_size, memory_bytes=kv_cache_memory, num_blocks=num_kv_blocks),

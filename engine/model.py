@@ -11,7 +11,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from engine.attention import AttentionMetadata, TorchAttention
+from engine.attention import AttentionMetadata, TorchAttention, paged_decode_attention
 from engine.config import ModelConfig
 from engine.linear import DenseLinear, QuantLinear
 from engine.quant import QuantTensor
@@ -113,6 +113,7 @@ class LlamaModel:
         self.cos = emb.cos().to(self.device, dtype)
         self.sin = emb.sin().to(self.device, dtype)
         self.scale = cfg.head_dim ** -0.5
+        self.compiled = None  # engine/compile.py CompiledDecode once enabled (engine/precision.py build_model)
 
     @property
     def weight_bytes(self) -> int:
@@ -173,3 +174,32 @@ class LlamaModel:
             x = x + layer["down"](F.silu(gate) * up)
         x = self._rms_norm(x[logit_rows], self.norm)
         return self.lm_head(x).float()
+
+    def decode(self, input_ids: torch.Tensor, positions: torch.Tensor, tables: torch.Tensor, ctx_lens: torch.Tensor,
+               cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One decode step for B sequences, a pure function of its inputs (what engine/compile.py compiles):
+        input_ids, positions, ctx_lens [B]; tables [B, nb] block ids; cache: the pool's whole tensor
+        [blocks, layers, 2, block_size, KVH, D], only read. Returns float32 logits [B, V] and the new
+        token's k, v of every layer, [B, layers, KVH, D] each, for the caller to write into the cache.
+        Call it under torch.inference_mode() (not decorated: torch.compile traces it)."""
+        cfg = self.cfg
+        H, KVH, D = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        B = input_ids.shape[0]
+        x = self.embed_tokens(input_ids)  # [B, hidden]
+        cos, sin = self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1)
+        ks, vs = [], []
+        for i, layer in enumerate(self.layers):
+            h = self._rms_norm(x, layer["attn_norm"])
+            qk, v = layer["qkv"](h).split([(H + KVH) * D, KVH * D], dim=-1)
+            qk = self._rope(qk.view(B, H + KVH, D), cos, sin)
+            q, k = qk.split([H, KVH], dim=1)
+            v = v.view(B, KVH, D)
+            o = paged_decode_attention(q, k, v, cache[:, i, 0], cache[:, i, 1], tables, ctx_lens, self.scale)
+            x = x + layer["o"](o.reshape(B, H * D))
+            h = self._rms_norm(x, layer["mlp_norm"])
+            gate, up = layer["gate_up"](h).chunk(2, dim=-1)
+            x = x + layer["down"](F.silu(gate) * up)
+            ks.append(k)
+            vs.append(v)
+        logits = self.lm_head(self._rms_norm(x, self.norm)).float()
+        return logits, torch.stack(ks, dim=1), torch.stack(vs, dim=1)

@@ -49,8 +49,15 @@ def resolve_weights(name: str, ckpt: Checkpoint, device: torch.device) -> bool:
 
 
 def build_model(ckpt: Checkpoint, dtype: str = "auto", weights: str = "auto",
-                device: torch.device | str = "cpu") -> LlamaModel:
+                device: torch.device | str = "cpu", compile: bool = False) -> LlamaModel:
+    """compile: decode steps through torch.compile (engine/compile.py); the first start on a machine
+    spends minutes compiling, later starts load the result from the disk cache."""
     device = torch.device(device)
     native = resolve_weights(weights, ckpt, device)
-    return LlamaModel(ckpt.config, ckpt.weights, resolve_dtype(dtype, device, native), device,
-                      quantized=ckpt.quantized, native=native)
+    model = LlamaModel(ckpt.config, ckpt.weights, resolve_dtype(dtype, device, native), device,
+                       quantized=ckpt.quantized, native=native)
+    if compile:
+        from engine.compile import CompiledDecode
+
+        model.compiled = CompiledDecode(model)
+    return model
