@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 
-import pytest
 import torch
 
 from engine.attention import AttentionMetadata, TorchAttention, paged_decode_attention
