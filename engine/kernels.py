@@ -39,13 +39,20 @@ def cpu_flags() -> set[str]:
     return set()
 
 
+def march() -> str:
+    """The -march the kernels are built for: native, or $DISTSERVE_KERNEL_MARCH (tests build the AVX2
+    path on an AVX-512 machine with 'haswell')."""
+    return os.environ.get("DISTSERVE_KERNEL_MARCH", "native")
+
+
 def build_dir() -> Path:
     """Where the build lives: $DISTSERVE_KERNEL_DIR, else ~/.cache/distserve/kernels. The name carries
-    the source hash and this CPU's vector flags, so a cache shared between machines never loads a
-    binary built for another instruction set."""
+    the source hash, -march and this CPU's vector flags, so a cache shared between machines never loads
+    a binary built for another instruction set."""
     flags = cpu_flags()
     tag = "-".join(f for f in _FLAGS if f in flags) or "generic"
-    digest = hashlib.sha1(SOURCE.read_bytes() + tag.encode() + torch.__version__.encode()).hexdigest()[:12]
+    key = SOURCE.read_bytes() + tag.encode() + march().encode() + torch.__version__.encode()
+    digest = hashlib.sha1(key).hexdigest()[:12]
     root = Path(os.environ.get("DISTSERVE_KERNEL_DIR", Path.home() / ".cache" / "distserve" / "kernels"))
     return root / f"distserve_kernels_{digest}"
 
@@ -87,7 +94,7 @@ def _build() -> bool:
         if not lib.exists():
             log.info("building the engine's CPU kernels in %s (once per machine)", out)
             cpp_extension.load(name=out.name, sources=[str(SOURCE)], build_directory=str(out),
-                               extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"],
+                               extra_cflags=["-O3", f"-march={march()}", "-fopenmp"], extra_ldflags=["-fopenmp"],
                                is_python_module=False, verbose=False)
         else:
             torch.ops.load_library(str(lib))

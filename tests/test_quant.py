@@ -66,6 +66,26 @@ def test_kernel_product_equals_dense_float32_product(kind, m):
     assert lin(x.bfloat16()).dtype == torch.bfloat16 and lin(x).shape == (m, 45)
 
 
+def test_the_avx2_kernels_are_correct_too():
+    """CI machines may have AVX2 only: build the kernels' AVX2 path here (-march=haswell) and run the
+    unpacking and product tests against it in a subprocess (one build per process)."""
+    import os
+    import subprocess
+    import sys
+
+    if os.environ.get("DISTSERVE_KERNEL_MARCH"):
+        pytest.skip("already the subprocess")
+    if not {"avx2", "fma", "f16c"} <= kernels.cpu_flags():
+        pytest.skip("this CPU cannot run AVX2 code")
+    env = {**os.environ, "DISTSERVE_KERNEL_MARCH": "haswell"}
+    code = ("from engine import kernels; assert kernels.load(), kernels.load_error(); "
+            "assert kernels.isa() == 'avx2', kernels.isa()")
+    subprocess.run([sys.executable, "-c", code], env=env, check=True)
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", __file__, "-m", "not slow", "-k",
+                           "unpacking or kernel_product"], env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+
+
 @pytest.mark.slow
 @needs_kernels
 def test_native_q4_1_model_agrees_with_dense_float32_top1(ckpt):
