@@ -2,7 +2,7 @@
 PY := .venv/bin/python
 STAMP := .venv/.installed
 
-.PHONY: install serve test lint bench-engine bench-serving bench-simulator bench-transfer bench-interference clean
+.PHONY: install serve test lint bench-engine bench-serving bench-simulator bench-transfer bench-interference llama-cpp clean
 
 $(STAMP): requirements.txt requirements-dev.txt
 	test -x $(PY) || python3 -m venv .venv
@@ -23,6 +23,9 @@ lint: $(STAMP)
 
 bench-engine: $(STAMP)
 	$(PY) -m bench.engine_bench $(ARGS)
+
+llama-cpp: $(STAMP)  # builds llama.cpp's bench tools into .cache/llama (bench-engine does it on first use)
+	$(PY) -m bench.llama_cpp build $(ARGS)
 
 bench-transfer: $(STAMP)
 	$(PY) -m bench.transfer_bench $(ARGS)
