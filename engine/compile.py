@@ -33,7 +33,9 @@ class CompiledDecode:
         # inductor reads the variable when it first compiles; an explicit setting by the user wins
         os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", cache_dir or default_cache_dir())
         self.model = model
-        self.fn = torch.compile(model.decode, fullgraph=True)
+        # cpp_wrapper: the graph runs as one C++ function that releases the GIL, so a decode step next to
+        # another instance's step (disagg, one process) holds the interpreter only to enter and leave
+        self.fn = torch.compile(model.decode, fullgraph=True, options={"cpp_wrapper": True})
         self.compile_s: dict[str, float] = {}  # warm-up seconds per graph (a cache hit is a few seconds)
         self._lock = threading.Lock()
 
