@@ -18,6 +18,8 @@ from pathlib import Path
 
 import torch
 
+from engine import kernels
+
 log = logging.getLogger(__name__)
 MIN_BLOCKS = 2  # pad tables to this many columns: nb = 1 would be a specialization of its own
 
@@ -32,6 +34,7 @@ class CompiledDecode:
     def __init__(self, model, cache_dir: str | None = None) -> None:
         # inductor reads the variable when it first compiles; an explicit setting by the user wins
         os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", cache_dir or default_cache_dir())
+        kernels.load()  # decided before tracing: the traced code reads the outcome, never builds
         self.model = model
         # cpp_wrapper: the graph runs as one C++ function that releases the GIL, so a decode step next to
         # another instance's step (disagg, one process) holds the interpreter only to enter and leave
