@@ -137,6 +137,9 @@ class HF:
         del sd, model
         ckpt.weights.clear()
         gc.collect()
+        from engine.memory import tune_malloc_for_serving
+
+        tune_malloc_for_serving()  # the same allocator settings as our engine after its load
         self.weight_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters())  # tied: once
 
     def _generate(self, ids: torch.Tensor, new: int) -> torch.Tensor:

@@ -13,6 +13,7 @@ import torch
 
 from engine import kernels
 from engine.loader import Checkpoint
+from engine.memory import tune_malloc_for_serving
 from engine.model import LlamaModel
 
 WEIGHTS = ("auto", "dense", "native")
@@ -60,4 +61,5 @@ def build_model(ckpt: Checkpoint, dtype: str = "auto", weights: str = "auto",
         from engine.compile import CompiledDecode
 
         model.compiled = CompiledDecode(model)
+    tune_malloc_for_serving()  # loading is over: from here on, reuse activation buffers
     return model
