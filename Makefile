@@ -4,7 +4,7 @@ PY := .venv/bin/python
 STAMP := .venv/.installed
 
 .PHONY: install serve test test-gpu lint interop loadgen profile plan bench-engine bench-serving bench-simulator \
-	bench-transfer bench-interference bench-overload soak clean
+	bench-transfer bench-interference bench-overload soak llama-cpp clean
 
 $(STAMP): requirements.txt requirements-dev.txt pyproject.toml
 	@test -x $(PY) || { echo "==> creating .venv (python3 -m venv)"; python3 -m venv .venv; }
@@ -54,6 +54,9 @@ plan: $(STAMP)
 
 bench-engine: $(STAMP)
 	$(PY) -m bench.engine_bench $(ARGS)
+
+llama-cpp: $(STAMP)  # builds llama.cpp's bench tools into .cache/llama (bench-engine does it on first use)
+	$(PY) -m bench.llama_cpp build $(ARGS)
 
 bench-transfer: $(STAMP)
 	$(PY) -m bench.transfer_bench $(ARGS)

@@ -1,15 +1,22 @@
-"""Our engine against Hugging Face transformers on the default model, in one run, every figure as a ratio.
+"""Our engine against Hugging Face transformers and llama.cpp on the default model, in one run, every
+figure as a ratio.
 
-    python -m bench.engine_bench                     # dtype the engine picks (auto), all cores
-    python -m bench.engine_bench --dtypes float32,bfloat16 --repeat 3 --markdown --out engine.json
-    python -m bench.engine_bench --quick             # fewer tokens: a smoke run
+    python -m bench.engine_bench                     # the precisions this machine runs fast, all cores
+    python -m bench.engine_bench --precisions bfloat16,native --repeat 3 --markdown --out engine.json
+    python -m bench.engine_bench --quick --systems ours,hf   # fewer tokens: a smoke run
+
+Precisions: bfloat16 and float32 (dense weights; transformers and llama.cpp's BF16 / F32 copies of the
+same GGUF) and native (ours: the GGUF's own Q4_1 / Q8_0 blocks; llama.cpp: the file itself;
+transformers: float32 on the dequantized weights, as the accuracy reference). Default: bfloat16,
+float32, native where the CPU has AVX-512 BF16, else float32, native.
 
 Measures prefill (1 x 512 and 4 x 512 tokens) and decode (batch 1, 8, 32; 32-token prompts, 64 new
-tokens, greedy) for both systems, plus the machine's matmul peak and memory bandwidth (for MFU and
+tokens, greedy) for each system, plus the machine's matmul peak and memory bandwidth (for MFU and
 the decode bandwidth limit) and each system's memory. Each system runs in its own subprocess
-(`--worker ours|hf|machine --json`), pinned to the same cores with the same thread count, so that
-memory is per system and nothing is shared; with --repeat > 1 the systems alternate and the median
-of each figure is kept. Timing definitions are in bench/engine_bench_workers.py.
+(`--worker ours|hf|llama|machine --json`), pinned to the same cores with the same thread count, so that
+memory is per system and nothing is shared; with --repeat > 1 the systems take turns in a rotating
+order (interleaved rounds) and the median of each figure is kept. Timing definitions are in
+bench/engine_bench_workers.py; llama.cpp is built on first use by bench/llama_cpp.py.
 """
 from __future__ import annotations
 
@@ -27,8 +34,12 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])
-    p.add_argument("--dtypes", default=None, help="comma-separated, e.g. float32,bfloat16 (overrides --dtype)")
+    p.add_argument("--precisions", "--dtypes", dest="precisions", default="auto",
+                   help="comma-separated of bfloat16, float32, native (default auto: what this CPU runs fast)")
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "native"], help=argparse.SUPPRESS)
+    p.add_argument("--systems", default="ours,hf,llama", help="comma-separated of ours, hf, llama")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
+                   help="our decode steps compiled (default) or eager")
     p.add_argument("--threads", type=int, default=None, help="cores/threads for both systems (default: all)")
     p.add_argument("--repeat", type=int, default=1, help="worker runs per system, interleaved; median kept")
     p.add_argument("--iters", type=int, default=None, help="timed runs per measurement inside a worker (fastest)")
@@ -36,7 +47,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--model", default=None, help="checkpoint path (default: the packaged SmolLM2 GGUF)")
     p.add_argument("--out", default=None, help="write every figure and the raw results as JSON")
     p.add_argument("--markdown", action="store_true", help="also print a table for bench/RESULTS.md")
-    p.add_argument("--worker", choices=["ours", "hf", "machine"], help=argparse.SUPPRESS)
+    p.add_argument("--worker", choices=["ours", "hf", "llama", "machine"], help=argparse.SUPPRESS)
     p.add_argument("--json", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.threads is not None and not 1 <= args.threads <= len(os.sched_getaffinity(0)):
@@ -70,19 +81,26 @@ def worker_main(args: argparse.Namespace) -> dict:
     cores = cores_for(args.threads)
     os.sched_setaffinity(0, cores)
     torch.set_num_threads(len(cores))
+    w = workload(args)
+    if args.worker == "llama":
+        from bench.engine_bench_workers import run_llama
+        from engine.loader import default_model_path
+
+        return run_llama(args.model or default_model_path(), args.dtype, cores, w)
     ckpt = load_checkpoint(args.model)
     config = asdict(ckpt.config)
     if args.worker == "machine":
-        return {"config": config, "peaks": {"dtype": args.dtype, **machine_peaks(ckpt.config, DTYPES[args.dtype],
-                                                                              args.quick)}}
-    w = workload(args)
-    return {"config": config, "workload": asdict(w), **run_worker(args.worker, ckpt, args.dtype, cores, w)}
+        dtype = DTYPES["float32" if args.dtype == "native" else args.dtype]
+        return {"config": config, "peaks": {"dtype": args.dtype, **machine_peaks(ckpt.config, dtype, args.quick)}}
+    return {"config": config, "workload": asdict(w),
+            **run_worker(args.worker, ckpt, args.dtype, cores, w, compile=args.compile)}
 
 
 def run_sub(args: argparse.Namespace, worker: str, dtype: str) -> dict:
     cmd = [sys.executable, "-m", "bench.engine_bench", "--worker", worker, "--dtype", dtype, "--json"]
     cmd += ["--threads", str(len(cores_for(args.threads)))] + (["--quick"] if args.quick else [])
     cmd += (["--iters", str(args.iters)] if args.iters else []) + (["--model", args.model] if args.model else [])
+    cmd += [] if args.compile else ["--no-compile"]
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
     if proc.returncode:
@@ -94,35 +112,33 @@ def run_sub(args: argparse.Namespace, worker: str, dtype: str) -> dict:
 
 
 def resolve(args: argparse.Namespace) -> list[str]:
-    names = args.dtypes.split(",") if args.dtypes else [args.dtype]
-    out = []
-    for name in names:
-        if name == "auto":
-            import torch
+    from engine.precision import cpu_has_bf16
 
-            from engine.instance import resolve_dtype
-            name = {torch.float32: "float32", torch.bfloat16: "bfloat16"}[resolve_dtype("auto", torch.device("cpu"))]
-        if name not in ("float32", "bfloat16"):
-            raise SystemExit(f"unknown dtype {name!r}: use float32, bfloat16 or auto")
-        out.append(name)
+    if args.precisions == "auto":
+        return ["bfloat16", "float32", "native"] if cpu_has_bf16() else ["float32", "native"]
+    out = [p.strip() for p in args.precisions.split(",")]
+    bad = [p for p in out if p not in ("bfloat16", "float32", "native")]
+    if bad:
+        raise SystemExit(f"unknown precision {bad}: use bfloat16, float32, native")
     return list(dict.fromkeys(out))
 
 
-def bench_dtype(args: argparse.Namespace, dtype: str) -> dict:
+def bench_precision(args: argparse.Namespace, precision: str) -> dict:
     from bench import engine_bench_report as rep
     from engine.config import ModelConfig
 
-    machine = run_sub(args, "machine", dtype)
-    runs: dict[str, list[dict]] = {"ours": [], "hf": []}
-    for r in range(args.repeat):  # alternate the order so neither system always runs second
-        for system in (("ours", "hf") if r % 2 == 0 else ("hf", "ours")):
-            runs[system].append(run_sub(args, system, dtype))
-    peaks = rep.best_peaks([machine["peaks"], run_sub(args, "machine", dtype)["peaks"]])
-    ours, hf = rep.median_tree(runs["ours"]), rep.median_tree(runs["hf"])
+    systems = [s for s in ("ours", "hf", "llama") if s in args.systems.split(",")]
+    machine = run_sub(args, "machine", precision)
+    runs: dict[str, list[dict]] = {s: [] for s in systems}
+    for r in range(args.repeat):  # rotate the order so that no system always runs first or last
+        for system in systems[r % len(systems):] + systems[:r % len(systems)]:
+            runs[system].append(run_sub(args, system, precision))
+    peaks = rep.best_peaks([machine["peaks"], run_sub(args, "machine", precision)["peaks"]])
+    med = {s: rep.median_tree(v) for s, v in runs.items()}
     cfg = ModelConfig(**machine["config"])
-    rows = rep.rows(cfg, ours, hf, peaks)
-    return {"dtype": dtype, "peaks": peaks, "rows": [r.as_dict() for r in rows], "ours": ours, "hf": hf,
-            "runs": runs, "_rows": rows}
+    rows = rep.rows(cfg, med["ours"], med.get("hf"), peaks, med.get("llama"), precision)
+    return {"dtype": precision, "peaks": peaks, "rows": [r.as_dict() for r in rows], **med, "runs": runs,
+            "_rows": rows}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -141,14 +157,15 @@ def main(argv: list[str] | None = None) -> None:
     date = time.strftime("%Y-%m-%d %H:%M")
     print(f"engine bench: {info['cpu']}, {info['threads']} threads, torch {info['torch']}, "
           f"transformers {info['transformers']}", file=sys.stderr)
-    results = [bench_dtype(args, d) for d in resolve(args)]
+    results = [bench_precision(args, d) for d in resolve(args)]
     for res in results:
         print(f"\n== {res['dtype']} ==")
         print("\n".join(rep.machine_lines(res["peaks"])))
         print(rep.text_table(res["_rows"]))
     if args.markdown:
-        print(f"\n### Engine vs transformers ({date})\n\n`{command.strip()}` on {info['cpu']}, {info['threads']} "
-              f"threads, torch {info['torch']}, transformers {info['transformers']}; ratio = ours / transformers.")
+        print(f"\n### Engine vs transformers and llama.cpp ({date})\n\n`{command.strip()}` on {info['cpu']}, "
+              f"{info['threads']} threads, torch {info['torch']}, transformers {info['transformers']}; "
+              "ratios = ours / transformers and ours / llama.cpp.")
         for res in results:
             print(f"\n**{res['dtype']}** — " + "; ".join(rep.machine_lines(res["peaks"])) + "\n")
             print(rep.markdown_table(res["_rows"]))

@@ -1,5 +1,6 @@
-"""Turns the engine bench's raw worker results into rows (metric, ours, transformers, ratio, target,
-met?), machine-relative figures (MFU, fraction of the bandwidth limit), and text or markdown tables."""
+"""Turns the engine bench's raw worker results into rows (metric, ours, transformers, llama.cpp, ratios,
+target, met?), machine-relative figures (MFU, fraction of the bandwidth limit), and text or markdown
+tables."""
 from __future__ import annotations
 
 import statistics
@@ -7,10 +8,15 @@ from dataclasses import dataclass
 
 from engine.config import ModelConfig
 
-# Issue targets: ours / transformers (memory: ours / transformers at most).
+# Issue 2 targets, ours / transformers (memory: at most); without llama.cpp in the run these apply.
 PREFILL_TARGET = 1.1
 DECODE_TARGETS = {1: 1.6, 32: 2.5}
 MEMORY_TARGET = 1.0
+# Issue 10 targets, ours / llama.cpp at the same precision ("best": the faster of llama.cpp and
+# transformers), and decode at batch 1 as a share of the copy-bandwidth limit.
+LLAMA_DECODE_TARGETS = {1: 1.0, 32: 1.5}
+LLAMA_PREFILL_TARGET = 1.0  # bf16, against the faster of the two
+BANDWIDTH_TARGET = 0.6
 
 
 @dataclass
@@ -22,20 +28,40 @@ class Row:
     target: float | None = None
     lower_is_better: bool = False
     note: str = ""
+    llama: float | None = None
+    target_vs: str = "hf"  # what the target ratio is taken against: hf, llama, best (the faster), self
 
     @property
     def ratio(self) -> float | None:
         return self.ours / self.hf if self.ours is not None and self.hf else None
 
     @property
+    def ratio_llama(self) -> float | None:
+        return self.ours / self.llama if self.ours is not None and self.llama else None
+
+    @property
+    def judged(self) -> float | None:
+        """The ratio the target applies to."""
+        if self.target_vs == "llama":
+            return self.ratio_llama
+        if self.target_vs == "best":
+            refs = [r for r in (self.hf, self.llama) if r]
+            return self.ours / max(refs) if refs and self.ours is not None else None
+        if self.target_vs == "self":
+            return self.ours
+        return self.ratio
+
+    @property
     def met(self) -> bool | None:
-        if self.target is None or self.ratio is None:
+        if self.target is None or self.judged is None:
             return None
-        return self.ratio <= self.target if self.lower_is_better else self.ratio >= self.target
+        return self.judged <= self.target if self.lower_is_better else self.judged >= self.target
 
     def as_dict(self) -> dict:
-        return {"metric": self.metric, "ours": self.ours, "hf": self.hf, "unit": self.unit, "ratio": self.ratio,
-                "target": self.target, "lower_is_better": self.lower_is_better, "met": self.met, "note": self.note}
+        return {"metric": self.metric, "ours": self.ours, "hf": self.hf, "llama": self.llama, "unit": self.unit,
+                "ratio": self.ratio, "ratio_llama": self.ratio_llama, "target": self.target,
+                "target_vs": self.target_vs, "lower_is_better": self.lower_is_better, "met": self.met,
+                "note": self.note}
 
 
 def median_tree(runs: list):
@@ -79,35 +105,69 @@ def _match(a: list[list[int]], b: list[list[int]]) -> float:
     return sum(x == y for x, y in zip(a, b)) / max(len(a), 1)
 
 
-def rows(cfg: ModelConfig, ours: dict, hf: dict, peaks: dict) -> list[Row]:
+def rows(cfg: ModelConfig, ours: dict, hf: dict | None, peaks: dict, llama: dict | None = None,
+         precision: str | None = None) -> list[Row]:
+    """With llama.cpp in the run, targets are issue 10's (against llama.cpp at the same precision; prefill
+    against the faster of the two at bf16); without it, issue 2's (against transformers)."""
     out: list[Row] = []
     gib = 2**30
+    hf = hf or {"prefill": {}, "decode": {}, "memory": None, "weight_bytes": None}
+    ll = llama or {"prefill": {}, "decode": {}}
+    get = lambda d, *ks: _dig(d, ks)  # noqa: E731
     for b, po in ours["prefill"].items():
-        ph, n = hf["prefill"][b], po["tokens_in"] // int(b)
+        ph, n = hf["prefill"].get(b, {}), po["tokens_in"] // int(b)
         flops = prefill_flops(cfg, int(b), n)
-        out += [Row(f"prefill {b}x{n} tok/s (wall)", po["tok_s"], ph["tok_s"], "tok/s", PREFILL_TARGET),
-                Row(f"prefill {b}x{n} tok/s (forward)", po["forward_tok_s"], ph["forward_tok_s"], "tok/s"),
-                Row(f"prefill {b}x{n} MFU vs {peaks['dtype']} peak", flops / po["wall_s"] / peaks["matmul_flops"],
-                    flops / ph["wall_s"] / peaks["matmul_flops"], "%"),
-                Row(f"prefill {b}x{n} MFU vs bf16 peak", flops / po["wall_s"] / peaks["matmul_flops_bf16"],
-                    flops / ph["wall_s"] / peaks["matmul_flops_bf16"], "%")]
+        t_wall = PREFILL_TARGET if not llama else None
+        t_fwd = LLAMA_PREFILL_TARGET if llama and precision == "bfloat16" and b == "1" else None
+        mfu = lambda r, peak, flops=flops: flops / r["wall_s"] / peaks[peak] if r else None  # noqa: E731
+        out += [Row(f"prefill {b}x{n} tok/s (wall)", po["tok_s"], ph.get("tok_s"), "tok/s", t_wall),
+                Row(f"prefill {b}x{n} tok/s (forward)", po["forward_tok_s"], ph.get("forward_tok_s"), "tok/s", t_fwd,
+                    llama=get(ll, "prefill", b, "forward_tok_s"), target_vs="best"),
+                Row(f"prefill {b}x{n} MFU vs {peaks['dtype']} peak", mfu(po, "matmul_flops"), mfu(ph, "matmul_flops"),
+                    "%"),
+                Row(f"prefill {b}x{n} MFU vs bf16 peak", mfu(po, "matmul_flops_bf16"), mfu(ph, "matmul_flops_bf16"),
+                    "%")]
     for b, do in ours["decode"].items():
-        dh = hf["decode"][b]
-        bw = peaks["copy_bandwidth"]
-        lim = {"ours": bw / ours["weight_bytes"], "hf": bw / hf["weight_bytes"]}  # steps/s if only weights moved
-        out += [Row(f"decode B={b} tok/s (wall)", do["tok_s"], dh["tok_s"], "tok/s", DECODE_TARGETS.get(int(b))),
-                Row(f"decode B={b} tok/s (decode only)", do["decode_only_tok_s"], dh["decode_only_tok_s"], "tok/s"),
-                Row(f"decode B={b} steps/s vs copy-bandwidth limit", do["steps_s"] / lim["ours"],
-                    dh["steps_s"] / lim["hf"], "%"),
-                Row(f"decode B={b} greedy sequences identical", _match(do["tokens"], dh["tokens"]), None, "%")]
-    mo, mh = ours["memory"], hf["memory"]
-    out += [Row("peak RSS while running", _gib(mo["peak_rss_run"]), _gib(mh["peak_rss_run"]), "GiB",
-                MEMORY_TARGET, lower_is_better=True),
-            Row("RSS after load", mo["rss_after_load"] / gib, mh["rss_after_load"] / gib, "GiB"),
-            Row("peak RSS, whole process (ru_maxrss)", mo["lifetime_peak_rss"] / gib, mh["lifetime_peak_rss"] / gib,
+        dh, dl = hf["decode"].get(b, {}), ll["decode"].get(b)
+        frac = lambda d, r: _bw_fraction(d, r, peaks["copy_bandwidth"])  # noqa: E731
+        t_dec = LLAMA_DECODE_TARGETS.get(int(b)) if llama else None
+        out += [Row(f"decode B={b} tok/s (wall)", do["tok_s"], dh.get("tok_s"), "tok/s",
+                    DECODE_TARGETS.get(int(b)) if not llama else None),
+                Row(f"decode B={b} tok/s (decode only)", do["decode_only_tok_s"], dh.get("decode_only_tok_s"), "tok/s",
+                    t_dec, llama=dl["decode_only_tok_s"] if dl else None, target_vs="llama"),
+                Row(f"decode B={b} steps/s vs copy-bandwidth limit", frac(do, ours), frac(dh, hf), "%",
+                    BANDWIDTH_TARGET if llama and b == "1" else None, llama=frac(dl, llama) if dl else None,
+                    target_vs="self"),
+                Row(f"decode B={b} greedy sequences identical", _match(do["tokens"], dh["tokens"]) if dh else None,
+                    None, "%")]
+    mo, mh = ours["memory"], hf.get("memory") or {}
+    g = lambda m, k: _gib(m.get(k)) if m else None  # noqa: E731
+    out += [Row("peak RSS while running", _gib(mo["peak_rss_run"]), g(mh, "peak_rss_run"), "GiB",
+                MEMORY_TARGET if not llama else None, lower_is_better=True),
+            Row("RSS after load", mo["rss_after_load"] / gib, g(mh, "rss_after_load"), "GiB"),
+            Row("peak RSS, whole process (ru_maxrss)", mo["lifetime_peak_rss"] / gib, g(mh, "lifetime_peak_rss"),
                 "GiB", note="includes checkpoint loading"),
-            Row("weights read per decode step", ours["weight_bytes"] / gib, hf["weight_bytes"] / gib, "GiB")]
+            Row("weights read per decode step", ours["weight_bytes"] / gib,
+                hf["weight_bytes"] / gib if hf.get("weight_bytes") else None, "GiB",
+                llama=llama["weight_bytes"] / gib if llama else None)]
+    if ours.get("compile_s") is not None:
+        out.append(Row("compile (or cache load) of the decode steps", ours["compile_s"], None, "s"))
     return out
+
+
+def _bw_fraction(d: dict | None, r: dict, copy_bandwidth: float) -> float | None:
+    """Decode steps/s as a share of the limit copy_bandwidth / weight bytes (steps/s if only weights moved)."""
+    if not d or not r.get("weight_bytes"):
+        return None
+    return d["steps_s"] / (copy_bandwidth / r["weight_bytes"])
+
+
+def _dig(d: dict, keys: tuple):
+    for k in keys:
+        if not isinstance(d, dict) or k not in d:
+            return None
+        d = d[k]
+    return d
 
 
 def _gib(x: int | None) -> float | None:
@@ -124,12 +184,15 @@ def _fmt(x: float | None, unit: str) -> str:
 
 def _cells(r: Row) -> list[str]:
     ratio = f"{r.ratio:.2f}x" if r.ratio is not None else "-"
-    target = "-" if r.target is None else ("<= " if r.lower_is_better else ">= ") + f"{r.target:g}x"
+    ratio_l = f"{r.ratio_llama:.2f}x" if r.ratio_llama is not None else "-"
+    vs = {"hf": "", "llama": " vs llama.cpp", "best": " vs the faster", "self": ""}[r.target_vs]
+    target = "-" if r.target is None else ("<= " if r.lower_is_better else ">= ") + f"{r.target:g}" + (
+        "" if r.target_vs == "self" else "x") + vs
     met = {None: "", True: "yes", False: "NO"}[r.met]
-    return [r.metric, _fmt(r.ours, r.unit), _fmt(r.hf, r.unit), ratio, target, met]
+    return [r.metric, _fmt(r.ours, r.unit), _fmt(r.hf, r.unit), _fmt(r.llama, r.unit), ratio, ratio_l, target, met]
 
 
-HEADER = ["metric", "ours", "transformers", "ratio", "target", "met?"]
+HEADER = ["metric", "ours", "transformers", "llama.cpp", "ours/tf", "ours/llama", "target", "met?"]
 
 
 def machine_lines(peaks: dict) -> list[str]:

@@ -57,19 +57,31 @@ def prompts(vocab: int, batch: int, length: int, seed: int) -> list[list[int]]:
 
 
 class Ours:
-    """Our engine, colocated on `cores`, the KV pool sized to the workload. Consumes ckpt.weights."""
+    """Our engine, colocated on `cores`, the KV pool sized to the workload. Consumes ckpt.weights.
+
+    precision: float32 / bfloat16 (dense weights in that dtype) or native (the GGUF's own blocks, float32
+    activations); compile: decode steps through torch.compile (its warm-up is timed as load)."""
 
     name = "ours"
 
-    def __init__(self, ckpt: Checkpoint, dtype: str, cores: list[int], w: Workload, block_size: int = 16) -> None:
+    def __init__(self, ckpt: Checkpoint, precision: str, cores: list[int], w: Workload, block_size: int = 16,
+                 compile: bool = False) -> None:
         from serving.llm import LLM
 
         batch = max(*w.decode_batches, *w.prefill_batches)
-        self.llm = LLM(dtype=dtype, checkpoint=ckpt, devices=["cpu:" + ",".join(map(str, cores))],
+        dtype, weights = ("auto", "native") if precision == "native" else (precision, "dense")
+        self.llm = LLM(dtype=dtype, weights=weights, compile=compile, checkpoint=ckpt,
+                       devices=["cpu:" + ",".join(map(str, cores))],
                        num_kv_blocks=w.kv_tokens(block_size) + batch, block_size=block_size,
                        max_num_seqs=batch, max_prefill_tokens=max(4096, w.prefill_len * max(w.prefill_batches)))
         ckpt.weights.clear()  # the model holds what it needs; free the loader's copies
-        self.weight_bytes = self.llm.engine.instances[0].model.weight_bytes
+        ckpt.quantized.clear()
+        inst = self.llm.engine.instances[0]
+        self.weight_bytes = inst.model.weight_bytes
+        self.compile_s = None
+        if inst.compiled is not None:  # wait for the warm-up queued on the instance thread
+            inst.executor.submit(lambda: None).result()
+            self.compile_s = sum(inst.compiled.compile_s.values())
 
     def prefill(self, ids: list[list[int]]) -> dict:
         t0 = time.perf_counter()
@@ -125,6 +137,9 @@ class HF:
         del sd, model
         ckpt.weights.clear()
         gc.collect()
+        from engine.memory import tune_malloc_for_serving
+
+        tune_malloc_for_serving()  # the same allocator settings as our engine after its load
         self.weight_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters())  # tied: once
 
     def _generate(self, ids: torch.Tensor, new: int) -> torch.Tensor:
@@ -191,14 +206,19 @@ def measure(system: Ours | HF, vocab: int, w: Workload) -> dict:
     return res
 
 
-def run_worker(system: str, ckpt: Checkpoint, dtype: str, cores: list[int], w: Workload) -> dict:
-    """Build one system from ckpt (consuming its weights), run the workload, report times and memory."""
+def run_worker(system: str, ckpt: Checkpoint, precision: str, cores: list[int], w: Workload,
+               compile: bool = False) -> dict:
+    """Build one system from ckpt (consuming its weights), run the workload, report times and memory.
+    precision: float32 / bfloat16 / native; transformers runs native as float32 (dense, dequantized)."""
     from bench import engine_bench_machine as m
 
     torch.set_num_threads(len(cores))
     vocab = ckpt.config.vocab_size
     t0 = time.perf_counter()
-    sys_ = (Ours if system == "ours" else HF)(ckpt, dtype, cores, w)
+    if system == "ours":
+        sys_ = Ours(ckpt, precision, cores, w, compile=compile)
+    else:
+        sys_ = HF(ckpt, "float32" if precision == "native" else precision, cores, w)
     gc.collect()
     mem = {"load_s": time.perf_counter() - t0, "rss_after_load": m.rss_bytes(),
            "lifetime_peak_at_load": m.lifetime_peak_rss_bytes(), "peak_reset": m.reset_peak_rss()}
@@ -208,5 +228,25 @@ def run_worker(system: str, ckpt: Checkpoint, dtype: str, cores: list[int], w: W
         sys_.close()
     mem["peak_rss_run"] = m.peak_rss_bytes() if mem["peak_reset"] else None
     mem["lifetime_peak_rss"] = max(mem["lifetime_peak_at_load"], m.lifetime_peak_rss_bytes())
-    return {"system": system, "dtype": dtype, "threads": len(cores), "weight_bytes": sys_.weight_bytes,
-            "memory": mem, **res}
+    return {"system": system, "dtype": precision, "threads": len(cores), "weight_bytes": sys_.weight_bytes,
+            "compile_s": getattr(sys_, "compile_s", None), "memory": mem, **res}
+
+
+def run_llama(ckpt_path: str, precision: str, cores: list[int], w: Workload) -> dict:
+    """llama.cpp on the same weights at `precision` (bench/llama_cpp.py), in the workers' result shape:
+    prefill from llama-bench (B=1), decode from llama-batched-bench (generated tokens only)."""
+    import os
+
+    from bench import llama_cpp
+
+    llama_cpp.ensure_built(model=ckpt_path)
+    model = llama_cpp.model_for(precision, ckpt_path)
+    pre = llama_cpp.prefill(model, cores, w.prefill_len)
+    dec = llama_cpp.decode(model, cores, w.decode_batches, w.decode_prompt, w.decode_new)
+    n = w.prefill_len
+    prefill = {"1": {"batch": 1, "tokens_in": n, "tok_s": pre["tok_s"], "forward_tok_s": pre["tok_s"],
+                     "wall_s": n / pre["tok_s"], "forward_s": n / pre["tok_s"]}}
+    decode = {b: {"batch": d["batch"], "tok_s": d["tok_s"], "decode_only_tok_s": d["tok_s"],
+                  "steps_s": d["tok_s"] / d["batch"]} for b, d in dec["decode"].items()}
+    return {"system": "llama", "dtype": precision, "threads": len(cores), "weight_bytes": os.path.getsize(model),
+            "commands": [pre["command"], dec["command"]], "prefill": prefill, "decode": decode}

@@ -74,14 +74,12 @@ def workload_grid(args) -> Grid:
 def get_profile(args) -> Profile:
     if args.profile_dir:
         return load_profile(Path(args.profile_dir) / "profile.json")
-    import torch
 
-    from engine.instance import resolve_dtype
     from engine.loader import load_checkpoint
-    from engine.model import LlamaModel
+    from engine.precision import build_model
 
     ckpt = load_checkpoint()
-    model = LlamaModel(ckpt.config, ckpt.weights, resolve_dtype("float32", torch.device("cpu")))
+    model = build_model(ckpt, "float32", "dense")
     devices = [f"cpu:{C0}"] + ([f"cpu:{C0}-{C1}"] if any(m != "disagg" for m in args.modes) else [])
     prof, details = build_profile(model, ckpt.name, devices, workload_grid(args), CacheConfig(),
                                   neighbor=f"cpu:{C1}" if C1 != C0 else None)

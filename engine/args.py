@@ -39,7 +39,13 @@ def default_disagg_devices() -> tuple[list[str], list[str]]:
 class EngineArgs:
     model: str | None = _h("GGUF file or HF directory (default: the bundled SmolLM2 model)", None)
     dtype: Literal["auto", "bfloat16", "float32", "float16"] = _h(
-        "weights and KV dtype (auto: bfloat16 on CUDA and on CPUs with native bf16, else float32)", "auto")
+        "activations and KV dtype (auto: float32 with native weights; else bfloat16 on CUDA and on CPUs with "
+        "native bf16, float32 elsewhere)", "auto")
+    weights: Literal["auto", "dense", "native"] = _h(
+        "native: the GGUF's own Q4_0/Q4_1/Q8_0 blocks through the CPU kernels; dense: dequantized to --dtype "
+        "(auto: native where the checkpoint has such blocks and the kernels build)", "auto")
+    compile: bool = _h("compiled decode steps (torch.compile; the first start on a machine compiles for minutes, "
+                       "later starts load them from the disk cache)", False)
     mode: Literal["colocated", "disagg"] = _h("prefill/decode layout", "colocated")
     chunked_prefill: bool = _h("colocated only: Sarathi-style chunked prefill", False)
     devices: list[str] | None = _h("colocated: one instance per device (default: cpu = all cores)", None)
@@ -97,7 +103,8 @@ class EngineArgs:
                                 max_prefill_seqs=self.max_prefill_seqs, chunk_budget=self.chunk_budget,
                                 max_waiting=self.max_waiting, max_waiting_tokens=self.max_waiting_tokens)
         faults = FaultConfig(self.step_timeout, self.transfer_timeout, self.max_instance_faults)
-        return EngineConfig(model=self.model, dtype=self.dtype, mode=self.mode, transfer=self.transfer,
+        return EngineConfig(model=self.model, dtype=self.dtype, weights=self.weights, compile=self.compile,
+                            mode=self.mode, transfer=self.transfer,
                             swap_space_bytes=self.swap_space, cache=cache, decode_cache=decode_cache,
                             scheduler=sched, step_trace=self.step_trace, faults=faults,
                             max_stream_lag=self.max_stream_lag, cluster=self.cluster,

@@ -105,6 +105,35 @@ class TorchAttention:
         return out.squeeze(2)
 
 
+def paged_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
+                           v_cache: torch.Tensor, tables: torch.Tensor, ctx_lens: torch.Tensor,
+                           scale: float) -> torch.Tensor:
+    """Decode attention (one new token per sequence) that reads the cached context from its blocks in
+    place and leaves the cache untouched: the new token's own k, v enter the softmax directly, and the
+    caller writes every layer's new K/V in one indexed copy after the step. Written as plain indexing,
+    products and sums, so that torch.compile fuses the block lookup into the score and value loops (no
+    gathered copy of the context per layer); eager, it runs too (tests compare it with SDPA).
+
+    q: [B, H, D]; k, v: [B, KVH, D]; k_cache, v_cache: [blocks, block_size, KVH, D]; tables: [B, nb] block
+    ids (padding past a sequence's blocks: any valid id); ctx_lens: [B] tokens including the new one.
+    Returns [B, H, D] in q's dtype; scores and softmax in float32.
+    """
+    B, H, D = q.shape
+    kvh = k.shape[1]
+    S = tables.shape[1] * k_cache.shape[1]
+    kb = k_cache[tables].view(B, S, kvh, D)  # [B, S, KVH, D] cached positions 0..S-1
+    vb = v_cache[tables].view(B, S, kvh, D)
+    qg = q.reshape(B, kvh, H // kvh, D).float()  # query heads grouped by their KV head (GQA)
+    cached = (qg[:, None] * kb[:, :, :, None, :].float()).sum(-1) * scale  # [B, S, KVH, G]
+    past = torch.arange(S, device=q.device)[None, :] < (ctx_lens - 1)[:, None]  # [B, S]
+    cached = cached.masked_fill(~past[:, :, None, None], float("-inf"))
+    own = (qg * k[:, :, None, :].float()).sum(-1)[:, None] * scale  # [B, 1, KVH, G]
+    p = torch.softmax(torch.cat([cached, own], dim=1), dim=1)  # [B, S + 1, KVH, G]
+    out = (p[:, :-1, :, :, None] * vb[:, :, :, None, :].float()).sum(1)  # [B, KVH, G, D]
+    out = out + p[:, -1, :, :, None] * v[:, :, None, :].float()  # (index -1, not S: S stays symbolic)
+    return out.reshape(B, H, D).to(q.dtype)
+
+
 def gather(cache: torch.Tensor, table: list[int], n: int) -> torch.Tensor:
     """The first n tokens of a sequence from its blocks: [n, KVH, D]."""
     idx = torch.tensor(table[: -(-n // cache.shape[1])], dtype=torch.long, device=cache.device)

@@ -187,6 +187,8 @@ class EngineConfig:
 
     model: str | None = None  # GGUF file or HF directory; None: the default model
     dtype: str = "auto"  # auto | bfloat16 | float32 | float16
+    weights: str = "auto"  # auto | dense | native (the checkpoint's GGUF blocks; engine/precision.py)
+    compile: bool = False  # decode steps through torch.compile (engine/compile.py; minutes the first time)
     mode: Mode = "colocated"
     chunked_prefill: bool = False  # colocated only: Sarathi-style token budget per step
     devices: list[str] = field(default_factory=lambda: ["cpu"])
@@ -217,6 +219,8 @@ class EngineConfig:
             raise ValueError(f"mode must be 'colocated' or 'disagg', got {self.mode!r}")
         if self.dtype not in ("auto", "bfloat16", "float32", "float16"):
             raise ValueError(f"dtype must be auto, bfloat16, float32 or float16, got {self.dtype!r}")
+        if self.weights not in ("auto", "dense", "native"):
+            raise ValueError(f"weights must be auto, dense or native, got {self.weights!r}")
         if self.transfer not in ("auto", "torch", "cupy"):
             raise ValueError(f"transfer must be auto, torch or cupy, got {self.transfer!r}")
         if self.mode == "disagg":

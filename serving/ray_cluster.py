@@ -186,7 +186,8 @@ class RayCluster:
             name=f"distserve-{name}-{os.getpid()}", num_cpus=res["CPU"], num_gpus=res.get("GPU", 0),
             max_restarts=self.config.ray_max_restarts, runtime_env={"env_vars": env},
             scheduling_strategy=PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=bundle),
-        ).remote(name, role, device, self.config.model, self.config.dtype, cache)
+        ).remote(name, role, device, self.config.model, self.config.dtype, cache, self.config.weights,
+                  self.config.compile)
 
     def _connect(self, changed: list[RayWorker]) -> None:
         """Decode actors map the pools of same-node prefill actors and link to the others."""

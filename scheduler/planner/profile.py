@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 from engine.config import CacheConfig
-from engine.instance import Instance, cpu_cores, resolve_dtype
+from engine.instance import Instance, cpu_cores
 from engine.kv_cache import KVPool
 from engine.model import LlamaModel
 from scheduler.planner.latency import PhaseCoeffs, Profile, fit_coeffs
@@ -177,7 +177,9 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m scheduler.planner.profile", description=__doc__.split("\n")[0])
     p.add_argument("--model", help="GGUF file or HF directory (default: the bundled SmolLM2 model)")
     p.add_argument("--devices", nargs="+", default=["cpu"], help="one instance spec per core count, e.g. cpu:0 cpu:0-1")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "auto"])
+    p.add_argument("--dtype", default="auto", choices=["float32", "bfloat16", "auto"],
+                   help="as the server's --dtype (default auto: what the server picks on this machine)")
+    p.add_argument("--weights", default="auto", choices=["auto", "dense", "native"], help="as the server's --weights")
     p.add_argument("--kv-cache-memory", default="512MiB", help="KV pool per instance (as the server's flag)")
     p.add_argument("--overhead-ms", default="0,0", help="PREFILL,DECODE per-step overhead to fold in (ms)")
     p.add_argument("--neighbor", help="a device spec on other cores: measure interference against it (e.g. cpu:1)")
@@ -185,9 +187,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="profile.json")
     args = p.parse_args(argv)
     from engine.loader import load_checkpoint
+    from engine.precision import build_model
 
     ckpt = load_checkpoint(args.model)
-    model = LlamaModel(ckpt.config, ckpt.weights, resolve_dtype(args.dtype, torch.device("cpu")))
+    model = build_model(ckpt, args.dtype, args.weights)
     over = tuple(float(x) for x in args.overhead_ms.split(","))
     prof, details = build_profile(model, ckpt.name, args.devices, QUICK_GRID if args.quick else Grid(),
                          CacheConfig(memory_bytes=args.kv_cache_memory), over,  # type: ignore[arg-type]

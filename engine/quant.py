@@ -1,0 +1,90 @@
+"""GGUF-quantized matrices kept in their blocks (Q4_0, Q4_1, Q8_0), for the native-weights path.
+
+A QuantTensor is the checkpoint's own blocks split into arrays the kernels read with aligned loads;
+nothing is rounded or re-quantized, so `dequantize()` returns exactly what gguf-py's dequantization
+returns (tests/test_quant.py checks it bit for bit). Per row n of the [N, K] matrix and block g of
+32 values (nb = K / 32 blocks, padded to an even count with zero blocks):
+    qs [N, nb, 16] nibbles (Q4_x) or [N, nb, 32] int8 (Q8_0); d [N, nb] float16; m [N, nb] float16 (Q4_1)
+    Q4_0: w = d * (q - 8)      Q4_1: w = d * q + m      Q8_0: w = d * q
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from engine import kernels
+
+KINDS = {"Q4_0": 0, "Q4_1": 1, "Q8_0": 2}
+# bytes of one 32-value GGUF block: (scale bytes, payload bytes)
+_LAYOUT = {"Q4_0": (2, 16), "Q4_1": (4, 16), "Q8_0": (2, 32)}
+
+
+@dataclass
+class QuantTensor:
+    kind: str
+    qs: torch.Tensor
+    d: torch.Tensor
+    m: torch.Tensor | None
+    k: int  # columns: the matrix is [N, k]
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.qs.shape[0], self.k)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.qs, self.d, self.m) if t is not None)
+
+    @classmethod
+    def from_blocks(cls, raw: np.ndarray, kind: str, k: int) -> QuantTensor:
+        """raw: the GGUF tensor's bytes, [N, K / 32 * block bytes] (one row of blocks per output)."""
+        if kind not in KINDS:
+            raise ValueError(f"no native kernel for {kind}; native kinds: {sorted(KINDS)}")
+        head, body = _LAYOUT[kind]
+        n, nb = raw.shape[0], k // 32
+        if k % 32 or raw.shape[1] != nb * (head + body):
+            raise ValueError(f"{kind} tensor of {raw.shape[1]} bytes per row does not hold {k} values")
+        # a copy: raw may be a read-only map of the file
+        blocks = torch.from_numpy(np.array(raw, dtype=np.uint8)).view(n, nb, head + body)
+        d = blocks[:, :, 0:2].contiguous().view(torch.float16).view(n, nb)
+        m = blocks[:, :, 2:4].contiguous().view(torch.float16).view(n, nb) if kind == "Q4_1" else None
+        qs = blocks[:, :, head:]
+        if nb % 2:  # the kernels read blocks in pairs: one zero block (d = 0) ends an odd row
+            qs = torch.cat([qs, qs.new_zeros(n, 1, body)], 1)
+            d = torch.cat([d, d.new_zeros(n, 1)], 1)
+            m = torch.cat([m, m.new_zeros(n, 1)], 1) if m is not None else None
+        return cls(kind, qs.contiguous(), d.contiguous(), m.contiguous() if m is not None else None, k)
+
+    def rows(self, index: torch.Tensor | np.ndarray) -> QuantTensor:
+        """The matrix with its rows reordered (rows are independent blocks: lossless)."""
+        idx = torch.as_tensor(index, dtype=torch.long)
+        pick = lambda t: t[idx].contiguous() if t is not None else None  # noqa: E731
+        return QuantTensor(self.kind, pick(self.qs), pick(self.d), pick(self.m), self.k)
+
+    @staticmethod
+    def cat(parts: list[QuantTensor]) -> QuantTensor:
+        """Rows of several matrices of one kind and width stacked (fused qkv, gate/up)."""
+        kinds, ks = {p.kind for p in parts}, {p.k for p in parts}
+        if len(kinds) != 1 or len(ks) != 1:
+            raise ValueError(f"cannot fuse {sorted(kinds)} matrices of widths {sorted(ks)}")
+        m = torch.cat([p.m for p in parts]) if parts[0].m is not None else None
+        return QuantTensor(parts[0].kind, torch.cat([p.qs for p in parts]), torch.cat([p.d for p in parts]), m,
+                           parts[0].k)
+
+    def dequantize(self) -> torch.Tensor:
+        """float32 [N, K], bit for bit gguf-py's dequantization of the original blocks."""
+        if kernels.load():
+            return torch.ops.distserve.quant_dequant(self.qs, self.d, self.m, KINDS[self.kind], self.k)
+        d = self.d.float()[:, :, None]
+        if self.kind == "Q8_0":
+            w = d * self.qs.view(torch.int8).float()
+        else:
+            q = torch.cat([self.qs & 15, self.qs >> 4], dim=-1).float()  # values 0-15, then 16-31
+            w = d * q + self.m.float()[:, :, None] if self.kind == "Q4_1" else d * (q - 8)
+        return w.reshape(w.shape[0], -1)[:, : self.k].contiguous()
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        """x [M, K] @ W^T -> float32 [M, N] with the kernels (activations rounded to int8 per block of 32)."""
+        return torch.ops.distserve.quant_linear(x, self.qs, self.d, self.m, KINDS[self.kind], self.k)

@@ -1,0 +1,128 @@
+"""Native GGUF weights: the packed blocks unpack to gguf-py's dequantization bit for bit, the kernels
+multiply like the dense float32 matrix, and the real model served from its Q4_1 / Q8_0 blocks predicts
+what the dense float32 model on the dequantized weights predicts."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from engine import kernels
+from engine.attention import AttentionMetadata
+from engine.config import CacheConfig
+from engine.kv_cache import KVPool
+from engine.linear import QuantLinear
+from engine.model import LlamaModel
+from engine.quant import KINDS, QuantTensor
+
+gguf = pytest.importorskip("gguf")
+needs_kernels = pytest.mark.skipif(not kernels.load(), reason=f"CPU kernels unavailable: {kernels.load_error()}")
+
+
+def blocks(kind: str, n: int, k: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """gguf-py's own quantization of a random [n, k] matrix: (raw blocks [n, bytes], its dequantization)."""
+    rng = np.random.default_rng(seed)
+    w = (rng.standard_normal((n, k)) * rng.uniform(0.01, 2.0, (n, 1))).astype(np.float32)
+    qtype = gguf.GGMLQuantizationType[kind]
+    raw = gguf.quants.quantize(w, qtype)
+    return raw, gguf.quants.dequantize(raw, qtype).reshape(n, k)
+
+
+@pytest.mark.parametrize("kind", sorted(KINDS))
+@pytest.mark.parametrize("k", [64, 96])  # 96: an odd number of blocks per row (padded with a zero block)
+def test_unpacking_reproduces_gguf_dequantization_bit_for_bit(kind, k, monkeypatch):
+    raw, ref = blocks(kind, 37, k)
+    q = QuantTensor.from_blocks(raw, kind, k)
+    assert q.shape == (37, k)
+    assert torch.equal(q.dequantize(), torch.from_numpy(ref))  # the kernels' unpacking (or torch's)
+    monkeypatch.setattr(kernels, "load", lambda: False)
+    assert torch.equal(q.dequantize(), torch.from_numpy(ref))  # the torch fallback
+
+
+def test_row_reordering_and_fusing_are_lossless():
+    (ra, da), (rb, db) = blocks("Q4_1", 8, 64, 1), blocks("Q4_1", 5, 64, 2)
+    a, b = QuantTensor.from_blocks(ra, "Q4_1", 64), QuantTensor.from_blocks(rb, "Q4_1", 64)
+    perm = torch.randperm(8)
+    assert torch.equal(a.rows(perm).dequantize(), torch.from_numpy(da)[perm])
+    assert torch.equal(QuantTensor.cat([a, b]).dequantize(), torch.from_numpy(np.concatenate([da, db])))
+    with pytest.raises(ValueError):
+        QuantTensor.cat([a, QuantTensor.from_blocks(blocks("Q8_0", 2, 64)[0], "Q8_0", 64)])
+
+
+@needs_kernels
+@pytest.mark.parametrize("kind", sorted(KINDS))
+@pytest.mark.parametrize("m", [1, 3, 4, 9])
+def test_kernel_product_equals_dense_float32_product(kind, m):
+    raw, ref = blocks(kind, 45, 96)
+    q = QuantTensor.from_blocks(raw, kind, 96)
+    x = torch.randn(m, 96, generator=torch.Generator().manual_seed(m))
+    got = torch.ops.distserve.quant_linear(x, q.qs, q.d, q.m, KINDS[kind], 96)
+    want = x @ torch.from_numpy(ref).T
+    assert ((got - want).norm() / want.norm()).item() < 1e-6
+    # each row is summed in the same order whatever the batch: a request's logits do not depend on it
+    assert torch.equal(torch.ops.distserve.quant_linear(x[:1], q.qs, q.d, q.m, KINDS[kind], 96), got[:1])
+    # the op the model calls: any activation dtype in, the same dtype out
+    lin = QuantLinear(q, None, torch.bfloat16)
+    assert lin(x.bfloat16()).dtype == torch.bfloat16 and lin(x).shape == (m, 45)
+
+
+def test_the_avx2_kernels_are_correct_too():
+    """CI machines may have AVX2 only: build the kernels' AVX2 path here (-march=haswell) and run the
+    unpacking and product tests against it in a subprocess (one build per process)."""
+    import os
+    import subprocess
+    import sys
+
+    if os.environ.get("DISTSERVE_KERNEL_MARCH"):
+        pytest.skip("already the subprocess")
+    if not {"avx2", "fma", "f16c"} <= kernels.cpu_flags():
+        pytest.skip("this CPU cannot run AVX2 code")
+    env = {**os.environ, "DISTSERVE_KERNEL_MARCH": "haswell"}
+    code = ("from engine import kernels; assert kernels.load(), kernels.load_error(); "
+            "assert kernels.isa() == 'avx2', kernels.isa()")
+    subprocess.run([sys.executable, "-c", code], env=env, check=True)
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", __file__, "-m", "not slow", "-k",
+                           "unpacking or kernel_product"], env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+
+
+@pytest.mark.slow
+@needs_kernels
+def test_native_q4_1_model_agrees_with_dense_float32_top1(ckpt):
+    """Teacher-forced top-1 over >= 500 positions of real text: the native model (the default file is
+    Q4_1 with a Q8_0 embedding) against the dense float32 forward on gguf's dequantized weights, both
+    as decode steps (3 sequences a token at a time) and as 16-token chunks (48 rows per matmul)."""
+    assert ckpt.native_kinds and set(ckpt.native_kinds) <= set(KINDS)
+    text = ("The history of computing is a story of abstraction: from switches to instructions, from "
+            "assembly to compilers, from single machines to networks of them. Each layer hides the "
+            "one below and lets people think about bigger problems; each new problem asks for a new "
+            "layer. Networks made programs talk, and the web made documents link to each other. ") * 8
+    ids = ckpt.tokenizer.encode(text)
+    seqs = [ids[i * 150: i * 150 + 174] for i in range(3)]
+    assert sum(map(len, seqs)) >= 500
+    dense = LlamaModel(ckpt.config, ckpt.weights, torch.float32)
+    native = LlamaModel(ckpt.config, ckpt.weights, torch.float32, quantized=ckpt.quantized, native=True)
+    assert native.native and native.weight_bytes < dense.weight_bytes / 4
+    ref = _teacher_forced(dense, ckpt.config, seqs, 174).argmax(-1)
+    for chunk in (1, 16):
+        got = _teacher_forced(native, ckpt.config, seqs, chunk).argmax(-1)
+        agree = (got == ref).float().mean().item()
+        assert agree >= 0.99, f"chunk {chunk}: top-1 agreement {agree:.4f} over {got.numel()} positions"
+
+
+def _teacher_forced(model: LlamaModel, cfg, seqs: list[list[int]], chunk: int) -> torch.Tensor:
+    """Logits [len(seqs), L, V] of every position, feeding `chunk` tokens of every sequence per step."""
+    n = len(seqs[0])
+    pool = KVPool(cfg, CacheConfig(num_blocks=64), model.dtype)
+    tables = [pool.allocator.allocate(str(i), pool.allocator.blocks_for(n)) for i in range(len(seqs))]
+    layers = [pool.layer(i) for i in range(cfg.num_layers)]
+    out = []
+    for s in range(0, n, chunk):
+        e = min(n, s + chunk)
+        meta = AttentionMetadata.build([e - s] * len(seqs), [e] * len(seqs), tables, pool.block_size,
+                                       torch.device("cpu"), model.dtype)
+        ids = torch.tensor([t for q in seqs for t in q[s:e]])
+        pos = torch.arange(s, e).repeat(len(seqs))
+        logits = model.forward(ids, pos, meta, layers, torch.arange(len(ids)))
+        out.append(logits.view(len(seqs), e - s, -1))
+    return torch.cat(out, dim=1)
