@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
-import os
 import sys
 
 BENCHES = {"loadgen": "bench.loadgen", "engine": "bench.engine_bench", "transfer": "bench.transfer_bench",
@@ -24,15 +23,6 @@ BENCHES = {"loadgen": "bench.loadgen", "engine": "bench.engine_bench", "transfer
            "slo-sensitivity": "bench.slo_sensitivity", "plots": "bench.plots"}
 COMMANDS = {"serve": "server", "plan": "scheduler.planner.placement", "simulate": "scheduler.simulate",
             "profile": "scheduler.planner.profile"}
-DEFAULT_OUT = {"plan": "out/plan.json", "profile": "out/profile.json"}  # not the current directory
-
-
-def _with_default_out(cmd: str, argv: list[str]) -> list[str]:
-    path = DEFAULT_OUT.get(cmd)
-    if path is None or "--out" in argv or any(a.startswith("--out=") for a in argv) or "-h" in argv or "--help" in argv:
-        return argv
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    return [*argv, "--out", path]
 
 
 def _run(module: str, argv: list[str], prog: str) -> int:
@@ -66,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"distserve: unknown command {cmd!r}; one of: {', '.join(COMMANDS)}, bench (distserve --help)",
               file=sys.stderr)
         return 2
-    return _run(COMMANDS[cmd], _with_default_out(cmd, rest), f"distserve {cmd}")
+    return _run(COMMANDS[cmd], rest, f"distserve {cmd}")
 
 
 if __name__ == "__main__":

@@ -3,9 +3,15 @@
     weights  dense   every matrix in the activation dtype (bf16 prepacked for oneDNN on CPUs with it)
              native  the checkpoint's own GGUF blocks (Q4_0 / Q4_1 / Q8_0) through engine/cpu_kernels.cpp;
                      activations in float32, so the result is the dense float32 model's up to rounding
-             auto    native when the checkpoint has native blocks and the kernels build here, else dense
+             auto    dense when the activations are bfloat16 (a CPU with AVX-512 BF16 / AMX, or CUDA), else
+                     native when the checkpoint has native blocks and the kernels build here, else dense
     dtype    auto    native: float32; dense: bfloat16 where the CPU has AVX-512 BF16 / AMX (or on CUDA),
                      float32 elsewhere (emulated bf16 matmuls run 16-100x slower than float32)
+
+Why auto is so (bench/RESULTS.md, "Engine vs llama.cpp and transformers", Sapphire Rapids, 2 threads): dense
+bf16 beats native at prefill (1,230 vs 698 tok/s) and decode batch 8 / 32 (179 / 548 vs 153 / 322), native wins
+only batch 1 (36 vs 30.5); against dense float32 (no bf16 in hardware) native wins batch 1 / 8 (36 / 153 vs
+24.5 / 101), ties batch 32 and reads a fifth of the bytes.
 """
 from __future__ import annotations
 
@@ -35,11 +41,11 @@ def resolve_dtype(name: str, device: torch.device, native: bool = False) -> torc
     return torch.bfloat16 if torch.backends.mkldnn.is_available() and cpu_has_bf16() else torch.float32
 
 
-def resolve_weights(name: str, ckpt: Checkpoint, device: torch.device) -> bool:
+def resolve_weights(name: str, ckpt: Checkpoint, device: torch.device, dtype: str = "auto") -> bool:
     """True: run the checkpoint's quantized matrices natively. ValueError when 'native' cannot be."""
     if name not in WEIGHTS:
         raise ValueError(f"weights must be one of {', '.join(WEIGHTS)}, got {name!r}")
-    if name == "dense":
+    if name == "dense" or (name == "auto" and resolve_dtype(dtype, device) == torch.bfloat16):
         return False
     why = ("the checkpoint has no Q4_0 / Q4_1 / Q8_0 tensors" if not ckpt.quantized
            else "native weights run on CPU only" if device.type != "cpu"
@@ -54,7 +60,7 @@ def build_model(ckpt: Checkpoint, dtype: str = "auto", weights: str = "auto",
     """compile: decode steps through torch.compile (engine/compile.py); the first start on a machine
     spends minutes compiling, later starts load the result from the disk cache."""
     device = torch.device(device)
-    native = resolve_weights(weights, ckpt, device)
+    native = resolve_weights(weights, ckpt, device, dtype)
     model = LlamaModel(ckpt.config, ckpt.weights, resolve_dtype(dtype, device, native), device,
                        quantized=ckpt.quantized, native=native)
     if compile:

@@ -32,9 +32,11 @@ def test_a_module_not_there_yet_is_one_clear_line(monkeypatch, capsys):
     assert distserve.main(["bench", "nope"]) == 2 and "unknown benchmark 'nope'" in capsys.readouterr().err
 
 
-def test_plan_and_profile_write_under_out_unless_told(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    assert distserve._with_default_out("plan", ["--model", "m"]) == ["--model", "m", "--out", "out/plan.json"]
-    assert (tmp_path / "out").is_dir()
-    assert distserve._with_default_out("profile", ["--out", "p.json"]) == ["--out", "p.json"]
-    assert distserve._with_default_out("serve", ["--port", "1"]) == ["--port", "1"]
+def test_plan_and_profile_write_under_out_unless_told(capsys):
+    """Nothing lands untracked in the repo root: both write under out/ by default (README's paths)."""
+    from scheduler.planner import placement, profile
+
+    for mod, path in ((placement, "out/plan.json"), (profile, "out/profile.json")):
+        with pytest.raises(SystemExit):
+            mod.main(["--help"])
+        assert f"(default: {path})" in " ".join(capsys.readouterr().out.split())

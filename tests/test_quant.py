@@ -126,3 +126,24 @@ def _teacher_forced(model: LlamaModel, cfg, seqs: list[list[int]], chunk: int) -
         logits = model.forward(ids, pos, meta, layers, torch.arange(len(ids)))
         out.append(logits.view(len(seqs), e - s, -1))
     return torch.cat(out, dim=1)
+
+
+def test_auto_weights_are_dense_bf16_where_the_cpu_has_bf16_else_native(monkeypatch):
+    """The measured policy (engine/precision.py): bf16 hardware -> dense bf16; otherwise the GGUF's own blocks;
+    an explicit choice always wins, and native without blocks is a clear error."""
+    from types import SimpleNamespace
+
+    from engine import precision
+
+    monkeypatch.setattr(precision.kernels, "load", lambda: True)
+    quantized, plain = SimpleNamespace(quantized={"w": object()}), SimpleNamespace(quantized={})
+    cpu = torch.device("cpu")
+    for has_bf16, want in ((True, False), (False, True)):
+        monkeypatch.setattr(precision, "cpu_has_bf16", lambda v=has_bf16: v)
+        assert precision.resolve_weights("auto", quantized, cpu) is want
+        assert precision.resolve_weights("auto", quantized, cpu, "float32") is True  # fp32 activations: native
+        assert precision.resolve_weights("dense", quantized, cpu) is False
+        assert precision.resolve_weights("native", quantized, cpu) is True
+        assert precision.resolve_weights("auto", plain, cpu, "float32") is False
+    with pytest.raises(ValueError, match="no Q4_0 / Q4_1 / Q8_0"):
+        precision.resolve_weights("native", plain, cpu)

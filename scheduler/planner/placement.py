@@ -162,7 +162,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--no-colocated", action="store_true", help="skip the colocated baselines")
     ap.add_argument("--top", type=int, default=12, help="candidates to print")
     ap.add_argument("--quiet", action="store_true", help="no progress lines (on stderr) while searching")
-    ap.add_argument("--out", help="plan file to write")
+    ap.add_argument("--out", default="out/plan.json", help="plan file to write (default: out/plan.json)")
     args = ap.parse_args(argv)
     if args.seeds < 1:
         ap.error("--seeds must be >= 1")
@@ -216,6 +216,7 @@ def main(argv: list[str] | None = None) -> int:
         workload = {"source": source, "num_requests": len(lengths), "mean_prompt": float(mean_in),
                     "mean_output": float(mean_out), "arrival": args.arrival, "seed": args.seed, "seeds": seeds}
         plan = plan_json(best, profile, cluster, slo, workload) | {"search_seconds": elapsed}
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(plan, indent=2) + "\n")
         print(f"wrote {args.out}")
         if any(x.tp > 1 or x.pp > 1 for x in (best.layout.prefill, best.layout.decode, best.layout.colocated) if x):

@@ -184,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--overhead-ms", default="0,0", help="PREFILL,DECODE per-step overhead to fold in (ms)")
     p.add_argument("--neighbor", help="a device spec on other cores: measure interference against it (e.g. cpu:1)")
     p.add_argument("--quick", action="store_true", help="a smaller grid (about a quarter of the time)")
-    p.add_argument("--out", default="profile.json")
+    p.add_argument("--out", default="out/profile.json", help="profile JSON to write (default: out/profile.json)")
     args = p.parse_args(argv)
     from engine.loader import load_checkpoint
     from engine.precision import build_model
@@ -195,6 +195,7 @@ def main(argv: list[str] | None = None) -> int:
     prof, details = build_profile(model, ckpt.name, args.devices, QUICK_GRID if args.quick else Grid(),
                          CacheConfig(memory_bytes=args.kv_cache_memory), over,  # type: ignore[arg-type]
                                   args.neighbor)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(profile_json(prof, details), indent=1))
     for tp, c in sorted(prof.tp.items()):
         print(f"tp {tp}: prefill {_fmt(c.prefill)}  decode {_fmt(c.decode_small)}")
