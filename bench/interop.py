@@ -186,11 +186,16 @@ def check_mock(args) -> dict:
     url = f"http://{HOST}:{port}"
     cmd = [str(exe), "mock-server", "--host", HOST, "--port", str(port), "--model", "guidellm-mock",
            "--ttft-ms", "20", "--itl-ms", "5"]
-    results = {}
     say(f"our loadgen -> guidellm's mock server at {url}")
-    with running(cmd, f"{url}/health", Path(args.out) / "mock-server.log", timeout=120):
+    return loadgen_against(args, cmd, url, "mock", timeout=120)
+
+
+def loadgen_against(args, cmd: list[str], url: str, tag: str, timeout: float) -> dict:
+    """Start another server (cmd), run our loadgen against its completions and chat endpoints."""
+    results = {}
+    with running(cmd, f"{url}/health", Path(args.out) / f"{tag}-server.log", timeout=timeout):
         for ep in ("completions", "chat"):
-            results[ep] = r = loadgen_run(url, ep, Path(args.out) / f"loadgen-mock-{ep}", args.requests, args.rate)
+            results[ep] = r = loadgen_run(url, ep, Path(args.out) / f"loadgen-{tag}-{ep}", args.requests, args.rate)
             say(f"  loadgen {ep}: {r['num_requests'] - r['num_failed']}/{r['num_requests']} ok {r['errors'] or ''}")
     return {"ok": all(r["num_failed"] == 0 and r["rc"] == 0 for r in results.values()), "runs": results}
 
@@ -211,13 +216,8 @@ def check_llama(args) -> dict:
     # refuses (SIGILL on tilezero); without repacking it runs AVX-512
     cmd = [str(exe), "-m", default_model_path(), "--host", HOST, "--port", str(port), "-c", "4096", "-np", "4",
            "-t", str(len(os.sched_getaffinity(0))), "--no-repack"]
-    results = {}
     say(f"our loadgen -> llama.cpp's llama-server at {url}")
-    with running(cmd, f"{url}/health", Path(args.out) / "llama-server.log", timeout=300):
-        for ep in ("completions", "chat"):
-            results[ep] = r = loadgen_run(url, ep, Path(args.out) / f"loadgen-llama-{ep}", args.requests, args.rate)
-            say(f"  loadgen {ep}: {r['num_requests'] - r['num_failed']}/{r['num_requests']} ok {r['errors'] or ''}")
-    return {"ok": all(r["num_failed"] == 0 and r["rc"] == 0 for r in results.values()), "runs": results}
+    return loadgen_against(args, cmd, url, "llama", timeout=300)
 
 
 CHECKS = {"guidellm": check_guidellm, "mock": check_mock, "llama": check_llama}
