@@ -76,18 +76,20 @@ class TorchAttention:
             return self._decode(q, k_cache, v_cache, meta, scale)
         out = torch.empty_like(q)
         start = 0
+        # 4-D inputs ([1, heads, len, D]): with 3-D ones torch's CPU SDPA falls back to its unfused math path
+        # (7x slower at 512 bf16 tokens, 25x at 2048; bench/RESULTS.md, engine section)
         for q_len, ctx, table in zip(meta.q_lens, meta.ctx_lens, meta.block_tables):
-            qi = q[start:start + q_len].transpose(0, 1)  # [H, q_len, D]
+            qi = q[start:start + q_len].transpose(0, 1)[None]  # [1, H, q_len, D]
             if q_len == ctx:  # nothing cached before: attend to the fresh K/V, causal
-                ki = k[start:start + q_len].transpose(0, 1)
-                vi = v[start:start + q_len].transpose(0, 1)
+                ki = k[start:start + q_len].transpose(0, 1)[None]  # [1, KVH, q_len, D]
+                vi = v[start:start + q_len].transpose(0, 1)[None]
                 oi = F.scaled_dot_product_attention(qi, ki, vi, is_causal=True, scale=scale, enable_gqa=True)
             else:  # a chunk after cached context: gather it, causal with an offset
-                ki, vi = (gather(c, table, ctx).transpose(0, 1) for c in (k_cache, v_cache))  # [KVH, ctx, D]
+                ki, vi = (gather(c, table, ctx).transpose(0, 1)[None] for c in (k_cache, v_cache))  # [1, KVH, ctx, D]
                 rows = torch.arange(ctx - q_len, ctx, device=q.device)[:, None]
                 mask = torch.arange(ctx, device=q.device)[None, :] <= rows  # [q_len, ctx]
                 oi = F.scaled_dot_product_attention(qi, ki, vi, attn_mask=mask, scale=scale, enable_gqa=True)
-            out[start:start + q_len] = oi.transpose(0, 1)
+            out[start:start + q_len] = oi[0].transpose(0, 1)
             start += q_len
         return out
 

@@ -23,6 +23,7 @@ from engine.config import CacheConfig, EngineConfig, parse_device
 from engine.kv_cache import KVPool
 from engine.loader import Checkpoint
 from engine.model import LlamaModel
+from engine.omp import off_main_thread
 from engine.precision import build_model
 from engine.sampler import Sampler
 from engine.step import Sampled, Step, StepBatch, TokenLogprobs, pack
@@ -187,7 +188,12 @@ def layout(config: EngineConfig) -> list[tuple[str, str, str, CacheConfig]]:
 
 
 def build_instances(config: EngineConfig, ckpt: Checkpoint) -> list[Instance]:
-    """The layout's instances as threads of this process, one copy of the weights per physical device."""
+    """The layout's instances as threads of this process, one copy of the weights per physical device (built off
+    the main thread: see off_main_thread)."""
+    return off_main_thread(lambda: _build_instances(config, ckpt))
+
+
+def _build_instances(config: EngineConfig, ckpt: Checkpoint) -> list[Instance]:
     models: dict[str, LlamaModel] = {}
     out = []
     for name, role, dev, cache in layout(config):

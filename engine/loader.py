@@ -18,6 +18,7 @@ from engine.config import ModelConfig
 from engine.hf_checkpoint import HF_ARCHITECTURES as HF_ARCHITECTURES
 from engine.hf_checkpoint import hf_config, hf_weights
 from engine.memory import tune_malloc
+from engine.omp import off_main_thread
 from engine.quant import KINDS as NATIVE_KINDS
 from engine.quant import QuantTensor
 from engine.tokenizer import END_OF_TURN, Tokenizer
@@ -75,7 +76,12 @@ def default_model_path() -> str:
 
 
 def load_checkpoint(path: str | None = None) -> Checkpoint:
-    """A .gguf file or a HF model directory (None: the default model)."""
+    """A .gguf file or a HF model directory (None: the default model). Loaded off the calling thread
+    (engine/omp.py: no OpenMP pool is left behind on it)."""
+    return off_main_thread(lambda: _load_checkpoint(path))
+
+
+def _load_checkpoint(path: str | None) -> Checkpoint:
     tune_malloc()  # dequantized weights are large transient buffers: let them go back to the OS
     path = path or default_model_path()
     if os.path.isdir(path):

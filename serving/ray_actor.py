@@ -20,6 +20,7 @@ from engine.config import CacheConfig, parse_device
 from engine.instance import Instance
 from engine.kv_cache import KVPool
 from engine.loader import load_checkpoint
+from engine.omp import off_main_thread
 from engine.precision import build_model
 from engine.step import WireResult, WireStep
 from transfer.shared import PoolHandle, SharedPool, open_pool
@@ -40,11 +41,12 @@ class InstanceActor:
         self.node_id = ray.get_runtime_context().get_node_id()
         ckpt = load_checkpoint(model)
         torch_device = torch.device(device if kind == "cuda" else "cpu")
-        weights = build_model(ckpt, dtype, weights, torch_device, compile)
         self.model_config = ckpt.config
-        del ckpt
         self.shared = SharedPool(name, torch_device)
-        self.inst = Instance(name, role, device, weights, cache, allocate=self.shared.allocate)
+        self.inst = off_main_thread(lambda: Instance(  # engine/omp.py: no OpenMP pool left on this thread
+            name, role, device, build_model(ckpt, dtype, weights, torch_device, compile), cache,
+            allocate=self.shared.allocate))
+        ckpt = None  # the model holds what it needs
         self.inst.executor.shutdown()  # steps run on the actor's own thread, pinned on first use
         self.transfer = TorchTransfer()
         self.swapped: dict[str, torch.Tensor] = {}  # request id -> host copy of its KV
