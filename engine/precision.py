@@ -9,9 +9,9 @@
                      float32 elsewhere (emulated bf16 matmuls run 16-100x slower than float32)
 
 Why auto is so (bench/RESULTS.md, "Engine vs llama.cpp and transformers", Sapphire Rapids, 2 threads): dense
-bf16 beats native at prefill (1,230 vs 698 tok/s) and decode batch 8 / 32 (179 / 548 vs 153 / 322), native wins
-only batch 1 (36 vs 30.5); against dense float32 (no bf16 in hardware) native wins batch 1 / 8 (36 / 153 vs
-24.5 / 101), ties batch 32 and reads a fifth of the bytes.
+bf16 beats native at prefill (3,179 vs 873 tok/s) and decode batch 8 / 32 (380 / 898 vs 314 / 403), native wins
+only batch 1 (84 vs 58); against dense float32 (no bf16 in hardware) native wins batch 1 / 8 (84 / 314 vs
+43 / 140), ties batch 32, and reads a fifth of the bytes.
 """
 from __future__ import annotations
 
