@@ -11,7 +11,6 @@ the parts together and is the engine's public API (serving.api.EngineClient).
 from __future__ import annotations
 
 import itertools
-import logging
 import sys
 import time
 from collections.abc import AsyncIterator, Callable
@@ -31,8 +30,6 @@ from serving.api import EngineUnavailableError, InstanceStats, QueueFullError, R
 from serving.driver import Drivers
 from serving.outputs import OutputProcessor
 from serving.workers import build_workers
-
-log = logging.getLogger("engine")
 
 
 class AsyncEngine:
