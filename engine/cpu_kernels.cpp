@@ -3,10 +3,12 @@
 //
 //   distserve::quant_linear(x, qs, d, m, kind, K)  y[M, N] = x[M, K] @ W^T, W in GGUF blocks, float32 out
 //   distserve::quant_dequant(qs, d, m, kind, K)    W as dense float32 [N, K]
-//   distserve::bf16_linear(x, w)                   y = x @ w^T for bf16 x [M, K], w [N, K] (small M)
-//   distserve::packed_linear(x, w, b)              oneDNN's linear on a prepacked weight, as an opaque op
+//   distserve::bf16_linear(x, w)                   y = x @ w^T for bf16 x [M, K], w [N, K] (M <= 4: a
+//                                                  prefetched streaming GEMV; larger M: torch's linear)
+//   distserve::packed_linear(x, w, b, wr)          oneDNN's linear on a prepacked weight, as an opaque op
 //                                                  (torch.compile's lowering of the mkldnn op itself wants
-//                                                  the weight frozen into the graph)
+//                                                  the weight frozen into the graph); with the row-major
+//                                                  copy wr, M <= 4 runs bf16_linear on it instead
 //
 // Quantized weights (engine/quant.py packs them from the GGUF blocks, losslessly), per output row n
 // and block g of 32 values (nb blocks per row, padded to an even count with zero blocks):
@@ -323,59 +325,88 @@ at::Tensor quant_dequant(const at::Tensor& qs, const at::Tensor& d, const c10::o
   return nb * QK == K ? out : out.narrow(1, 0, K).contiguous();
 }
 
-// ---- bf16 weights, small M: one pass over the weights, fp32 accumulation -------------------------
+// ---- bf16 weights, small M: one streaming pass over the weights, fp32 accumulation --------------
+// Decode at batch 1-4 is a read of every weight once: what decides its speed is how fast the rows
+// stream in. Two weight rows per tile (each dot product in its own accumulators, dpbf16 over 32
+// values), and a software prefetch PF_BYTES ahead in the row-major matrix -- which runs into the next
+// tile's rows, so the whole matrix is read as one prefetched sequential stream. Measured on a Sapphire
+// Rapids core pair (bench/RESULTS.md): ~1.5x oneDNN's prepacked linear at M = 1, ~1.25x at M = 4;
+// from M = 5 up oneDNN's AMX kernels win, and packed_linear hands over to them.
 #if defined(__AVX512BF16__)
+constexpr int64_t GEMV_MAX_ROWS = 4;
+constexpr int64_t PF_BYTES = 2048;
+
 template <int MR, int NR>
-inline void bf16_tile(const at::BFloat16* x, const at::BFloat16* w, int64_t K, float* y, int64_t ldy) {
+inline void bf16_tile(const at::BFloat16* x, const at::BFloat16* w, const at::BFloat16* b, int64_t K, at::BFloat16* y,
+                      int64_t ldy) {
   __m512 acc[MR][NR];
   for (int i = 0; i < MR; ++i)
     for (int r = 0; r < NR; ++r) acc[i][r] = _mm512_setzero_ps();
   for (int64_t k = 0; k < K; k += 32) {
-    __m512bh wv[NR];
-    for (int r = 0; r < NR; ++r) wv[r] = (__m512bh)_mm512_loadu_si512(w + r * K + k);
-    for (int i = 0; i < MR; ++i) {
-      const __m512bh xv = (__m512bh)_mm512_loadu_si512(x + i * K + k);
-      for (int r = 0; r < NR; ++r) acc[i][r] = _mm512_dpbf16_ps(acc[i][r], xv, wv[r]);
+    __m512bh xv[MR];
+    for (int i = 0; i < MR; ++i) xv[i] = (__m512bh)_mm512_loadu_si512(x + i * K + k);
+    for (int r = 0; r < NR; ++r) {
+      _mm_prefetch(reinterpret_cast<const char*>(w + r * K + k) + PF_BYTES, _MM_HINT_T0);
+      const __m512bh wv = (__m512bh)_mm512_loadu_si512(w + r * K + k);
+      for (int i = 0; i < MR; ++i) acc[i][r] = _mm512_dpbf16_ps(acc[i][r], xv[i], wv);
     }
   }
   for (int i = 0; i < MR; ++i)
-    for (int r = 0; r < NR; ++r) y[i * ldy + r] = _mm512_reduce_add_ps(acc[i][r]);
+    for (int r = 0; r < NR; ++r)
+      y[i * ldy + r] = at::BFloat16(_mm512_reduce_add_ps(acc[i][r]) + (b ? static_cast<float>(b[r]) : 0.f));
 }
 
-template <int NR>
-void bf16_rows(const at::BFloat16* x, int64_t M, int64_t K, const at::BFloat16* w, float* y, int64_t N) {
-  int64_t i = 0;
-  for (; i + 4 <= M; i += 4) bf16_tile<4, NR>(x + i * K, w, K, y + i * N, N);
-  for (; i < M; ++i) bf16_tile<1, NR>(x + i * K, w, K, y + i * N, N);
+template <int MR>
+void bf16_gemv(const at::BFloat16* x, int64_t K, const at::BFloat16* w, const at::BFloat16* b, int64_t N,
+               at::BFloat16* y) {
+  constexpr int NR = 2;
+  at::parallel_for(0, N / NR, 8, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) bf16_tile<MR, NR>(x, w + t * NR * K, b ? b + t * NR : b, K, y + t * NR, N);
+  });
+  for (int64_t n = N / NR * NR; n < N; ++n) bf16_tile<MR, 1>(x, w + n * K, b ? b + n : b, K, y + n, N);
 }
 constexpr bool kBf16Dot = true;
 #else
+constexpr int64_t GEMV_MAX_ROWS = 0;
 constexpr bool kBf16Dot = false;
 #endif
 
-at::Tensor bf16_linear(const at::Tensor& x_in, const at::Tensor& w) {
+// y [M, N] bf16 = x [M, K] @ w [N, K]^T (+ b [N], added in float32), for M <= GEMV_MAX_ROWS and K % 32 == 0
+// (else torch's linear)
+at::Tensor bf16_linear_bias(const at::Tensor& x_in, const at::Tensor& w, const std::optional<at::Tensor>& b_opt) {
   TORCH_CHECK(x_in.dim() == 2 && w.dim() == 2 && x_in.size(1) == w.size(1), "x [M, K] and w [N, K]");
   TORCH_CHECK(w.scalar_type() == at::kBFloat16 && w.is_contiguous(), "w must be contiguous bf16");
 #if defined(__AVX512BF16__)
   const int64_t M = x_in.size(0), K = x_in.size(1), N = w.size(0);
-  if (K % 32 == 0) {
+  if (K % 32 == 0 && M >= 1 && M <= GEMV_MAX_ROWS) {
     const at::Tensor x = x_in.to(at::kBFloat16).contiguous();
-    at::Tensor y = at::empty({M, N}, x.options().dtype(at::kFloat));
+    at::Tensor y = at::empty({M, N}, x.options());
     const at::BFloat16* xp = x.data_ptr<at::BFloat16>();
     const at::BFloat16* wp = w.data_ptr<at::BFloat16>();
-    float* yp = y.data_ptr<float>();
-    const int64_t tiles = N / 4;
-    at::parallel_for(0, tiles, 16, [&](int64_t t0, int64_t t1) {
-      for (int64_t t = t0; t < t1; ++t) bf16_rows<4>(xp, M, K, wp + t * 4 * K, yp + t * 4, N);
-    });
-    for (int64_t n = tiles * 4; n < N; ++n) bf16_rows<1>(xp, M, K, wp + n * K, yp + n, N);
-    return y.to(at::kBFloat16);
+    at::BFloat16* yp = y.data_ptr<at::BFloat16>();
+    at::Tensor b;
+    if (b_opt.has_value()) b = b_opt->to(at::kBFloat16).contiguous();
+    const at::BFloat16* bp = b.defined() ? b.data_ptr<at::BFloat16>() : nullptr;
+    switch (M) {
+      case 1: bf16_gemv<1>(xp, K, wp, bp, N, yp); break;
+      case 2: bf16_gemv<2>(xp, K, wp, bp, N, yp); break;
+      case 3: bf16_gemv<3>(xp, K, wp, bp, N, yp); break;
+      default: bf16_gemv<4>(xp, K, wp, bp, N, yp); break;
+    }
+    return y;
   }
 #endif
-  return at::linear(x_in.to(at::kBFloat16), w);
+  return at::linear(x_in.to(at::kBFloat16), w, b_opt);
 }
 
-at::Tensor packed_linear(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& b) {
+at::Tensor bf16_linear(const at::Tensor& x, const at::Tensor& w) { return bf16_linear_bias(x, w, std::nullopt); }
+
+// oneDNN's linear on its prepacked weight w; with the row-major copy wr, small M takes bf16_linear
+// instead (the branch lives here so that a compiled graph with a symbolic batch keeps one opaque op)
+at::Tensor packed_linear(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& b,
+                         const std::optional<at::Tensor>& wr) {
+  if (wr.has_value() && x.dim() == 2 && x.size(0) <= GEMV_MAX_ROWS && x.size(1) % 32 == 0)
+    return bf16_linear_bias(x, *wr, b);
   static const c10::OperatorHandle op = c10::Dispatcher::singleton().findSchemaOrThrow("mkldnn::_linear_pointwise", "");
   torch::jit::Stack stack{x, w, b, c10::IValue(std::string("none")), c10::IValue(c10::List<std::optional<at::Scalar>>()),
                           c10::IValue()};
@@ -389,7 +420,7 @@ TORCH_LIBRARY(distserve, m) {
   m.def("quant_linear(Tensor x, Tensor qs, Tensor d, Tensor? m, int kind, int K) -> Tensor");
   m.def("quant_dequant(Tensor qs, Tensor d, Tensor? m, int kind, int K) -> Tensor");
   m.def("bf16_linear(Tensor x, Tensor w) -> Tensor");
-  m.def("packed_linear(Tensor x, Tensor w, Tensor? b) -> Tensor");
+  m.def("packed_linear(Tensor x, Tensor w, Tensor? b, Tensor? wr=None) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(distserve, CPU, m) {

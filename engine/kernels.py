@@ -1,6 +1,6 @@
 """The engine's own CPU kernels (engine/cpu_kernels.cpp): GGUF Q4_0 / Q4_1 / Q8_0 matmuls on the file's
-blocks (engine/quant.py packs them), and a bf16 GEMV for small batches. Built once per machine with the system C++
-compiler (-march=native), cached on disk; where no compiler is found, `available()` is False and the
+blocks (engine/quant.py packs them), and a streaming bf16 GEMV for batches of 1-4 rows. Built once per
+machine with the system C++ compiler (-march=native), cached on disk; where no compiler is found, `available()` is False and the
 engine uses torch's own kernels instead.
 
     ops = kernels.load()          # None if the build failed (the reason is in kernels.load_error())
@@ -81,6 +81,11 @@ def isa() -> str:
     return _state.get("isa", "")
 
 
+def bf16_gemv() -> bool:
+    """The streaming bf16 GEMV for batches of 1-4 rows is built in (AVX-512 BF16)."""
+    return load() and isa().endswith("+bf16")
+
+
 def _build() -> bool:
     if os.environ.get("DISTSERVE_KERNELS", "1") == "0":
         _state["error"] = "disabled by DISTSERVE_KERNELS=0"
@@ -127,7 +132,7 @@ def _register_fakes() -> None:
         return d.new_empty((qs.shape[0], K), dtype=torch.float32)
 
     @torch.library.register_fake("distserve::packed_linear")
-    def _(x, w, b):
+    def _(x, w, b, wr=None):
         return x.new_empty((x.shape[0], w.shape[0]))
 
     @torch.library.register_fake("distserve::bf16_linear")

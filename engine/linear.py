@@ -1,7 +1,9 @@
 """The model's matrix products, one object per weight, chosen once at load time.
 
     DenseLinear   the weight in the activation dtype; on CPU in bf16 it is prepacked once for oneDNN
-                  (AMX / AVX-512 BF16 kernels, ~1.3-1.5x F.linear at every batch size)
+                  (AMX / AVX-512 BF16 kernels, ~1.1-1.3x F.linear from batch 5 up), and where the engine's
+                  streaming GEMV is built (AVX-512 BF16) the row-major weight stays too: batches of 1-4
+                  rows run on it (~1.5x oneDNN at batch 1), at the price of a second copy in memory
     QuantLinear   a GGUF Q4_0 / Q4_1 / Q8_0 matrix in its own blocks (engine/quant.py): small batches
                   run the int8 kernels of engine/cpu_kernels.cpp; large ones (prefill) dequantize the
                   matrix into the activation dtype and run the dense GEMM, which is compute-bound there
@@ -30,12 +32,13 @@ class DenseLinear:
         self.packed = None
         if prepack and weight.device.type == "cpu" and weight.dtype == torch.bfloat16 and _mkldnn_bf16():
             self.packed = torch.ops.mkldnn._reorder_linear_weight(weight, 1)  # opaque oneDNN layout
-            self.weight = None  # the packed copy replaces it
+            if not kernels.bf16_gemv():
+                self.weight = None  # the packed copy replaces it
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.packed is not None:
-            if kernels.load():  # the same oneDNN call, wrapped so that torch.compile can keep it opaque
-                return torch.ops.distserve.packed_linear(x, self.packed, self.bias)
+            if kernels.load():  # one opaque op (torch.compile keeps it): GEMV on self.weight for <= 4 rows, else oneDNN
+                return torch.ops.distserve.packed_linear(x, self.packed, self.bias, self.weight)
             return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
         return F.linear(x, self.weight, self.bias)
 

@@ -100,7 +100,10 @@ class LlamaModel:
         if self.embed_q is not None and not cfg.tie_word_embeddings:
             left.pop(embed_name, None)
         self.embed = None if self.embed_q is not None else left[embed_name].to(device=self.device, dtype=dtype)
-        self.lm_head = linear((head_name,))  # [V, hidden]
+        if head_name == embed_name and self.embed is not None and head_name not in quant:
+            self.lm_head = DenseLinear(self.embed, None)  # [V, hidden]: the embedding's own tensor, not a copy
+        else:
+            self.lm_head = linear((head_name,))  # [V, hidden]
         left.pop(embed_name, None)
         left.pop("lm_head.weight", None) if cfg.tie_word_embeddings else None
         left = {k: v for k, v in left.items() if not k.endswith("rotary_emb.inv_freq")}

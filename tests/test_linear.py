@@ -1,0 +1,62 @@
+"""engine/linear.py DenseLinear in bf16 on CPU: oneDNN's prepacked product, and for 1-4 rows the engine's
+streaming GEMV (engine/cpu_kernels.cpp) on the row-major copy. Both must give the float32 product of the
+same bf16 numbers, rounded once to bf16, whatever the batch size."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from engine import kernels
+from engine.linear import DenseLinear
+
+needs_gemv = pytest.mark.skipif(not kernels.bf16_gemv(), reason="no AVX-512 BF16 GEMV on this CPU")
+
+
+def reference(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+    return torch.nn.functional.linear(x.float(), w.float(), None if b is None else b.float())
+
+
+@needs_gemv
+@pytest.mark.parametrize("m", [1, 2, 3, 4, 5, 9])
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("k,n", [(576, 963), (1536, 64), (96, 7)])  # odd N: the one-row tail tile
+def test_bf16_linear_is_the_float32_product_rounded_once(m, bias, k, n):
+    g = torch.Generator().manual_seed(m * 31 + n)
+    w = torch.randn(n, k, generator=g).bfloat16()
+    b = torch.randn(n, generator=g).bfloat16() if bias else None
+    x = torch.randn(m, k, generator=g).bfloat16()
+    lin = DenseLinear(w, b)
+    assert lin.weight is not None and lin.packed is not None  # both copies: GEMV for <= 4 rows, oneDNN above
+    y = lin(x)
+    assert y.dtype == torch.bfloat16 and y.shape == (m, n)
+    want = reference(x, w, b)
+    # one bf16 rounding of an exact-in-float32 sum: within half an ulp of bf16 (2^-8 relative) plus the sum's order
+    assert ((y.float() - want).abs() <= want.abs() * 2 ** -8 + 1e-3 * want.abs().max()).all()
+    # every row on its own: a request's logits do not depend on what it is batched with (up to M = 4)
+    if m <= 4:
+        assert torch.equal(lin(x[:1]), y[:1])
+
+
+@needs_gemv
+def test_the_gemv_and_onednn_paths_agree_on_the_same_rows():
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(300, 576, generator=g).bfloat16()
+    x = torch.randn(4, 576, generator=g).bfloat16()
+    lin = DenseLinear(w)
+    small = lin(x)  # 4 rows: the GEMV
+    large = lin(torch.cat([x, x]))[:4]  # 8 rows: oneDNN
+    assert (small.float() - large.float()).abs().max() <= 2 ** -7 * large.float().abs().max()
+
+
+def test_tied_lm_head_shares_the_embedding_tensor():
+    """No second copy of the vocabulary matrix: the LM head reads the embedding table itself."""
+    from engine.model import LlamaModel
+    from tests.helpers import hf_model, tiny_config
+
+    cfg = tiny_config(tie_word_embeddings=True)
+    sd = hf_model(cfg).state_dict()
+    sd.pop("lm_head.weight")
+    model = LlamaModel(cfg, sd, torch.bfloat16)
+    if model.lm_head.weight is not None:  # kept where the GEMV runs: the same storage as the embedding
+        assert model.lm_head.weight.data_ptr() == model.embed.data_ptr()
+    torch.testing.assert_close(model.lm_head.dense().float(), model.embed.float())
