@@ -11,7 +11,7 @@ to the server than the server is to itself).
 
 Per mode (disagg: prefill cpu:C0 + decode cpu:C1; colocated and chunked: one instance on cpu:C0-C1):
 1. profile the instance configurations it uses in isolation (scheduler/planner/profile.py; or --profile-dir);
-2. start the real server (float32, --step-trace), send a few requests one at a time (unloaded): their
+2. start the real server (--dtype/--weights as given; default: the server's own auto, --step-trace), send a few requests one at a time (unloaded): their
    TTFT/TPOT set the SLOs (x --slo-scale); the time each TTFT spends outside the engine's traced
    prefill iteration is the front end's share (HTTP, tokenizing, delivery);
 3. the in-server model: other requests (seed + 1, ...) at the --fit-load loads; the latency
@@ -79,7 +79,7 @@ def get_profile(args) -> Profile:
     from engine.precision import build_model
 
     ckpt = load_checkpoint()
-    model = build_model(ckpt, "float32", "dense")
+    model = build_model(ckpt, args.dtype, args.weights)
     devices = [f"cpu:{C0}"] + ([f"cpu:{C0}-{C1}"] if any(m != "disagg" for m in args.modes) else [])
     prof, details = build_profile(model, ckpt.name, devices, workload_grid(args), CacheConfig(),
                                   neighbor=f"cpu:{C1}" if C1 != C0 else None)
@@ -110,6 +110,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-prefill-tokens", type=int, default=512,
                    help="prompt tokens per prefill batch, server and simulator: past ~500 tokens a CPU batch runs "
                         "slower per token than DistServe's formula can price (it has no (sum l)^2 term)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32"],
+                   help="the server's and the profile's --dtype (default auto: what the server runs on this machine)")
+    p.add_argument("--weights", default="auto", choices=["auto", "dense", "native"], help="as the server's --weights")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--port", type=int, default=0, help="the server's port (0: a free one)")
     p.add_argument("--out", default="bench/out/simulator-fidelity")
@@ -131,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     doc = {"date": time.strftime("%Y-%m-%d %H:%M"), "command": "python -m bench.simulator_fidelity " +
            " ".join(argv if argv is not None else sys.argv[1:]), "machine": f"{os.cpu_count()} CPU cores",
            "workload": f"{len(specs)} ShareGPT prompts cut to U[{args.min_prompt},{args.max_prompt}] tokens, outputs "
-           f"U[{args.min_output},{args.max_output}] tokens, Poisson arrivals (seed {args.seed}), float32",
+           f"U[{args.min_output},{args.max_output}] tokens, Poisson arrivals (seed {args.seed}), --dtype {args.dtype} --weights {args.weights}",
            "slo_scale": args.slo_scale, "repeats": args.repeats, "interference": prof.interference, "modes": []}
     print(HEADER, flush=True)
     fit_sets = [workload(args, tok, args.seed + 1 + i) for i in range(len(args.fit_load))]

@@ -74,6 +74,11 @@ class InstanceProfile:
     kv_capacity_tokens: int = 0
 
 
+# candidate small/large decode-batch thresholds: 2 gives batch 1 (matrix-vector kernels) its own line;
+# 5 is where the engine's bf16 GEMV for 1-4 rows hands over to oneDNN (engine/cpu_kernels.cpp)
+DECODE_THRESHOLDS = (2, 4, 5, 8, 16, 95)
+
+
 def fit_decode_threshold(prefill: list[tuple[list[int], float]], decode: list[tuple[int, int, float]],
                          thresholds: tuple[int, ...]) -> tuple[PhaseCoeffs, dict]:
     """fit_coeffs at the small/large-batch threshold (DistServe's format has one) that fits the decode
@@ -93,7 +98,7 @@ def fit_decode_threshold(prefill: list[tuple[list[int], float]], decode: list[tu
     return best[1], best[2]
 
 
-def profile_instance(inst: Instance, grid: Grid, thresholds: tuple[int, ...] = (2, 4, 8, 16, 95),
+def profile_instance(inst: Instance, grid: Grid, thresholds: tuple[int, ...] = DECODE_THRESHOLDS,
                      log: Callable[[str], None] = print) -> InstanceProfile:
     cap = inst.pool.num_blocks * inst.pool.block_size
     cores = len(inst.cores) if inst.cores is not None else 1

@@ -16,12 +16,11 @@ from __future__ import annotations
 import statistics
 
 from scheduler.planner.latency import LatencyModel, PhaseCoeffs
-from scheduler.planner.profile import fit_decode_threshold
+from scheduler.planner.profile import DECODE_THRESHOLDS, fit_decode_threshold
 from scheduler.runtime.trace import StepRecord
 
 MIN_SPLIT = 5
 PP1_HOP_MS = 1.0  # what LatencyModel.prefill_ms adds at pp=1
-THRESHOLDS = (2, 4, 8, 16, 95)
 
 
 def samples(records: list[StepRecord], roles: tuple[str, ...]) -> tuple[list, list]:
@@ -52,7 +51,7 @@ def _priced(model: LatencyModel, pre: list, dec: list) -> dict[str, list[tuple[f
 
 
 def fit_trace(records: list[StepRecord], roles: tuple[str, ...] = ("prefill", "decode", "colocated"),
-              thresholds: tuple[int, ...] = THRESHOLDS, tol: float = 1e-4,
+              thresholds: tuple[int, ...] = DECODE_THRESHOLDS, tol: float = 1e-4,
               max_rounds: int = 200) -> tuple[PhaseCoeffs, dict[str, float], dict]:
     """Coefficients (of a step that starts alone) for the instances of `roles` (one device kind and
     size), interference factors {"prefill", "decode"}, and a report (samples, fit errors, rounds).
