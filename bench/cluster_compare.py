@@ -25,6 +25,7 @@ from bench.runner import run_rate
 from bench.serving_compare import machine
 from bench.serving_mode import cpu, sequential, server
 from bench.serving_report import cap_specs, layouts, other_cores, probe_specs
+from scheduler.planner.goodput_search import GoodputSearch, SearchConfig
 from scheduler.planner.workload import ArrivalSpec
 
 
@@ -85,13 +86,10 @@ async def amain(args: argparse.Namespace, cmd: str) -> int:
                           f"{s['other_cores'] or 0:.2f} cores", flush=True)
     rows = []
     for m in modes:
-        goodput = 0.0
+        search = GoodputSearch(SearchConfig(target=args.attainment))  # the one goodput rule (every lower rate passes)
         for rate in rates:
-            att = sum(r["attainment_both"] for r in runs[m.name][rate]) / args.rounds
-            if att < args.attainment:
-                break
-            goodput = rate
-        rows.append((m, goodput))
+            search.record(rate, sum(r["attainment_both"] for r in runs[m.name][rate]) / args.rounds)
+        rows.append((m, search.result().goodput))
     date = datetime.now().astimezone().isoformat(timespec="seconds")
     lines = [f"# Ray actors vs threads, disagg 1P+1D, interleaved ({date}; {machine()})", "", f"Command: `{cmd}`",
              f"SLOs TTFT {args.ttft_slo} s, TPOT {args.tpot_slo} s, target {args.attainment:.0%}; {len(specs)} "

@@ -126,7 +126,7 @@ def derive_slos(ttfts: list[float], tpots: list[float], ttft_scale: float, tpot_
 @dataclass
 class ModeResult:
     mode: Mode
-    goodput: float  # req/s: highest measured rate meeting the attainment target
+    goodput: float  # req/s: highest measured rate meeting the attainment target with every lower one (goodput_search)
     runs: dict[float, dict]  # rate -> loadgen summary of that run
     unloaded_ttft: float | None = None
     unloaded_tpot: float | None = None

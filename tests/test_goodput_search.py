@@ -66,3 +66,15 @@ def test_a_good_first_guess_steps_by_growth() -> None:
     assert 7.3 * 0.96 <= near.goodput <= 7.3 and len(near.history) < len(far.history)
     with pytest.raises(ValueError, match="growth"):
         SearchConfig(growth=1.0)
+
+
+def test_a_noisy_pass_above_a_failure_does_not_count() -> None:
+    """A recorded sweep (serving_compare seeds the search with it) can pass at 0.5 and 1.5 and fail at 1:
+    goodput is a rate that it and every lower rate meet, so 0.5, and the search bisects 0.5..1."""
+    s = GoodputSearch(SearchConfig(target=0.9, max_iterations=10))
+    for rate, att in ((0.5, 0.95), (1.0, 0.75), (1.5, 0.92), (2.0, 0.4)):
+        s.record(rate, att)
+    assert (s.lo, s.hi) == (0.5, 1.0) and s.result().goodput == 0.5
+    assert s.next_rate() == pytest.approx(math.sqrt(0.5))
+    s.record(math.sqrt(0.5), 0.91)
+    assert s.lo == pytest.approx(math.sqrt(0.5)) and s.hi == 1.0

@@ -6,9 +6,10 @@ simulator (scheduler/planner/goodput.py, sync `find_goodput`), the load tester's
   1. no bounds yet: double the rate while it passes (at most to max_rate), halve it while it fails
      (`growth`, 2 by default: a start from a good guess, as another seed's goodput, steps less);
   2. once a passing rate `lo` and a failing rate `hi` are known: bisect until hi - lo <= rel_tol * hi.
-It stops early on the iteration, wall-time or request budget. Goodput = the highest passing rate
-measured (0 when none passed). Attainment is assumed to fall with rate; a noisy pass above a
-known failure is ignored by construction, since every probe lies between the bounds.
+It stops early on the iteration, wall-time or request budget. Goodput = the highest measured rate
+that passes with every lower measured rate (0 when none passed). Attainment is assumed to fall with
+rate: the search's own probes lie between the bounds, and a noisy pass above a known failure (a
+recorded sweep: passes at 0.5 and 1.5, fails at 1) does not count.
 
 The midpoint is geometric, sqrt(lo * hi). The stopping rule is relative (hi - lo <= rel_tol * hi),
 so what a probe must shrink is log(hi / lo), and the geometric midpoint halves it whatever the
@@ -99,11 +100,13 @@ class GoodputSearch:
         return rate
 
     def record(self, rate: float, joint_attainment: float) -> None:
+        """lo: the highest passing rate below every failure (a pass above a failure -- run-to-run noise in
+        a sweep recorded as a whole -- does not count: goodput is a rate that it and every lower rate meet)."""
         self.history.append((rate, joint_attainment))
-        if joint_attainment >= self.cfg.target - _EPS:
-            self.lo = rate if self.lo is None else max(self.lo, rate)
-        else:
+        if joint_attainment < self.cfg.target - _EPS:
             self.hi = rate if self.hi is None else min(self.hi, rate)
+        passing = [r for r, a in self.history if a >= self.cfg.target - _EPS and (self.hi is None or r < self.hi)]
+        self.lo = max(passing) if passing else None
 
     def _stop(self, reason: str) -> None:
         self.stop_reason = reason
