@@ -4,6 +4,7 @@ figure as a ratio.
     python -m bench.engine_bench                     # the precisions this machine runs fast, all cores
     python -m bench.engine_bench --precisions bfloat16,native --repeat 3 --markdown --out engine.json
     python -m bench.engine_bench --quick --systems ours,hf   # fewer tokens: a smoke run
+    python -m bench.engine_bench --isa avx2 --repeat 3       # as on a CPU without AVX-512 (emulated here)
 
 Precisions: bfloat16 and float32 (dense weights; transformers and llama.cpp's BF16 / F32 copies of the
 same GGUF) and native (ours: the GGUF's own Q4_1 / Q8_0 blocks; llama.cpp: the file itself;
@@ -41,6 +42,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
                    help="our decode steps compiled (default) or eager")
     p.add_argument("--threads", type=int, default=None, help="cores/threads for both systems (default: all)")
+    p.add_argument("--isa", choices=["avx2"], default=None,
+                   help="emulate a CPU without AVX-512 on this one: torch, oneDNN and MKL capped at AVX2 (their own "
+                        "switches), our kernels and llama.cpp built for AVX2 only; precisions float32, native")
     p.add_argument("--repeat", type=int, default=1, help="worker runs per system, interleaved; median kept")
     p.add_argument("--iters", type=int, default=None, help="timed runs per measurement inside a worker (fastest)")
     p.add_argument("--quick", action="store_true", help="fewer tokens, for smoke tests")
@@ -86,7 +90,7 @@ def worker_main(args: argparse.Namespace) -> dict:
         from bench.engine_bench_workers import run_llama
         from engine.loader import default_model_path
 
-        return run_llama(args.model or default_model_path(), args.dtype, cores, w)
+        return run_llama(args.model or default_model_path(), args.dtype, cores, w, isa=args.isa)
     ckpt = load_checkpoint(args.model)
     config = asdict(ckpt.config)
     if args.worker == "machine":
@@ -100,9 +104,9 @@ def run_sub(args: argparse.Namespace, worker: str, dtype: str) -> dict:
     cmd = [sys.executable, "-m", "bench.engine_bench", "--worker", worker, "--dtype", dtype, "--json"]
     cmd += ["--threads", str(len(cores_for(args.threads)))] + (["--quick"] if args.quick else [])
     cmd += (["--iters", str(args.iters)] if args.iters else []) + (["--model", args.model] if args.model else [])
-    cmd += [] if args.compile else ["--no-compile"]
+    cmd += ([] if args.compile else ["--no-compile"]) + (["--isa", args.isa] if args.isa else [])
     t0 = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env={**os.environ, **isa_env(args.isa)})
     if proc.returncode:
         sys.stderr.write(proc.stderr[-4000:])
         raise SystemExit(f"worker {worker} ({dtype}) failed with exit code {proc.returncode}")
@@ -111,11 +115,20 @@ def run_sub(args: argparse.Namespace, worker: str, dtype: str) -> dict:
     return json.loads(line)
 
 
+def isa_env(isa: str | None) -> dict[str, str]:
+    """A worker's environment for an emulated instruction set: each library's documented cap
+    (ATEN_CPU_CAPABILITY, ONEDNN_MAX_CPU_ISA, MKL_ENABLE_INSTRUCTIONS) and our kernels' -march."""
+    if isa != "avx2":
+        return {}
+    return {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2",
+            "DISTSERVE_KERNEL_MARCH": "haswell"}
+
+
 def resolve(args: argparse.Namespace) -> list[str]:
     from engine.precision import cpu_has_bf16
 
     if args.precisions == "auto":
-        return ["bfloat16", "float32", "native"] if cpu_has_bf16() else ["float32", "native"]
+        return ["bfloat16", "float32", "native"] if cpu_has_bf16() and not args.isa else ["float32", "native"]
     out = [p.strip() for p in args.precisions.split(",")]
     bad = [p for p in out if p not in ("bfloat16", "float32", "native")]
     if bad:
@@ -155,8 +168,11 @@ def main(argv: list[str] | None = None) -> None:
     command = "python -m bench.engine_bench " + " ".join(argv if argv is not None else sys.argv[1:])
     info = {**machine_info(), "threads": len(cores_for(args.threads)), "transformers": transformers.__version__}
     date = time.strftime("%Y-%m-%d %H:%M")
+    if args.isa:
+        info["emulated_isa"] = f"{args.isa} only ({', '.join(f'{k}={v}' for k, v in isa_env(args.isa).items())})"
     print(f"engine bench: {info['cpu']}, {info['threads']} threads, torch {info['torch']}, "
-          f"transformers {info['transformers']}", file=sys.stderr)
+          f"transformers {info['transformers']}" + (f", emulating {info['emulated_isa']}" if args.isa else ""),
+          file=sys.stderr)
     results = [bench_precision(args, d) for d in resolve(args)]
     for res in results:
         print(f"\n== {res['dtype']} ==")
@@ -164,8 +180,9 @@ def main(argv: list[str] | None = None) -> None:
         print(rep.text_table(res["_rows"]))
     if args.markdown:
         print(f"\n### Engine vs transformers and llama.cpp ({date})\n\n`{command.strip()}` on {info['cpu']}, "
-              f"{info['threads']} threads, torch {info['torch']}, transformers {info['transformers']}; "
-              "ratios = ours / transformers and ours / llama.cpp.")
+              f"{info['threads']} threads, torch {info['torch']}, transformers {info['transformers']}"
+              + (f", emulating {info['emulated_isa']}" if args.isa else "") +
+              "; ratios = ours / transformers and ours / llama.cpp.")
         for res in results:
             print(f"\n**{res['dtype']}** — " + "; ".join(rep.machine_lines(res["peaks"])) + "\n")
             print(rep.markdown_table(res["_rows"]))

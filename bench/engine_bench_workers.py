@@ -232,17 +232,19 @@ def run_worker(system: str, ckpt: Checkpoint, precision: str, cores: list[int], 
             "compile_s": getattr(sys_, "compile_s", None), "memory": mem, **res}
 
 
-def run_llama(ckpt_path: str, precision: str, cores: list[int], w: Workload) -> dict:
+def run_llama(ckpt_path: str, precision: str, cores: list[int], w: Workload, isa: str | None = None) -> dict:
     """llama.cpp on the same weights at `precision` (bench/llama_cpp.py), in the workers' result shape:
-    prefill from llama-bench (B=1), decode from llama-batched-bench (generated tokens only)."""
+    prefill from llama-bench (B=1), decode from llama-batched-bench (generated tokens only). isa: its build
+    for that instruction set only (llama_cpp.ISA_SETS)."""
     import os
 
     from bench import llama_cpp
 
-    llama_cpp.ensure_built(model=ckpt_path)
-    model = llama_cpp.model_for(precision, ckpt_path)
-    pre = llama_cpp.prefill(model, cores, w.prefill_len)
-    dec = llama_cpp.decode(model, cores, w.decode_batches, w.decode_prompt, w.decode_new)
+    cache = llama_cpp.cache_for(isa)
+    llama_cpp.ensure_built(cache, model=ckpt_path, isa=isa)
+    model = llama_cpp.model_for(precision, ckpt_path, tools=cache)  # the weight copies are shared by every build
+    pre = llama_cpp.prefill(model, cores, w.prefill_len, cache=cache)
+    dec = llama_cpp.decode(model, cores, w.decode_batches, w.decode_prompt, w.decode_new, cache=cache)
     n = w.prefill_len
     prefill = {"1": {"batch": 1, "tokens_in": n, "tok_s": pre["tok_s"], "forward_tok_s": pre["tok_s"],
                      "wall_s": n / pre["tok_s"], "forward_s": n / pre["tok_s"]}}

@@ -41,6 +41,13 @@ ISA_OPTIONS = {"avx": "GGML_AVX", "avx2": "GGML_AVX2", "fma": "GGML_FMA", "f16c"
                "avx_vnni": "GGML_AVX_VNNI", "avx512f": "GGML_AVX512", "avx512vbmi": "GGML_AVX512_VBMI",
                "avx512_vnni": "GGML_AVX512_VNNI", "avx512_bf16": "GGML_AVX512_BF16"}
 PRECISIONS = {"bfloat16": "BF16", "float32": "F32"}  # our dtype -> llama-quantize type; "native": the file
+# an AVX2-only CPU (Haswell .. Zen 2): what `--isa avx2` builds for, on a machine that has more
+ISA_SETS = {"avx2": frozenset({"avx", "avx2", "fma", "f16c", "bmi2"})}
+
+
+def cache_for(isa: str | None) -> Path:
+    """The build for this CPU (None) or for an instruction set (ISA_SETS) emulated on it: its own folder."""
+    return CACHE if isa is None else CACHE / f"isa-{isa}"
 
 
 def bin_dir(cache: Path = CACHE) -> Path:
@@ -51,24 +58,31 @@ def tool(name: str, cache: Path = CACHE) -> str:
     return str(bin_dir(cache) / name)
 
 
-def ensure_built(cache: Path = CACHE, model: str | None = None, jobs: int | None = None) -> Path:
-    """The tools, built if missing; a build whose smoke run faults on AMX is rebuilt without it."""
+def ensure_built(cache: Path = CACHE, model: str | None = None, jobs: int | None = None,
+                 isa: str | None = None) -> Path:
+    """The tools, built if missing; a build whose smoke run faults on AMX is rebuilt without it. isa (a key of
+    ISA_SETS): built for that instruction set only, not -march=native (cache: cache_for(isa))."""
     build = cache / "build"
     if not all((bin_dir(cache) / t).exists() for t in TOOLS):
-        src = _source(cache)
-        _run(["cmake", "-S", str(src), "-B", str(build), *CMAKE_FLAGS])
+        src = _source(CACHE)  # one source tree for every build
+        only = [] if isa is None else ["-DGGML_NATIVE=OFF", *_isa_options(ISA_SETS[isa]), "-DGGML_AMX_TILE=OFF",
+                                       "-DGGML_AMX_INT8=OFF", "-DGGML_AMX_BF16=OFF"]
+        _run(["cmake", "-S", str(src), "-B", str(build), *CMAKE_FLAGS, *only])
         _build(build, jobs)
     if model and _smoke(model, cache) == -signal.SIGILL:
         print("llama.cpp: illegal instruction in a smoke run (AMX on this CPU is not usable): rebuilding "
               "ggml-cpu with the CPU's extensions named explicitly, AMX off", file=sys.stderr)
-        flags = _cpu_flags()
-        isa = [f"-D{opt}={'ON' if flag in flags else 'OFF'}" for flag, opt in ISA_OPTIONS.items()]
-        _run(["cmake", "-S", str(_source(cache)), "-B", str(build), *CMAKE_FLAGS, "-DGGML_NATIVE=OFF", *isa,
+        _run(["cmake", "-S", str(_source(CACHE)), "-B", str(build), *CMAKE_FLAGS, "-DGGML_NATIVE=OFF",
+              *_isa_options(_cpu_flags()),
               "-DGGML_AMX_TILE=OFF", "-DGGML_AMX_INT8=OFF", "-DGGML_AMX_BF16=OFF"])
         _build(build, jobs)
         if _smoke(model, cache) != 0:
             raise SystemExit("llama.cpp still fails its smoke run; see the output above")
     return bin_dir(cache)
+
+
+def _isa_options(flags: set[str] | frozenset[str]) -> list[str]:
+    return [f"-D{opt}={'ON' if flag in flags else 'OFF'}" for flag, opt in ISA_OPTIONS.items()]
 
 
 def _build(build: Path, jobs: int | None) -> None:
@@ -109,15 +123,16 @@ def _run(cmd: list[str]) -> None:
     subprocess.run(cmd, check=True)
 
 
-def model_for(precision: str, gguf: str, cache: Path = CACHE) -> str:
-    """The GGUF to run at `precision`: the file itself (native) or a BF16 / F32 copy of its weights."""
+def model_for(precision: str, gguf: str, cache: Path = CACHE, tools: Path | None = None) -> str:
+    """The GGUF to run at `precision`: the file itself (native) or a BF16 / F32 copy of its weights, kept in
+    cache/models (made with the llama-quantize of the build in `tools`, default `cache`)."""
     if precision == "native":
         return gguf
     out = cache / "models" / f"{Path(gguf).stem}.{PRECISIONS[precision]}.gguf"
     if not out.exists():
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = out.with_suffix(".tmp")
-        _run([tool("llama-quantize", cache), "--allow-requantize", gguf, str(tmp), PRECISIONS[precision]])
+        _run([tool("llama-quantize", tools or cache), "--allow-requantize", gguf, str(tmp), PRECISIONS[precision]])
         tmp.rename(out)
     return str(out)
 
@@ -159,16 +174,19 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--precision", default="native", choices=["native", *PRECISIONS])
     ap.add_argument("--threads", type=int, default=None, help="cores to pin to (default: all)")
     ap.add_argument("--jobs", type=int, default=None, help="parallel build jobs")
+    ap.add_argument("--isa", choices=sorted(ISA_SETS), help="build for that instruction set only (emulating a CPU "
+                    "without AVX-512), in its own cache folder")
     args = ap.parse_args(argv)
     gguf = args.model or default_model_path()
-    ensure_built(model=gguf, jobs=args.jobs)
+    cache = cache_for(args.isa)
+    ensure_built(cache, model=gguf, jobs=args.jobs, isa=args.isa)
     if args.action == "build":
-        print(bin_dir())
+        print(bin_dir(cache))
         return
     cores = sorted(os.sched_getaffinity(0))[: args.threads or None]
-    model = model_for(args.precision, gguf)
-    print(json.dumps({"precision": args.precision, "model": model, "prefill": prefill(model, cores),
-                      **decode(model, cores)}, indent=1))
+    model = model_for(args.precision, gguf, tools=cache)  # the copies are shared by every build
+    print(json.dumps({"precision": args.precision, "model": model, "prefill": prefill(model, cores, cache=cache),
+                      **decode(model, cores, cache=cache)}, indent=1))
 
 
 if __name__ == "__main__":

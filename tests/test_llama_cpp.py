@@ -56,3 +56,29 @@ def test_existing_working_tools_are_not_rebuilt(monkeypatch, tmp_path):
     monkeypatch.setattr(llama_cpp, "_smoke", lambda model, cache: 0)
     assert llama_cpp.ensure_built(tmp_path, model="m.gguf") == tmp_path / "build" / "bin"
     assert ran == []
+
+
+def test_an_avx2_only_build_names_its_extensions_in_its_own_folder(monkeypatch, tmp_path):
+    """`make bench-engine ARGS=--isa avx2` (a CPU without AVX-512, emulated): llama.cpp built without
+    -march=native, AVX2/FMA/F16C on, every AVX-512 and AMX option off, beside the native build."""
+    ran = []
+    monkeypatch.setattr(llama_cpp, "_run", lambda cmd: ran.append(cmd))
+    monkeypatch.setattr(llama_cpp, "_source", lambda cache: tmp_path / "src")
+    cache = tmp_path / "isa-avx2"
+    llama_cpp.ensure_built(cache, isa="avx2")
+    configure = ran[0]
+    assert configure[configure.index("-B") + 1] == str(cache / "build")
+    for on in ("GGML_AVX2", "GGML_FMA", "GGML_F16C"):
+        assert f"-D{on}=ON" in configure
+    for off in ("GGML_NATIVE", "GGML_AVX512", "GGML_AVX512_BF16", "GGML_AVX512_VNNI", "GGML_AMX_TILE"):
+        assert f"-D{off}=OFF" in configure
+    assert llama_cpp.cache_for("avx2") != llama_cpp.cache_for(None)
+
+
+def test_engine_bench_caps_every_library_at_avx2():
+    from bench.engine_bench import isa_env
+
+    env = isa_env("avx2")
+    assert env["ATEN_CPU_CAPABILITY"] == "avx2" and env["ONEDNN_MAX_CPU_ISA"] == "AVX2"
+    assert env["MKL_ENABLE_INSTRUCTIONS"] == "AVX2" and env["DISTSERVE_KERNEL_MARCH"] == "haswell"
+    assert isa_env(None) == {}
