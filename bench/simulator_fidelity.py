@@ -16,7 +16,10 @@ Per mode (disagg: prefill cpu:C0 + decode cpu:C1; colocated and chunked: one ins
    prefill iteration is the front end's share (HTTP, tokenizing, delivery);
 3. the in-server model: other requests (seed + 1, ...) at the --fit-load loads; the latency
    model is fitted to the steps the server traced while serving them (scheduler/planner/trace_fit.py: iteration
-   times with the event loop and the other instance competing, interference split out);
+   times with the event loop and the other instance competing, interference split out), and the fitted
+   model's error on each of those steps (measured / modelled) becomes its step noise: the simulator
+   multiplies every step by one of them drawn at random (--noise-draws simulations, averaged), since a
+   server whose steps vary queues longer than one whose steps all take the mean;
 4. at each rate, the same seeded Poisson send times and lengths go to the server through the load
    tester, --repeats times (in rounds: every rate once, then again), and once to
    scheduler.planner.simulator.simulate with the same layout and scheduler limits; simulated TTFTs get
@@ -102,6 +105,8 @@ def main(argv: list[str] | None = None) -> int:
                    "--quick 2): their spread is the noise band the simulator is judged in")
     p.add_argument("--fit-load", default="0.5,1.4",
                    help="loads of the runs whose step traces fit the in-server model (other requests: seed + 1, ...)")
+    p.add_argument("--noise-draws", type=int, default=5,
+                   help="simulations per rate with the in-server model's step noise (seeds seed..seed+N-1), averaged")
     p.add_argument("--min-prompt", type=int, default=16)
     p.add_argument("--max-prompt", type=int, default=128)
     p.add_argument("--min-output", type=int, default=8)

@@ -1,6 +1,7 @@
 """Latency models: DistServe's formulas, the least-squares fit, and the profile files."""
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -87,3 +88,7 @@ def test_own_format_round_trips(tmp_path):
     # a CPU profile may give one per-device capacity that scales with the instance's devices
     f.write_text(json.dumps(p.to_json() | {"kv_capacity_tokens": 1000, "device_kind": "cpu"}))
     assert load_profile(f).kv_capacity(2, 2) == 4000
+    # step noise (multipliers drawn by the simulator) survives the round trip; without it the key is absent
+    assert "step_noise" not in p.to_json()
+    f.write_text(json.dumps(dataclasses.replace(p, step_noise={"decode": (0.9, 1.2)}).to_json()))
+    assert load_profile(f).step_noise == {"decode": (0.9, 1.2)}

@@ -129,3 +129,41 @@ def test_layout_validation():
     with pytest.raises(ValueError):
         Layout("disagg", prefill=Parallel(1), decode=Parallel(1), chunked=True)
     assert Layout("disagg", prefill=Parallel(2, 1, 2), decode=Parallel(1, 2, 1)).devices == 6
+
+
+def test_step_noise_multiplies_each_step_by_a_measured_draw():
+    """Profile.step_noise: the measured / modelled times of a server's traced steps; the simulator prices
+    each step at the model times one of them, drawn with its seed. A single multiplier scales every step."""
+    import dataclasses
+
+    lone = [(100, 5)]
+    base = run(profile(), DISAGG, [0.0], lone).requests[0]
+    doubled = run(dataclasses.replace(profile(), step_noise={"prefill": (2.0,), "decode": (2.0,)}), DISAGG, [0.0],
+                  lone).requests[0]
+    assert doubled.ttft == pytest.approx(2 * base.ttft)  # prefill 111 ms -> 222 ms
+    # TPOT: the 10 ms pull (not a step) and then the 4 decode steps (28.1 ms in all, doubled)
+    assert base.tpot == pytest.approx((0.010 + 0.0281) / 4) and doubled.tpot == pytest.approx((0.010 + 0.0562) / 4)
+    # a multiplier of 1 is the deterministic model; the draws are reproducible by seed and differ across seeds
+    same = dataclasses.replace(profile(), step_noise={"decode": (1.0,)})
+    assert run(same, DISAGG, [0.0], lone).requests[0].tpot == pytest.approx(base.tpot)
+    noisy = dataclasses.replace(profile(), step_noise={"prefill": (0.5, 1.5), "decode": (0.5, 1.5)})
+    arrivals, lengths = [i * 0.05 for i in range(40)], [(100, 20)] * 40
+    a, b = (simulate(noisy, DISAGG, arrivals, lengths, seed=s) for s in (0, 0))
+    c = simulate(noisy, DISAGG, arrivals, lengths, seed=1)
+    assert [r.ttft for r in a.requests] == [r.ttft for r in b.requests]
+    assert [r.ttft for r in a.requests] != [r.ttft for r in c.requests]
+
+
+def test_step_noise_lengthens_queues_at_the_same_mean_step_time():
+    """Multipliers with mean 1 leave the mean step as modelled, yet a loaded prefill queue waits longer when
+    steps vary (Pollaczek-Khinchine): what a deterministic simulator misses near capacity."""
+    import dataclasses
+    import statistics
+
+    prof = profile()  # a 100-token prefill: 111 ms alone
+    arrivals = [i * 0.115 for i in range(200)]  # ~97% of one prefill instance's capacity
+    lengths = [(100, 2)] * 200
+    flat = simulate(prof, Layout("prefill", prefill=Parallel(1)), arrivals, lengths)
+    noisy = simulate(dataclasses.replace(prof, step_noise={"prefill": (0.6, 1.4)}),
+                     Layout("prefill", prefill=Parallel(1)), arrivals, lengths)
+    assert statistics.mean(r.ttft for r in noisy.requests) > 1.5 * statistics.mean(r.ttft for r in flat.requests)

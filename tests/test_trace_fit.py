@@ -8,7 +8,7 @@ from dataclasses import replace
 import pytest
 
 from scheduler.planner.latency import LatencyModel, PhaseCoeffs
-from scheduler.planner.trace_fit import fit_trace, model_ratios, samples
+from scheduler.planner.trace_fit import fit_trace, model_ratios, residuals, samples
 from scheduler.runtime.trace import StepRecord
 
 TRUE = PhaseCoeffs((20.0, 0.5, 0.001), (30.0, 0.002, 4.0), (30.0, 0.002, 4.0), threshold=95)
@@ -78,6 +78,19 @@ def test_model_ratios_are_one_on_the_trace_the_model_came_from_and_show_a_slowdo
     assert model_ratios(slower, model, factors, ("prefill", "decode")) == pytest.approx(
         {"prefill": 1.2, "decode": 1.2}, rel=0.02)
     assert model_ratios([], model, factors, ("decode",)) == {"prefill": None, "decode": None}
+
+
+def test_residuals_are_each_steps_measured_over_modelled_time():
+    """What the fidelity bench hands the simulator as step noise: one ratio per usable step, busy-neighbor
+    steps measured against their factor."""
+    coeffs, factors, _ = fit_trace(trace(1.5), thresholds=(95,))
+    model = LatencyModel(coeffs)
+    steps = trace(1.5, seed=3)
+    steps = [replace(x, end=x.start + (0.8 if i % 4 < 2 else 1.2) * (x.end - x.start)) for i, x in enumerate(steps)]
+    res = residuals(steps, model, factors, ("prefill", "decode"))
+    assert len(res["prefill"]) == len(res["decode"]) == 60
+    assert sorted({round(x, 2) for x in res["prefill"] + res["decode"]}) == [0.8, 1.2]
+    assert residuals(steps, model, factors, ("decode",))["prefill"] == []
 
 
 def test_interference_settles_when_almost_every_step_had_a_busy_neighbor():

@@ -23,6 +23,10 @@ published A100 files are read into the same structure (`load_profile`):
       "interference": {"prefill": 1.3, "decode": 1.6}  # optional: step-time factor while another
                                           # instance of the same process is busy (CPU instances are
                                           # threads of one process: GIL, memory bandwidth); default 1
+      "step_noise": {"prefill": [0.97, 1.02, 1.31, ...], "decode": [...]}  # optional: measured / modelled
+                                          # step time of traced steps; the simulator multiplies each
+                                          # step by one drawn at random (seeded). Default: none, every
+                                          # step exactly as modelled (DistServe's simulator)
     }
 
 With pipeline degree pp, each time below is what ONE stage of the pipeline spends on the batch: the
@@ -92,6 +96,7 @@ class Profile:
     block_size: int = 16
     scheduler: dict = field(default_factory=dict)
     interference: dict[str, float] = field(default_factory=dict)  # phase -> factor (see the file's top)
+    step_noise: dict[str, tuple[float, ...]] = field(default_factory=dict)  # phase -> multipliers (file's top)
 
     def __post_init__(self) -> None:
         if self.device_kind not in ("cuda", "cpu"):
@@ -127,7 +132,8 @@ class Profile:
                 "kv_capacity_tokens": cap if isinstance(cap, int) else {f"{t}x{p}": n for (t, p), n in cap.items()},
                 "kv_bytes_per_token": self.kv_bytes_per_token, "transfer_bandwidth_Bps": self.transfer_bandwidth_Bps,
                 "swap_bandwidth_Bps": self.swap_bandwidth_Bps, "block_size": self.block_size,
-                "scheduler": self.scheduler, "interference": self.interference}
+                "scheduler": self.scheduler, "interference": self.interference,
+                **({"step_noise": {k: list(v) for k, v in self.step_noise.items()}} if self.step_noise else {})}
 
 
 class LatencyModel:
@@ -244,7 +250,8 @@ def load_profile(path: str | Path, model: str | None = None) -> Profile:
                        transfer_bandwidth_Bps=float(data.get("transfer_bandwidth_Bps", A100_NVLINK_BPS)),
                        swap_bandwidth_Bps=float(data.get("swap_bandwidth_Bps", PCIE4_BPS)),
                        block_size=int(data.get("block_size", 16)), scheduler=dict(data.get("scheduler", {})),
-                       interference={k: float(v) for k, v in data.get("interference", {}).items()})
+                       interference={k: float(v) for k, v in data.get("interference", {}).items()},
+                       step_noise={k: tuple(map(float, v)) for k, v in data.get("step_noise", {}).items()})
     if model is None:
         if len(data) != 1:
             raise ValueError(f"{path} holds several models ({', '.join(data)}); pass --model")

@@ -29,6 +29,7 @@ Modes:
 from __future__ import annotations
 
 import heapq
+import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -126,18 +127,21 @@ class Pricer:
 
     profile: Profile
     models: dict[str, LatencyModel] = field(default_factory=dict)  # slot name -> its instance's latency model
+    rng: random.Random = field(default_factory=random.Random)  # draws the profile's step noise, if it has any
 
     def step_stages(self, slot: str, step: Step, others_busy: bool) -> list[float]:
         """Seconds the step holds each pipeline stage of the slot's instance, in order. Stage 1 first does
         the swap copies (host <-> device, before the forward); each stage runs its share of the forward as
         the latency model prices it, slowed by the profile's interference factor if another instance is
-        busy as the step starts."""
+        busy as the step starts, and by one of the profile's measured step-noise multipliers if it has them."""
         prof, model = self.profile, self.models[slot]
         stage = 0.0
         if step.items:
             chunks, ctx, batch = step.shape()
-            slow = prof.interference.get("prefill" if chunks else "decode", 1.0) if others_busy else 1.0
-            stage = model.mixed_ms(chunks, ctx, batch) / 1e3 * slow
+            phase = "prefill" if chunks else "decode"
+            slow = prof.interference.get(phase, 1.0) if others_busy else 1.0
+            noise = prof.step_noise.get(phase)
+            stage = model.mixed_ms(chunks, ctx, batch) / 1e3 * slow * (self.rng.choice(noise) if noise else 1.0)
         swap = step.swap_tokens * prof.kv_bytes_per_token / prof.swap_bandwidth_Bps
         return [swap + stage] + [stage] * (model.pp - 1)
 
@@ -159,6 +163,7 @@ class Simulation:
     sched_config: SchedulerConfig
     slo: SLO | None = None
     max_failures: int | None = None  # stop once this many requests are sure to miss (bisection speed-up)
+    seed: int = 0  # of the step-noise draws (only a profile with step_noise draws any)
     now: float = 0.0
     slots: list[Slot] = field(default_factory=list)
     cluster: Cluster = field(init=False)
@@ -173,7 +178,7 @@ class Simulation:
     def __post_init__(self) -> None:
         lay, prof = self.layout, self.profile
         self.judge = (lay.mode != "decode", lay.mode != "prefill")
-        self.pricer = Pricer(prof)
+        self.pricer = Pricer(prof, rng=random.Random(self.seed))
         for role, spec in (("prefill", lay.prefill), ("decode", lay.decode), ("colocated", lay.colocated)):
             if spec is None:
                 continue
@@ -302,7 +307,8 @@ _RULE = StopRule()  # simulated requests stop on length alone (they run with ign
 
 def simulate(profile: Profile, layout: Layout, arrivals: list[float], lengths: list[tuple[int, int]],
              slo: SLO | None = None, sched_config: SchedulerConfig | None = None,
-             max_failures: int | None = None) -> SimResult:
-    """Run one workload through one layout. Lengths are (prompt_len, output_len); arrivals in seconds."""
-    sim = Simulation(profile, layout, sched_config or SchedulerConfig(), slo, max_failures)
+             max_failures: int | None = None, seed: int = 0) -> SimResult:
+    """Run one workload through one layout. Lengths are (prompt_len, output_len); arrivals in seconds;
+    seed: of the step-noise draws, where the profile has step_noise."""
+    sim = Simulation(profile, layout, sched_config or SchedulerConfig(), slo, max_failures, seed=seed)
     return sim.run(arrivals, lengths)

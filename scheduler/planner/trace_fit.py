@@ -80,13 +80,18 @@ def fit_trace(records: list[StepRecord], roles: tuple[str, ...] = ("prefill", "d
     return coeffs, factors, report
 
 
+def residuals(records: list[StepRecord], model: LatencyModel, factors: dict[str, float],
+              roles: tuple[str, ...]) -> dict[str, list[float]]:
+    """Per phase, observed / predicted time of each step of a trace (busy-neighbor steps predicted with
+    their factor): the model's error on those steps, and the step-time noise a simulator can draw from
+    (Profile.step_noise). A deterministic simulator prices every step at the model's mean, and a queue fed
+    by steps that vary waits longer than one fed by steps that do not."""
+    pre, dec = samples(records, roles)
+    return {phase: [m / (f * (factors.get(phase, 1.0) if b else 1.0)) for m, f, b in obs if f > 0]
+            for phase, obs in _priced(model, pre, dec).items()}
+
+
 def model_ratios(records: list[StepRecord], model: LatencyModel, factors: dict[str, float],
                  roles: tuple[str, ...]) -> dict[str, float | None]:
-    """Mean observed / predicted step time per phase over a trace (the model's error on those steps;
-    busy-neighbor steps predicted with their factor). None: no such steps."""
-    pre, dec = samples(records, roles)
-    out: dict[str, float | None] = {}
-    for phase, obs in _priced(model, pre, dec).items():
-        r = [m / (f * (factors.get(phase, 1.0) if b else 1.0)) for m, f, b in obs if f > 0]
-        out[phase] = statistics.fmean(r) if r else None
-    return out
+    """Mean observed / predicted step time per phase over a trace. None: no such steps."""
+    return {phase: statistics.fmean(r) if r else None for phase, r in residuals(records, model, factors, roles).items()}
