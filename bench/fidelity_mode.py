@@ -132,32 +132,38 @@ def run_mode(mode: str, args, specs: list[RequestSpec], fit_sets: list[list[Requ
         cap = capacity(iso_prof, tp, mode, specs)
         # the in-server fit: other requests (seed + 1, + 2, ...) at a light and an overloaded rate, so the
         # traced steps span the batch shapes of the whole load range (and steps with and without a busy
-        # neighbor); their steps as the server ran them
+        # neighbor); their steps as the server ran them. They run in every round, beside the measured rates:
+        # this shared machine's speed drifts by ~10% over minutes, and a model fitted in one stretch of it
+        # and judged in another measures the drift, not the simulator.
         fit_rates = [round(f * cap, 3) for f in args.fit_load]
-        for i, (fit_rate, fit_specs) in enumerate(zip(fit_rates, fit_sets, strict=True)):
-            asyncio.run(run_load(fit_specs, send_times(ArrivalSpec("poisson"), fit_rate, len(fit_specs),
-                                                       args.seed + 1 + i), client))
-        srv_prof, fitted = in_server_profile(prof, tp, mode, iso_prof, steps(url))
+        fit_times = [send_times(ArrivalSpec("poisson"), r, len(fs), args.seed + 1 + i)
+                     for i, (r, fs) in enumerate(zip(fit_rates, fit_sets, strict=True))]
         front = cal["front_end_ttft_ms"] / 1e3
         print(f"[{mode}] unloaded TTFT {cal['ttft_s'] * 1e3:.0f} ms TPOT {cal['tpot_s'] * 1e3:.1f} ms; overhead "
               f"prefill {cal['overhead_prefill_ms']:.1f} ms decode {cal['overhead_decode_ms']:.1f} ms; front end "
               f"{front * 1e3:.1f} ms; SLO {slo.ttft * 1e3:.0f}/{slo.tpot * 1e3:.0f} ms; est. capacity {cap:.2f} "
-              f"req/s; in-server fit at {fit_rates} req/s: {fitted['fit']['samples']}, interference "
-              f"{fitted['interference']}", flush=True)
+              f"req/s; in-server fit runs at {fit_rates} req/s in every round", flush=True)
         lengths = [(s.prompt_len, s.output_len) for s in specs]
         rates = [round(frac * cap, 3) for frac in args.load]
         times = {rate: send_times(ArrivalSpec("poisson"), rate, len(specs), args.seed) for rate in rates}
         reals: dict[float, list[dict]] = {rate: [] for rate in rates}
         traces: dict[str, list[StepRecord]] = {str(rate): [] for rate in rates}
+        fit_records: list[StepRecord] = []
         # Rounds over all the rates, not the repeats of one rate back to back: a drift of the machine's
         # speed during the bench then shows in every rate's spread, as it would in any later run.
         for rnd in range(args.repeats):
+            for fit_specs, ft in zip(fit_sets, fit_times, strict=True):
+                asyncio.run(run_load(fit_specs, ft, client))
+                fit_records += steps(url)
             for rate in rates:
                 real = summarize(asyncio.run(run_load(specs, times[rate], client)), slo.ttft, slo.tpot)
                 reals[rate].append(real)
                 traces[str(rate)] += steps(url)  # for the step ratio and OUT/traces-MODE.json
                 print(f"[{mode}] round {rnd + 1}/{args.repeats}, {rate} req/s: real both "
                       f"{100 * real['attainment_both']:.1f}%", flush=True)
+        srv_prof, fitted = in_server_profile(prof, tp, mode, iso_prof, fit_records)
+        print(f"[{mode}] in-server fit: {fitted['fit']['samples']} steps, interference {fitted['interference']}, "
+              f"step noise {fitted.get('step_noise')}", flush=True)
         rows = []
         for frac, rate in zip(args.load, rates, strict=True):
             iso = simulate(iso_prof, layout, times[rate], lengths, slo, sched)
