@@ -175,11 +175,12 @@ def main(argv: list[str] | None = None) -> None:
     command = "python -m bench.engine_bench " + " ".join(argv if argv is not None else sys.argv[1:])
     info = {**machine_info(), "threads": len(cores_for(args.threads)), "transformers": transformers.__version__}
     date = time.strftime("%Y-%m-%d %H:%M")
+    emulating = ""
     if args.isa:
         info["emulated_isa"] = f"{args.isa} only ({', '.join(f'{k}={v}' for k, v in isa_env(args.isa).items())})"
+        emulating = f", emulating {info['emulated_isa']}"
     print(f"engine bench: {info['cpu']}, {info['threads']} threads, torch {info['torch']}, "
-          f"transformers {info['transformers']}" + (f", emulating {info['emulated_isa']}" if args.isa else ""),
-          file=sys.stderr)
+          f"transformers {info['transformers']}{emulating}", file=sys.stderr)
     results = [bench_precision(args, d) for d in resolve(args)]
     for res in results:
         print(f"\n== {res['dtype']} ==")
@@ -187,9 +188,8 @@ def main(argv: list[str] | None = None) -> None:
         print(rep.text_table(res["_rows"]))
     if args.markdown:
         print(f"\n### Engine vs transformers and llama.cpp ({date})\n\n`{command.strip()}` on {info['cpu']}, "
-              f"{info['threads']} threads, torch {info['torch']}, transformers {info['transformers']}"
-              + (f", emulating {info['emulated_isa']}" if args.isa else "") +
-              "; ratios = ours / transformers and ours / llama.cpp.")
+              f"{info['threads']} threads, torch {info['torch']}, transformers {info['transformers']}{emulating}; "
+              "ratios = ours / transformers and ours / llama.cpp.")
         for res in results:
             print(f"\n**{res['dtype']}** — " + "; ".join(rep.machine_lines(res["peaks"])) + "\n")
             print(rep.markdown_table(res["_rows"]))

@@ -97,7 +97,8 @@ def roles_of(mode: str) -> tuple[str, ...]:
 
 def in_server_profile(prof: Profile, tp: int, mode: str, iso: Profile, records: list[dict]) -> tuple[Profile, dict]:
     """The profile with this layout's coefficients (and, disaggregated, interference factors) fitted to
-    the server's own step trace (scheduler/planner/trace_fit.py); `iso` (the isolated profile) where the trace
+    the server's own step trace (scheduler/planner/trace_fit.py), and the fitted model's residuals on that
+    trace as its step noise; `iso` (the isolated profile) where the trace
     has too few steps the formulas describe (e.g. chunked prefill, whose steps are mostly mixed)."""
     try:
         coeffs, factors, report = fit_trace(records, roles_of(mode))

@@ -3,12 +3,11 @@
 //
 //   distserve::quant_linear(x, qs, d, m, kind, K)  y[M, N] = x[M, K] @ W^T, W in GGUF blocks, float32 out
 //   distserve::quant_dequant(qs, d, m, kind, K)    W as dense float32 [N, K]
-//   distserve::bf16_linear(x, w)                   y = x @ w^T for bf16 x [M, K], w [N, K] (M <= 4: a
-//                                                  prefetched streaming GEMV; larger M: torch's linear)
 //   distserve::packed_linear(x, w, b, wr)          oneDNN's linear on a prepacked weight, as an opaque op
 //                                                  (torch.compile's lowering of the mkldnn op itself wants
 //                                                  the weight frozen into the graph); with the row-major
-//                                                  copy wr, M <= 4 runs bf16_linear on it instead
+//                                                  copy wr [N, K], M <= 4 runs the engine's streaming
+//                                                  bf16 GEMV on it instead (bf16_linear below)
 //
 // Quantized weights (engine/quant.py packs them from the GGUF blocks, losslessly), per output row n
 // and block g of 32 values (nb blocks per row, padded to an even count with zero blocks):
@@ -373,7 +372,7 @@ constexpr bool kBf16Dot = false;
 
 // y [M, N] bf16 = x [M, K] @ w [N, K]^T (+ b [N], added in float32), for M <= GEMV_MAX_ROWS and K % 32 == 0
 // (else torch's linear)
-at::Tensor bf16_linear_bias(const at::Tensor& x_in, const at::Tensor& w, const std::optional<at::Tensor>& b_opt) {
+at::Tensor bf16_linear(const at::Tensor& x_in, const at::Tensor& w, const std::optional<at::Tensor>& b_opt) {
   TORCH_CHECK(x_in.dim() == 2 && w.dim() == 2 && x_in.size(1) == w.size(1), "x [M, K] and w [N, K]");
   TORCH_CHECK(w.scalar_type() == at::kBFloat16 && w.is_contiguous(), "w must be contiguous bf16");
 #if defined(__AVX512BF16__)
@@ -399,14 +398,12 @@ at::Tensor bf16_linear_bias(const at::Tensor& x_in, const at::Tensor& w, const s
   return at::linear(x_in.to(at::kBFloat16), w, b_opt);
 }
 
-at::Tensor bf16_linear(const at::Tensor& x, const at::Tensor& w) { return bf16_linear_bias(x, w, std::nullopt); }
-
 // oneDNN's linear on its prepacked weight w; with the row-major copy wr, small M takes bf16_linear
 // instead (the branch lives here so that a compiled graph with a symbolic batch keeps one opaque op)
 at::Tensor packed_linear(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& b,
                          const std::optional<at::Tensor>& wr) {
   if (wr.has_value() && x.dim() == 2 && x.size(0) <= GEMV_MAX_ROWS && x.size(1) % 32 == 0)
-    return bf16_linear_bias(x, *wr, b);
+    return bf16_linear(x, *wr, b);
   static const c10::OperatorHandle op = c10::Dispatcher::singleton().findSchemaOrThrow("mkldnn::_linear_pointwise", "");
   torch::jit::Stack stack{x, w, b, c10::IValue(std::string("none")), c10::IValue(c10::List<std::optional<at::Scalar>>()),
                           c10::IValue()};
@@ -419,14 +416,12 @@ at::Tensor packed_linear(const at::Tensor& x, const at::Tensor& w, const std::op
 TORCH_LIBRARY(distserve, m) {
   m.def("quant_linear(Tensor x, Tensor qs, Tensor d, Tensor? m, int kind, int K) -> Tensor");
   m.def("quant_dequant(Tensor qs, Tensor d, Tensor? m, int kind, int K) -> Tensor");
-  m.def("bf16_linear(Tensor x, Tensor w) -> Tensor");
   m.def("packed_linear(Tensor x, Tensor w, Tensor? b, Tensor? wr=None) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(distserve, CPU, m) {
   m.impl("quant_linear", &quant_linear);
   m.impl("quant_dequant", &quant_dequant);
-  m.impl("bf16_linear", &bf16_linear);
   m.impl("packed_linear", &packed_linear);
 }
 

@@ -135,8 +135,4 @@ def _register_fakes() -> None:
     def _(x, w, b, wr=None):
         return x.new_empty((x.shape[0], w.shape[0]))
 
-    @torch.library.register_fake("distserve::bf16_linear")
-    def _(x, w):
-        return x.new_empty((x.shape[0], w.shape[0]), dtype=torch.bfloat16)
-
     _state["fakes"] = True

@@ -127,7 +127,7 @@ class Pricer:
 
     profile: Profile
     models: dict[str, LatencyModel] = field(default_factory=dict)  # slot name -> its instance's latency model
-    rng: random.Random = field(default_factory=random.Random)  # draws the profile's step noise, if it has any
+    rng: random.Random = field(default_factory=lambda: random.Random(0))  # draws the profile's step noise, if any
 
     def step_stages(self, slot: str, step: Step, others_busy: bool) -> list[float]:
         """Seconds the step holds each pipeline stage of the slot's instance, in order. Stage 1 first does
