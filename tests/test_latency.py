@@ -92,3 +92,7 @@ def test_own_format_round_trips(tmp_path):
     assert "step_noise" not in p.to_json()
     f.write_text(json.dumps(dataclasses.replace(p, step_noise={"decode": (0.9, 1.2)}).to_json()))
     assert load_profile(f).step_noise == {"decode": (0.9, 1.2)}
+    # so does the arrival stall (ms a step in flight grows per arriving request); DistServe's has none
+    assert "arrival_stall_ms" not in p.to_json() and p.arrival_stall_ms == {}
+    f.write_text(json.dumps(dataclasses.replace(p, arrival_stall_ms={"prefill": 2.5, "decode": 3.5}).to_json()))
+    assert load_profile(f).arrival_stall_ms == {"prefill": 2.5, "decode": 3.5}

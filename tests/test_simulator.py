@@ -167,3 +167,35 @@ def test_step_noise_lengthens_queues_at_the_same_mean_step_time():
     noisy = simulate(dataclasses.replace(prof, step_noise={"prefill": (0.6, 1.4)}),
                      Layout("prefill", prefill=Parallel(1)), arrivals, lengths)
     assert statistics.mean(r.ttft for r in noisy.requests) > 1.5 * statistics.mean(r.ttft for r in flat.requests)
+
+
+def test_an_arrival_stalls_the_steps_in_flight():
+    """Profile.arrival_stall_ms: a request that arrives while a step runs makes that step end later (a CPU
+    server's front end shares the process, its GIL and cores with the instances); a step started after it is not."""
+    import dataclasses
+
+    stalled = dataclasses.replace(profile(), arrival_stall_ms={"prefill": 5.0, "decode": 3.0})
+    lay = Layout("prefill", prefill=Parallel(1))
+    # r0 prefills 0-111 ms; r1 arrives at 50 ms, inside it: r0 ends at 116, r1 runs 116-227 (TTFT 177 ms)
+    res = run(stalled, lay, [0.0, 0.05], [(100, 2)] * 2).requests
+    assert [r.ttft for r in res] == pytest.approx([0.116, 0.177])
+    # disagg: r0 prefills 0-111, pulls 111-121, decodes from 121 (7.01 ms steps); r1 arrives at 125 ms inside
+    # r0's first decode step (+3 ms: the decode stall) while the prefill instance is idle (nothing stalled)
+    base = run(profile(), DISAGG, [0.0, 0.125], [(100, 5), (100, 2)]).requests
+    res = run(stalled, DISAGG, [0.0, 0.125], [(100, 5), (100, 2)]).requests
+    assert res[0].ttft == pytest.approx(0.111) and res[1].ttft == pytest.approx(0.111)
+    assert base[0].tpot == pytest.approx((0.010 + 0.0281) / 4)
+    assert res[0].tpot == pytest.approx((0.010 + 0.0281 + 0.003) / 4)
+    # a profile without stalls (DistServe's) leaves arrivals free
+    assert run(profile(), lay, [0.0, 0.05], [(100, 2)] * 2).requests[0].ttft == pytest.approx(0.111)
+
+
+def test_an_arrival_stalls_every_stage_of_a_pipelined_instance():
+    """pp=2: stage time (10 + 100) / 2 + 2 = 57 ms. r1 arrives at 10 ms while r0 holds stage 1: both of r0's
+    stages move 5 ms later (stage 1 free at 62, r0 done at 119); r1 enters stage 1 at 62 and is done at 176."""
+    import dataclasses
+
+    prof = dataclasses.replace(profile(cap={(1, 2): 3200, (1, 1): 1600, (2, 1): 1600}),
+                               arrival_stall_ms={"prefill": 5.0})
+    res = run(prof, Layout("prefill", prefill=Parallel(1, 2)), [0.0, 0.010], [(100, 2)] * 2).requests
+    assert [r.ttft for r in res] == pytest.approx([0.119, 0.166])

@@ -1,5 +1,5 @@
 """Fitting the latency model to a server's step trace (scheduler/trace_fit.py), on synthetic traces
-whose true coefficients and interference are known."""
+whose true coefficients, interference and arrival stalls are known."""
 from __future__ import annotations
 
 import random
@@ -7,9 +7,10 @@ from dataclasses import replace
 
 import pytest
 
+from engine.step import Step
 from scheduler.planner.latency import LatencyModel, PhaseCoeffs
 from scheduler.planner.trace_fit import fit_trace, model_ratios, residuals, samples
-from scheduler.runtime.trace import StepRecord
+from scheduler.runtime.trace import StepRecord, StepTrace
 
 TRUE = PhaseCoeffs((20.0, 0.5, 0.001), (30.0, 0.002, 4.0), (30.0, 0.002, 4.0), threshold=95)
 
@@ -33,15 +34,18 @@ def trace(busy_factor: float, seed: int = 0, n: int = 60) -> list[StepRecord]:
 
 
 def test_recovers_the_coefficients_of_an_exact_trace():
-    coeffs, factors, report = fit_trace(trace(1.0), thresholds=(95,))
+    fit = fit_trace(trace(1.0), thresholds=(95,))
+    coeffs, factors, report = fit.coeffs, fit.interference, fit.report
     for got, want in ((coeffs.prefill, TRUE.prefill), (coeffs.decode_small, TRUE.decode_small)):
         assert got == pytest.approx(want, rel=1e-6, abs=1e-9)
     assert factors == pytest.approx({"prefill": 1.0, "decode": 1.0})
     assert report["samples"] == {"prefill": 60, "decode": 60}
+    assert fit.arrival_stall_ms == {"prefill": 0.0, "decode": 0.0}  # no step saw an arrival
 
 
 def test_splits_interference_out_of_the_steps_that_ran_next_to_a_busy_instance():
-    coeffs, factors, _ = fit_trace(trace(1.5), thresholds=(95,))
+    fit = fit_trace(trace(1.5), thresholds=(95,))
+    coeffs, factors = fit.coeffs, fit.interference
     assert factors["prefill"] == pytest.approx(1.5, rel=0.02)
     assert factors["decode"] == pytest.approx(1.5, rel=0.02)
     model, truth = LatencyModel(coeffs), LatencyModel(TRUE)  # scaled back to a step running alone
@@ -63,14 +67,15 @@ def test_only_steps_the_formulas_describe_are_samples():
         rec([], 5, 1, end=None),  # never ended
     ]
     pre, dec = samples(recs, ("colocated",))
-    assert pre == [([64], pytest.approx(10.0), False)]
-    assert dec == [(300, 3, pytest.approx(10.0), False)]
+    assert pre == [([64], pytest.approx(10.0), False, 0)]
+    assert dec == [(300, 3, pytest.approx(10.0), False, 0)]
     with pytest.raises(ValueError, match="need >= 3"):
         fit_trace(recs, ("colocated",))
 
 
 def test_model_ratios_are_one_on_the_trace_the_model_came_from_and_show_a_slowdown():
-    coeffs, factors, _ = fit_trace(trace(1.5), thresholds=(95,))
+    fit = fit_trace(trace(1.5), thresholds=(95,))
+    coeffs, factors = fit.coeffs, fit.interference
     model = LatencyModel(coeffs)
     r = model_ratios(trace(1.5, seed=1), model, factors, ("prefill", "decode"))
     assert r == pytest.approx({"prefill": 1.0, "decode": 1.0}, rel=0.02)
@@ -83,7 +88,8 @@ def test_model_ratios_are_one_on_the_trace_the_model_came_from_and_show_a_slowdo
 def test_residuals_are_each_steps_measured_over_modelled_time():
     """What the fidelity bench hands the simulator as step noise: one ratio per usable step, busy-neighbor
     steps measured against their factor."""
-    coeffs, factors, _ = fit_trace(trace(1.5), thresholds=(95,))
+    fit = fit_trace(trace(1.5), thresholds=(95,))
+    coeffs, factors = fit.coeffs, fit.interference
     model = LatencyModel(coeffs)
     steps = trace(1.5, seed=3)
     steps = [replace(x, end=x.start + (0.8 if i % 4 < 2 else 1.2) * (x.end - x.start)) for i, x in enumerate(steps)]
@@ -101,8 +107,9 @@ def test_interference_settles_when_almost_every_step_had_a_busy_neighbor():
         r.others_busy = i % 20 >= 2  # 2 alone in every 20 steps
         k = (1.5 if r.others_busy else 1.0) / (1.5 if was_busy else 1.0)
         r.end = r.start + k * (r.end - r.start)
-    coeffs, factors, report = fit_trace(recs, thresholds=(95,))
-    assert factors == pytest.approx({"prefill": 1.5, "decode": 1.5}, rel=0.01)
+    fit = fit_trace(recs, thresholds=(95,))
+    assert fit.interference == pytest.approx({"prefill": 1.5, "decode": 1.5}, rel=0.01)
+    coeffs, report = fit.coeffs, fit.report
     assert LatencyModel(coeffs).decode_ms(3000, 16) == pytest.approx(LatencyModel(TRUE).decode_ms(3000, 16), rel=0.01)
     assert report["rounds"] > 6
 
@@ -112,3 +119,68 @@ def test_steps_that_swapped_kv_are_not_samples():
     for r in recs:
         r.swap_tokens = 32
     assert samples(recs, ("prefill", "decode")) == ([], [])
+
+
+def with_arrivals(recs: list[StepRecord], stall: dict[str, float], seed: int = 0, choices=(0, 0, 1, 2, 3)) -> None:
+    """Give each step 0-3 requests that arrived while it ran, each adding stall[phase] ms to it."""
+    rng = random.Random(seed)
+    for r in recs:
+        r.arrivals = rng.choice(choices)
+        r.end += stall["prefill" if r.prefill else "decode"] * r.arrivals / 1e3
+
+
+def test_splits_the_arrival_stall_out_of_the_steps_requests_arrived_during():
+    """Each request arriving while a step runs adds a fixed time to it (its front-end work competes for the GIL
+    and the cores): the fit finds that time per phase beside the interference factor, and prices steps without
+    it."""
+    stall = {"prefill": 2.5, "decode": 3.5}
+    recs = trace(1.5, n=120)
+    with_arrivals(recs, stall)
+    fit = fit_trace(recs, thresholds=(95,))
+    assert fit.arrival_stall_ms == pytest.approx(stall, rel=0.01)
+    assert fit.interference == pytest.approx({"prefill": 1.5, "decode": 1.5}, rel=0.01)
+    assert LatencyModel(fit.coeffs).prefill_ms([128, 64]) == pytest.approx(LatencyModel(TRUE).prefill_ms([128, 64]),
+                                                                          rel=0.01)
+    assert fit.report["steps_with_arrivals"]["decode"] == sum(r.arrivals > 0 for r in recs if not r.prefill)
+    res = residuals(recs, LatencyModel(fit.coeffs), fit.interference, ("prefill", "decode"), fit.arrival_stall_ms)
+    assert min(res["prefill"] + res["decode"]) == pytest.approx(1.0, abs=0.02)
+    assert max(res["prefill"] + res["decode"]) == pytest.approx(1.0, abs=0.02)
+
+
+def test_residuals_take_the_arrival_stall_off_before_dividing_by_the_model():
+    # a 100-token prompt alone: 20 + 50 + 10 + 1 = 81 ms modelled; it ran 91 ms with 2 arrivals at 2.5 ms
+    # each: (91 - 5) / 81; the same step read without stalls: 91 / 81
+    rec = StepRecord("prefill0", "prefill", 0.0, [(100, 0)], 0, 0, 0, False, 0.091, arrivals=2)
+    model = LatencyModel(TRUE)
+    assert residuals([rec], model, {}, ("prefill",), {"prefill": 2.5})["prefill"] == [pytest.approx(86 / 81)]
+    assert residuals([rec], model, {}, ("prefill",))["prefill"] == [pytest.approx(91 / 81)]
+
+
+def test_arrival_stall_is_measured_against_neighboring_steps_not_across_runs():
+    """The machine's speed drifts between runs: a run at a higher rate (more arrivals per step) that happens
+    to run 10% slower must not read as a larger stall per arrival."""
+    stall = {"prefill": 2.0, "decode": 2.0}
+    calm, busy = trace(1.0, seed=5, n=100), trace(1.0, seed=6, n=100)
+    with_arrivals(calm, stall, seed=1, choices=(0, 0, 0, 1))
+    with_arrivals(busy, stall, seed=2, choices=(1, 2, 3))
+    for r in busy:
+        r.start, r.end = r.start + 1000.0, r.start + 1000.0 + 1.1 * (r.end - r.start)
+    fit = fit_trace(calm + busy, thresholds=(95,))
+    assert fit.arrival_stall_ms == pytest.approx(stall, rel=0.15)
+
+
+def test_step_trace_counts_the_arrivals_during_each_running_step():
+    trace_ = StepTrace(10)
+    trace_.arrived()  # no step running: counts nowhere
+    trace_.begin("prefill0", "prefill", Step(), 0.0, False)
+    trace_.arrived()
+    trace_.begin("decode1", "decode", Step(), 0.1, True)
+    trace_.arrived()
+    trace_.end("prefill0", 0.2)
+    trace_.arrived()
+    trace_.end("decode1", 0.3)
+    assert [(r.instance, r.arrivals) for r in trace_.drain()] == [("prefill0", 2), ("decode1", 2)]
+    old = StepRecord("p", "prefill", 0.0, [(5, 0)], 0, 0, 0, False, 0.01).to_json()
+    assert StepRecord.from_json(old | {"arrivals": 3}).arrivals == 3
+    del old["arrivals"]
+    assert StepRecord.from_json(old).arrivals == 0  # a trace recorded before arrivals were counted

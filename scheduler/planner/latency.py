@@ -27,6 +27,11 @@ published A100 files are read into the same structure (`load_profile`):
                                           # step time of traced steps; the simulator multiplies each
                                           # step by one drawn at random (seeded). Default: none, every
                                           # step exactly as modelled (DistServe's simulator)
+      "arrival_stall_ms": {"prefill": 2.5, "decode": 3.5}  # optional: ms a step in flight grows by per
+                                          # request that arrives meanwhile (the front end's HTTP work
+                                          # on the event loop of the same process competes with the
+                                          # instances' threads for the GIL and the cores); default none
+                                          # (a GPU's steps do not wait for the host's front end)
     }
 
 With pipeline degree pp, each time below is what ONE stage of the pipeline spends on the batch: the
@@ -97,6 +102,7 @@ class Profile:
     scheduler: dict = field(default_factory=dict)
     interference: dict[str, float] = field(default_factory=dict)  # phase -> factor (see the file's top)
     step_noise: dict[str, tuple[float, ...]] = field(default_factory=dict)  # phase -> multipliers (file's top)
+    arrival_stall_ms: dict[str, float] = field(default_factory=dict)  # phase -> ms per arrival (file's top)
 
     def __post_init__(self) -> None:
         if self.device_kind not in ("cuda", "cpu"):
@@ -133,7 +139,8 @@ class Profile:
                 "kv_bytes_per_token": self.kv_bytes_per_token, "transfer_bandwidth_Bps": self.transfer_bandwidth_Bps,
                 "swap_bandwidth_Bps": self.swap_bandwidth_Bps, "block_size": self.block_size,
                 "scheduler": self.scheduler, "interference": self.interference,
-                **({"step_noise": {k: list(v) for k, v in self.step_noise.items()}} if self.step_noise else {})}
+                **({"step_noise": {k: list(v) for k, v in self.step_noise.items()}} if self.step_noise else {}),
+                **({"arrival_stall_ms": self.arrival_stall_ms} if self.arrival_stall_ms else {})}
 
 
 class LatencyModel:
@@ -251,7 +258,8 @@ def load_profile(path: str | Path, model: str | None = None) -> Profile:
                        swap_bandwidth_Bps=float(data.get("swap_bandwidth_Bps", PCIE4_BPS)),
                        block_size=int(data.get("block_size", 16)), scheduler=dict(data.get("scheduler", {})),
                        interference={k: float(v) for k, v in data.get("interference", {}).items()},
-                       step_noise={k: tuple(map(float, v)) for k, v in data.get("step_noise", {}).items()})
+                       step_noise={k: tuple(map(float, v)) for k, v in data.get("step_noise", {}).items()},
+                       arrival_stall_ms={k: float(v) for k, v in data.get("arrival_stall_ms", {}).items()})
     if model is None:
         if len(data) != 1:
             raise ValueError(f"{path} holds several models ({', '.join(data)}); pass --model")

@@ -17,6 +17,10 @@ the step's tokens, hand-offs and finishes apply when its last stage is done. So 
 batch through every stage (simdistserve merges decode batches that meet in a later stage's queue) and
 at most pp steps are in flight (simdistserve lets more queue between stages).
 
+Arrivals stall the steps in flight by the profile's arrival_stall_ms (a CPU server's front end shares its
+process, its GIL and its cores with the instances' threads): a request that arrives while a step runs makes that
+step end later, as the server's step trace shows (StepRecord.arrivals).
+
 Modes:
 - disagg: prefill instances -> KV hand-off -> decode instances. The decode side pulls; copies
   serialize on the pulling decode instance (bytes / link bandwidth), before its next step, and the
@@ -129,6 +133,15 @@ class Pricer:
     models: dict[str, LatencyModel] = field(default_factory=dict)  # slot name -> its instance's latency model
     rng: random.Random = field(default_factory=lambda: random.Random(0))  # draws the profile's step noise, if any
 
+    @staticmethod
+    def phase(step: Step) -> str:
+        """Which of the profile's per-phase terms price the step: a step with prompt chunks is a prefill."""
+        return "prefill" if step.shape()[0] else "decode"
+
+    def stall_seconds(self, phase: str) -> float:
+        """How much longer a step of `phase` in flight runs per request that arrives meanwhile."""
+        return self.profile.arrival_stall_ms.get(phase, 0.0) / 1e3
+
     def step_stages(self, slot: str, step: Step, others_busy: bool) -> list[float]:
         """Seconds the step holds each pipeline stage of the slot's instance, in order. Stage 1 first does
         the swap copies (host <-> device, before the forward); each stage runs its share of the forward as
@@ -138,7 +151,7 @@ class Pricer:
         stage = 0.0
         if step.items:
             chunks, ctx, batch = step.shape()
-            phase = "prefill" if chunks else "decode"
+            phase = self.phase(step)
             slow = prof.interference.get(phase, 1.0) if others_busy else 1.0
             noise = prof.step_noise.get(phase)
             stage = model.mixed_ms(chunks, ctx, batch) / 1e3 * slow * (self.rng.choice(noise) if noise else 1.0)
@@ -156,6 +169,16 @@ class Pricer:
         return self.pull_bytes(pull) / self.profile.transfer_bandwidth_Bps
 
 
+@dataclass(eq=False)
+class _Running:
+    """A step in flight: it reports back at `end`, which arrivals may push later."""
+
+    slot: Slot
+    step: Step
+    phase: str
+    end: float
+
+
 @dataclass
 class Simulation:
     profile: Profile
@@ -170,6 +193,7 @@ class Simulation:
     pricer: Pricer = field(init=False)
     _kicks: set[str] = field(default_factory=set)  # slots with a wake-up pending
     _stage_free: dict[str, list[float]] = field(default_factory=dict)  # slot -> when each stage is next free
+    _running: list[_Running] = field(default_factory=list)  # steps in flight
     _heap: list = field(default_factory=list)
     _seq: int = 0
     _failed: set[str] = field(default_factory=set)
@@ -218,15 +242,21 @@ class Simulation:
                 t = free[j] = max(t, free[j]) + secs  # FIFO at every stage: steps never overtake
             if len(free) > 1:
                 self.at(free[0], self._wake, slot)  # stage 1 can take the next step
-            self.at(t, self._executed, (slot, action.step))
+            run = _Running(slot, action.step, self.pricer.phase(action.step), t)
+            self._running.append(run)
+            self.at(t, self._executed, run)
         elif action:  # pulls: they serialize on the pulling instance, bytes / link bandwidth each
             t = self.now
             for pull in action:
                 t += self.pricer.pull_seconds(pull)
                 self.at(t, self._pulled, pull)
 
-    def _executed(self, arg: tuple[Slot, Step]) -> None:
-        slot, step = arg
+    def _executed(self, run: _Running) -> None:
+        if run.end > self.now:  # an arrival stalled it meanwhile
+            self.at(run.end, self._executed, run)
+            return
+        self._running.remove(run)
+        slot, step = run.slot, run.step
         sampled = [Sampled(r, 0) for r, n in step.items if r.num_computed + n >= r.num_tokens]
         self.cluster.executed(slot, step, sampled)
         self._wake(slot)
@@ -255,8 +285,24 @@ class Simulation:
         if self.max_failures is not None and len(self._failed) > self.max_failures:
             self._stopped = True
 
+    def _stall(self) -> None:
+        """A request arrives: each instance with steps in flight stalls for its front-end work (the longest
+        stall of its steps' phases), its steps and busy stages shifted alike."""
+        for slot in self.slots:
+            runs = [x for x in self._running if x.slot is slot]
+            secs = max((self.pricer.stall_seconds(x.phase) for x in runs), default=0.0)
+            if not secs:
+                continue
+            for x in runs:
+                x.end += secs
+            free = self._stage_free[slot.name]
+            free[:] = [f + secs if f > self.now else f for f in free]
+            if len(free) > 1:
+                self.at(free[0], self._wake, slot)
+
     # ---- running a workload ----
     def _arrive(self, r: Request) -> None:
+        self._stall()
         if self.layout.mode != "decode":
             self.cluster.add(r)
             return

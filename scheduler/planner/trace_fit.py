@@ -2,96 +2,159 @@
 timed in isolation: the iteration times then carry what serving adds (the event loop's HTTP and
 token work on the same cores, the GIL shared with the other instance, the gap before the next step).
 
-    coeffs, factors, report = fit_trace(records, roles=("decode",))
+    fit = fit_trace(records, roles=("decode",))   # fit.coeffs, fit.interference, fit.arrival_stall_ms
 
 Prefill samples are steps with prompt chunks that start at token 0 and no decodes (a chunk after
 cached tokens, or a mixed chunked step, does not fit DistServe's prefill formula); decode samples are
-steps without prompt chunks; steps that swapped KV are left out. Interference: steps that started
-while another instance was busy are slower by a per-phase factor (Profile.interference) that the
-fit estimates alongside the coefficients; with fewer than MIN_SPLIT steps on either side the factor
-is 1 (nothing to tell apart).
+steps without prompt chunks; steps that swapped KV are left out. Two effects of serving are split out
+of the step times alongside the coefficients, per phase:
+- interference: steps that started while another instance was busy are slower by a factor
+  (Profile.interference); with fewer than MIN_SPLIT steps on either side the factor is 1;
+- arrival stall: each request that arrived while the step ran adds a fixed time (the front end's work
+  on the event loop competes for the GIL and the cores: Profile.arrival_stall_ms); with fewer than
+  MIN_SPLIT steps that saw an arrival it is 0.
 """
 from __future__ import annotations
 
 import statistics
+from dataclasses import dataclass
+
+import numpy as np
 
 from scheduler.planner.latency import LatencyModel, PhaseCoeffs
 from scheduler.planner.profile import DECODE_THRESHOLDS, fit_decode_threshold
 from scheduler.runtime.trace import StepRecord
 
 MIN_SPLIT = 5
+NEIGHBORS = 2  # steps on either side that a step's arrival stall is measured against
 PP1_HOP_MS = 1.0  # what LatencyModel.prefill_ms adds at pp=1
+PHASES = ("prefill", "decode")
+
+
+@dataclass
+class TraceFit:
+    coeffs: PhaseCoeffs  # of a step that starts alone, with no arrival while it runs
+    interference: dict[str, float]  # phase -> factor (Profile.interference)
+    arrival_stall_ms: dict[str, float]  # phase -> ms per arrival during the step (Profile.arrival_stall_ms)
+    report: dict  # samples, fit errors, rounds
+
+
+@dataclass(frozen=True)
+class Observed:
+    """One traced step against the model: measured ms, the model's ms alone, busy neighbor, arrivals."""
+
+    ms: float
+    model_ms: float
+    busy: bool
+    arrivals: int
 
 
 def samples(records: list[StepRecord], roles: tuple[str, ...]) -> tuple[list, list]:
-    """(prefill samples [(lengths, ms, others_busy)], decode samples [(ctx, batch, ms, others_busy)])."""
+    """(prefill samples [(lengths, ms, others_busy, arrivals)], decode samples [(ctx, batch, ms, others_busy,
+    arrivals)])."""
     pre, dec = [], []
     for r in records:
         if r.role not in roles or r.end is None or r.swap_tokens:
             continue  # a step that also copied KV to / from the host: the simulator prices copies apart
         if r.prefill and not r.decode_batch and all(c == 0 for _, c in r.prefill):
-            pre.append(([n for n, _ in r.prefill], r.ms, r.others_busy))
+            pre.append(([n for n, _ in r.prefill], r.ms, r.others_busy, r.arrivals))
         elif not r.prefill and r.decode_batch:
-            dec.append((r.decode_ctx, r.decode_batch, r.ms, r.others_busy))
+            dec.append((r.decode_ctx, r.decode_batch, r.ms, r.others_busy, r.arrivals))
     return pre, dec
 
 
-def _factor(observed: list[tuple[float, float, bool]]) -> float:
-    """observed: (measured ms, alone-model ms, others_busy) -> median busy ratio (1 if too few either side)."""
-    busy = [m / f for m, f, b in observed if b and f > 0]
-    if len(busy) < MIN_SPLIT or len(observed) - len(busy) < MIN_SPLIT:
+def _observed(model: LatencyModel, pre: list, dec: list) -> dict[str, list[Observed]]:
+    return {"prefill": [Observed(t, model.prefill_ms(ls), b, n) for ls, t, b, n in pre],
+            "decode": [Observed(t, model.decode_ms(s, k), b, n) for s, k, t, b, n in dec]}
+
+
+def _factor(obs: list[Observed], stall: float) -> float:
+    """Median over the busy-neighbor steps of (measured - arrivals' stall) / model (1 if too few either side)."""
+    busy = [(o.ms - stall * o.arrivals) / o.model_ms for o in obs if o.busy and o.model_ms > 0]
+    if len(busy) < MIN_SPLIT or len(obs) - len(busy) < MIN_SPLIT:
         return 1.0
     return statistics.median(busy)
 
 
-def _priced(model: LatencyModel, pre: list, dec: list) -> dict[str, list[tuple[float, float, bool]]]:
-    """Per phase: (measured ms, the model's ms for that step alone, others_busy) of each sample."""
-    return {"prefill": [(t, model.prefill_ms(ls), b) for ls, t, b in pre],
-            "decode": [(t, model.decode_ms(s, n), b) for s, n, t, b in dec]}
+def _stall(obs: list[Observed], factor: float) -> float:
+    """ms per arrival. A step runs speed x its priced time + stall x its arrivals, and this shared machine's
+    speed drifts over seconds: a fit across runs at different rates would read a slower run's drift as the
+    cost of its extra arrivals. So, per step (obs in time order), measured / priced against arrivals / priced
+    (the stall) and 1 / priced (a constant the formula misprices, which would otherwise pass for a stall:
+    short steps have more arrivals per ms), each relative to the NEIGHBORS steps on either side; the stall is
+    the least-squares coefficient of the first. 0 with fewer than MIN_SPLIT steps that saw an arrival; never
+    negative."""
+    if sum(o.arrivals > 0 for o in obs) < MIN_SPLIT:
+        return 0.0
+    priced = np.array([o.model_ms * (factor if o.busy else 1.0) for o in obs])
+    ms, arrivals = np.array([o.ms for o in obs]), np.array([o.arrivals for o in obs], dtype=float)
+    x = np.column_stack([_detrended(arrivals / priced), _detrended(1.0 / priced)])
+    coef, *_ = np.linalg.lstsq(x, _detrended(ms / priced), rcond=None)
+    return max(0.0, float(coef[0]))
+
+
+def _detrended(v: np.ndarray) -> np.ndarray:
+    """Each value minus the mean of its NEIGHBORS neighbors on either side (fewer at the ends)."""
+    k = np.ones(2 * NEIGHBORS + 1)
+    k[NEIGHBORS] = 0.0
+    return v - np.convolve(v, k, "same") / np.convolve(np.ones_like(v), k, "same")
 
 
 def fit_trace(records: list[StepRecord], roles: tuple[str, ...] = ("prefill", "decode", "colocated"),
-              thresholds: tuple[int, ...] = DECODE_THRESHOLDS, tol: float = 1e-4,
-              max_rounds: int = 200) -> tuple[PhaseCoeffs, dict[str, float], dict]:
-    """Coefficients (of a step that starts alone) for the instances of `roles` (one device kind and
-    size), interference factors {"prefill", "decode"}, and a report (samples, fit errors, rounds).
+              thresholds: tuple[int, ...] = DECODE_THRESHOLDS, tol: float = 1e-4, max_rounds: int = 200) -> TraceFit:
+    """The model for the instances of `roles` (one device kind and size), its interference factors and
+    arrival stalls.
 
-    Alternates until the factors settle (within `tol`): fit the formulas to the steps with
-    busy-neighbor steps divided by their phase's factor; re-estimate each factor as the median of
-    observed / fitted over the busy-neighbor steps. Each round closes about the alone steps' share of
-    the remaining gap, so a trace that is mostly busy-neighbor steps needs many rounds."""
-    pre, dec = samples(records, roles)
+    Alternates until the factors and stalls settle (within `tol`, relative; stalls within tol ms): fit the
+    formulas to the steps with each arrival's stall taken off and busy-neighbor steps divided by their
+    phase's factor; re-estimate each factor as the median of (observed - stall) / fitted over the
+    busy-neighbor steps, then each stall from what the steps ran beyond their priced time. Each round
+    closes about the alone steps' share of the remaining gap, so a trace that is mostly busy-neighbor
+    steps needs many rounds."""
+    pre, dec = samples(sorted(records, key=lambda r: r.start), roles)  # time order: _stall compares neighbors
     if len(pre) < 3 or len(dec) < 3:
         raise ValueError(f"step trace has {len(pre)} prefill and {len(dec)} decode steps usable: need >= 3 of each")
-    factors = {"prefill": 1.0, "decode": 1.0}
+    factors = {p: 1.0 for p in PHASES}
+    stalls = {p: 0.0 for p in PHASES}
     rounds = 0
     while rounds < max_rounds:
         rounds += 1
-        fp, fd = factors["prefill"], factors["decode"]
+        (fp, fd), (sp, sd) = (factors[p] for p in PHASES), (stalls[p] for p in PHASES)
         # LatencyModel adds the pp=1 stage hop (1 ms) to every prefill: fit what is left of a step
-        coeffs, report = fit_decode_threshold([(ls, (t / fp if b else t) - PP1_HOP_MS) for ls, t, b in pre],
-                                              [(s, n, t / fd if b else t) for s, n, t, b in dec], thresholds)
-        factors = {phase: _factor(obs) for phase, obs in _priced(LatencyModel(coeffs), pre, dec).items()}
-        if abs(factors["prefill"] - fp) <= tol * fp and abs(factors["decode"] - fd) <= tol * fd:
+        coeffs, report = fit_decode_threshold(
+            [(ls, (t - sp * n) / (fp if b else 1.0) - PP1_HOP_MS) for ls, t, b, n in pre],
+            [(s, k, (t - sd * n) / (fd if b else 1.0)) for s, k, t, b, n in dec], thresholds)
+        obs = _observed(LatencyModel(coeffs), pre, dec)
+        old = factors, stalls
+        factors = {p: _factor(obs[p], stalls[p]) for p in PHASES}
+        stalls = {p: _stall(obs[p], factors[p]) for p in PHASES}
+        if all(abs(factors[p] - old[0][p]) <= tol * old[0][p] and abs(stalls[p] - old[1][p]) <= tol for p in PHASES):
             break
     report["rounds"] = rounds
     report["samples"] = {"prefill": len(pre), "decode": len(dec)}
-    report["busy_neighbor_steps"] = {"prefill": sum(b for *_, b in pre), "decode": sum(b for *_, b in dec)}
-    return coeffs, factors, report
+    report["busy_neighbor_steps"] = {"prefill": sum(x[2] for x in pre), "decode": sum(x[3] for x in dec)}
+    report["steps_with_arrivals"] = {"prefill": sum(x[3] > 0 for x in pre), "decode": sum(x[4] > 0 for x in dec)}
+    return TraceFit(coeffs, factors, stalls, report)
 
 
 def residuals(records: list[StepRecord], model: LatencyModel, factors: dict[str, float],
-              roles: tuple[str, ...]) -> dict[str, list[float]]:
-    """Per phase, observed / predicted time of each step of a trace (busy-neighbor steps predicted with
-    their factor): the model's error on those steps, and the step-time noise a simulator can draw from
-    (Profile.step_noise). A deterministic simulator prices every step at the model's mean, and a queue fed
-    by steps that vary waits longer than one fed by steps that do not."""
+              roles: tuple[str, ...], stalls: dict[str, float] | None = None) -> dict[str, list[float]]:
+    """Per phase, (observed - arrivals' stall) / predicted time of each step of a trace (busy-neighbor steps
+    predicted with their factor): the model's error on those steps, and the step-time noise a simulator can
+    draw from (Profile.step_noise), which multiplies the modelled time before any stall is added. A
+    deterministic simulator prices every step at the model's mean, and a queue fed by steps that vary waits
+    longer than one fed by steps that do not."""
+    stalls = stalls or {}
     pre, dec = samples(records, roles)
-    return {phase: [m / (f * (factors.get(phase, 1.0) if b else 1.0)) for m, f, b in obs if f > 0]
-            for phase, obs in _priced(model, pre, dec).items()}
+    out = {}
+    for phase, obs in _observed(model, pre, dec).items():
+        f, s = factors.get(phase, 1.0), stalls.get(phase, 0.0)
+        out[phase] = [(o.ms - s * o.arrivals) / (o.model_ms * (f if o.busy else 1.0)) for o in obs if o.model_ms > 0]
+    return out
 
 
 def model_ratios(records: list[StepRecord], model: LatencyModel, factors: dict[str, float],
-                 roles: tuple[str, ...]) -> dict[str, float | None]:
-    """Mean observed / predicted step time per phase over a trace. None: no such steps."""
-    return {phase: statistics.fmean(r) if r else None for phase, r in residuals(records, model, factors, roles).items()}
+                 roles: tuple[str, ...], stalls: dict[str, float] | None = None) -> dict[str, float | None]:
+    """Mean residual per phase over a trace (1.00: the model prices what ran right). None: no such steps."""
+    return {phase: statistics.fmean(r) if r else None
+            for phase, r in residuals(records, model, factors, roles, stalls).items()}

@@ -102,6 +102,8 @@ class Cluster:
         if req.id in self.requests:
             raise ValueError(f"duplicate request id {req.id!r}")
         self.requests[req.id] = req
+        if self.trace is not None:
+            self.trace.arrived()
         self._dispatch(req, slot)
 
     def add_prefilled(self, req: Request) -> None:

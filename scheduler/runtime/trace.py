@@ -8,7 +8,10 @@ to that (`scheduler.planner.trace_fit.fit_trace`). Off unless EngineConfig.step_
 --step-trace N; GET /debug/steps hands the records over as JSON objects with these fields).
 
 `end` is when the instance is ready for its next step (after the step's events were applied: tokens
-emitted, hand-offs made), so end - start is the iteration time a simulator should charge.
+emitted, hand-offs made), so end - start is the iteration time a simulator should charge. `arrivals`
+counts the requests that entered the cluster while the step ran: in one process their front-end work
+(the HTTP handler on the event loop) competes with the step's thread for the GIL and the cores, so a step
+grows by some milliseconds per arrival (Profile.arrival_stall_ms).
 """
 from __future__ import annotations
 
@@ -30,6 +33,7 @@ class StepRecord:
     others_busy: bool  # another instance was inside a step or a KV pull at `start` (the simulator
     #                    counts a whole iteration as busy: a slightly wider window)
     end: float | None = None
+    arrivals: int = 0  # requests added to the cluster between start and end
 
     @classmethod
     def of(cls, instance: str, role: str, step: Step, start: float, others_busy: bool) -> StepRecord:
@@ -40,7 +44,7 @@ class StepRecord:
     @classmethod
     def from_json(cls, d: dict) -> StepRecord:
         return cls(d["instance"], d["role"], d["start"], [tuple(c) for c in d["prefill"]], d["decode_ctx"],
-                   d["decode_batch"], d.get("swap_tokens", 0), d["others_busy"], d.get("end"))
+                   d["decode_batch"], d.get("swap_tokens", 0), d["others_busy"], d.get("end"), d.get("arrivals", 0))
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -65,6 +69,11 @@ class StepTrace:
 
     def begin(self, instance: str, role: str, step: Step, start: float, others_busy: bool) -> None:
         self.pending[instance] = StepRecord.of(instance, role, step, start, others_busy)
+
+    def arrived(self) -> None:
+        """A request entered the cluster: it counts against every step running now."""
+        for rec in self.pending.values():
+            rec.arrivals += 1
 
     def end(self, instance: str, end: float) -> None:
         rec = self.pending.pop(instance, None)
