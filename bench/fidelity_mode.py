@@ -96,22 +96,26 @@ def roles_of(mode: str) -> tuple[str, ...]:
 
 
 def in_server_profile(prof: Profile, tp: int, mode: str, iso: Profile, records: list[dict]) -> tuple[Profile, dict]:
-    """The profile with this layout's coefficients (and, disaggregated, interference factors) fitted to
-    the server's own step trace (scheduler/planner/trace_fit.py), and the fitted model's residuals on that
-    trace as its step noise; `iso` (the isolated profile) where the trace
+    """The profile with this layout's coefficients, arrival stalls (and, disaggregated, interference factors)
+    fitted to the server's own step trace (scheduler/planner/trace_fit.py), and the fitted model's residuals
+    on that trace as its step noise; `iso` (the isolated profile) where the trace
     has too few steps the formulas describe (e.g. chunked prefill, whose steps are mostly mixed)."""
     try:
-        coeffs, factors, report = fit_trace(records, roles_of(mode))
+        fit = fit_trace(records, roles_of(mode))
     except ValueError as e:
         print(f"[{mode}] in-server fit impossible ({e}): the isolated profile stands in", flush=True)
         return iso, {"coeffs": None, "interference": iso.interference, "fit": {"error": str(e), "samples": None}}
-    inter = factors if mode == "disagg" else prof.interference
+    coeffs, stall = fit.coeffs, fit.arrival_stall_ms
+    inter = fit.interference if mode == "disagg" else prof.interference
     # the fitted model's error on each traced step: the step-time noise the simulator draws from
-    noise = {k: tuple(v) for k, v in residuals(records, LatencyModel(coeffs), inter, roles_of(mode)).items() if v}
+    noise = {k: tuple(v) for k, v in residuals(records, LatencyModel(coeffs), inter, roles_of(mode), stall).items()
+             if v}
     spread = {k: {q: round(float(np.quantile(v, x)), 3) for q, x in (("p10", .1), ("p50", .5), ("p90", .9))}
               | {"mean": round(statistics.fmean(v), 3)} for k, v in noise.items()}
-    return dataclasses.replace(prof, tp={**prof.tp, tp: coeffs}, interference=inter, step_noise=noise), {
-        "coeffs": coeffs.to_json(), "interference": factors, "step_noise": spread, "fit": report}
+    return dataclasses.replace(prof, tp={**prof.tp, tp: coeffs}, interference=inter, step_noise=noise,
+                               arrival_stall_ms=stall), {
+        "coeffs": coeffs.to_json(), "interference": fit.interference, "arrival_stall_ms": stall, "step_noise": spread,
+        "fit": fit.report}
 
 
 def run_mode(mode: str, args, specs: list[RequestSpec], fit_sets: list[list[RequestSpec]], prof: Profile) -> dict:
@@ -164,7 +168,7 @@ def run_mode(mode: str, args, specs: list[RequestSpec], fit_sets: list[list[Requ
                       f"{100 * real['attainment_both']:.1f}%", flush=True)
         srv_prof, fitted = in_server_profile(prof, tp, mode, iso_prof, fit_records)
         print(f"[{mode}] in-server fit: {fitted['fit']['samples']} steps, interference {fitted['interference']}, "
-              f"step noise {fitted.get('step_noise')}", flush=True)
+              f"arrival stall {fitted.get('arrival_stall_ms')} ms, step noise {fitted.get('step_noise')}", flush=True)
         rows = []
         for frac, rate in zip(args.load, rates, strict=True):
             iso = simulate(iso_prof, layout, times[rate], lengths, slo, sched)
@@ -172,10 +176,11 @@ def run_mode(mode: str, args, specs: list[RequestSpec], fit_sets: list[list[Requ
                    for k in range(args.noise_draws)]  # the step-noise draws, averaged
             row = compare(rate, frac, reals[rate], iso, srv, front, slo)
             row["step_ratio"] = model_ratios(traces[str(rate)], srv_prof.model_for(tp, 1), srv_prof.interference,
-                                             roles_of(mode))
+                                             roles_of(mode), srv_prof.arrival_stall_ms)
             rows.append(row)
             print(fmt_row(mode, row), flush=True)
     (out / f"traces-{mode}.json").write_text(json.dumps({k: [x.to_json() for x in v] for k, v in traces.items()}))
+    (out / f"fit-traces-{mode}.json").write_text(json.dumps([x.to_json() for x in fit_records]))  # to re-fit offline
     return {"mode": mode, "server_flags": flags, "calibration": cal, "slo": dataclasses.asdict(slo),
             "capacity_estimate": cap, "profile_tp": tp, "in_server_fit": {"rates": fit_rates, **fitted},
             "rows": rows}

@@ -17,7 +17,8 @@ Per mode (disagg: prefill cpu:C0 + decode cpu:C1; colocated and chunked: one ins
 3. the in-server model: other requests (seed + 1, ...) at the --fit-load loads, run in every round
    beside the measured rates (the machine's speed drifts over minutes: fit and test see the same drift); the latency
    model is fitted to the steps the server traced while serving them (scheduler/planner/trace_fit.py: iteration
-   times with the event loop and the other instance competing, interference split out), and the fitted
+   times with the event loop and the other instance competing, interference and the stall each arriving
+   request's front-end work adds to the steps in flight split out), and the fitted
    model's error on each of those steps (measured / modelled) becomes its step noise: the simulator
    multiplies every step by one of them drawn at random (--noise-draws simulations, averaged), since a
    server whose steps vary queues longer than one whose steps all take the mean;
@@ -29,7 +30,8 @@ Per mode (disagg: prefill cpu:C0 + decode cpu:C1; colocated and chunked: one ins
    real traced step times over the in-server model's price for the same steps (1.00: the model prices
    what ran right, so a gap in attainment comes from elsewhere).
 Writes OUT/fidelity.json and OUT/fidelity.md (the table) and prints it; each server's log is
-OUT/server-MODE.log. One mode's run is bench/fidelity_mode.py, the table bench/fidelity_report.py.
+OUT/server-MODE.log, its step traces OUT/traces-MODE.json (the measured rates) and OUT/fit-traces-MODE.json
+(the in-server fit's runs). One mode's run is bench/fidelity_mode.py, the table bench/fidelity_report.py.
 
 Workload: ShareGPT prompts (bench/sharegpt.py, DistServe's preprocessing) cut to a length drawn
 uniformly from [--min-prompt, --max-prompt] tokens, outputs uniform in [--min-output, --max-output]
