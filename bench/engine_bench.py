@@ -56,13 +56,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.threads is not None and not 1 <= args.threads <= len(os.sched_getaffinity(0)):
         p.error(f"--threads must be in 1..{len(os.sched_getaffinity(0))}")
-    if args.isa and args.compile:
-        # Measured 2026-12-01: with ATEN_CPU_CAPABILITY=avx2 on an AVX-512 CPU the compiled decode steps emit
-        # wrong tokens (tests/test_compile.py fails the same way; inductor's own AVX2 code at full ATen ISA,
-        # cpp.simdlen=256, passes): an artefact of the emulation, so ours runs eager there.
-        print("--isa: our decode steps run eager (compiled steps are wrong under ATEN_CPU_CAPABILITY emulation)",
-              file=sys.stderr)
-        args.compile = False
     if args.repeat < 1 or (args.iters is not None and args.iters < 1):
         p.error("--repeat and --iters must be at least 1")
     return args

@@ -4,8 +4,8 @@ everything between the matmuls, and the block lookup of paged attention fuses in
 Shapes are bucketed as CUDA graphs would bucket them, but with two graphs instead of one per size:
 batch 1 (static, the latency-critical case) and batch >= 2 (batch and context blocks symbolic); the
 context is padded to at least 2 blocks so that short prompts do not specialize a third. Compiled code
-is cached on disk by inductor (its FX graph cache, under $TORCHINDUCTOR_CACHE_DIR, by default
-~/.cache/distserve/inductor here), so a restart recompiles nothing: measured in bench/RESULTS.md.
+is cached on disk by inductor (its FX graph cache, under $TORCHINDUCTOR_CACHE_DIR, by default a folder
+per instruction set under ~/.cache/distserve/inductor), so a restart recompiles nothing: measured in bench/RESULTS.md.
 Prefill and mixed steps stay eager: they are matmul-bound and their shapes vary too much.
 """
 from __future__ import annotations
@@ -25,15 +25,34 @@ MIN_BLOCKS = 2  # pad tables to this many columns: nb = 1 would be a specializat
 
 
 def default_cache_dir() -> str:
-    return str(Path.home() / ".cache" / "distserve" / "inductor")
+    """~/.cache/distserve/inductor/<this CPU's vector flags>[-aten_<ATEN_CPU_CAPABILITY>]: one folder per
+    instruction set. inductor's own cache key does not follow ATEN_CPU_CAPABILITY (measured: a cache
+    filled at AVX-512 and read with the variable at avx2 made the compiled steps emit wrong tokens), and
+    a home folder shared between machines must not hand one CPU's code to another."""
+    cap = os.environ.get("ATEN_CPU_CAPABILITY")
+    tag = kernels.flag_tag() + (f"-aten_{cap}" if cap else "")
+    return str(Path.home() / ".cache" / "distserve" / "inductor" / tag)
+
+
+def resolve_cache_dir(explicit: str | None = None) -> str:
+    """explicit, else $TORCHINDUCTOR_CACHE_DIR as the user set it, else default_cache_dir(). inductor
+    writes its own default (/tmp/torchinductor_<user>, one folder for every ISA) into the variable the
+    first time anything in the process asks for it, so that value counts as unset."""
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir as inductor_default
+
+    env = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    if explicit:
+        return explicit
+    if env and os.path.abspath(env) != os.path.abspath(inductor_default()):
+        return env
+    return default_cache_dir()
 
 
 class CompiledDecode:
     """decode(ids, positions, tables, ctx_lens, cache) -> (logits, k, v), as LlamaModel.decode, compiled."""
 
     def __init__(self, model, cache_dir: str | None = None) -> None:
-        # inductor reads the variable when it first compiles; an explicit setting by the user wins
-        os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", cache_dir or default_cache_dir())
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = resolve_cache_dir(cache_dir)  # inductor reads it when it compiles
         kernels.load()  # decided before tracing: the traced code reads the outcome, never builds
         self.model = model
         # cpp_wrapper: the graph runs as one C++ function that releases the GIL, so a decode step next to

@@ -45,13 +45,17 @@ def march() -> str:
     return os.environ.get("DISTSERVE_KERNEL_MARCH", "native")
 
 
+def flag_tag() -> str:
+    """This CPU's vector flags as a name ('avx2-fma-f16c-avx512f-...'), for caches of machine code."""
+    flags = cpu_flags()
+    return "-".join(f for f in _FLAGS if f in flags) or "generic"
+
+
 def build_dir() -> Path:
     """Where the build lives: $DISTSERVE_KERNEL_DIR, else ~/.cache/distserve/kernels. The name carries
     the source hash, -march and this CPU's vector flags, so a cache shared between machines never loads
     a binary built for another instruction set."""
-    flags = cpu_flags()
-    tag = "-".join(f for f in _FLAGS if f in flags) or "generic"
-    key = SOURCE.read_bytes() + tag.encode() + march().encode() + torch.__version__.encode()
+    key = SOURCE.read_bytes() + flag_tag().encode() + march().encode() + torch.__version__.encode()
     digest = hashlib.sha1(key).hexdigest()[:12]
     root = Path(os.environ.get("DISTSERVE_KERNEL_DIR", Path.home() / ".cache" / "distserve" / "kernels"))
     return root / f"distserve_kernels_{digest}"

@@ -49,3 +49,26 @@ def test_compiled_decode_gives_the_eager_greedy_tokens(tmp_path_factory):
                 assert llm.engine.instances[0].compiled.compile_s  # the warm-up ran
         outs[compiled] = (batched, alone)
     assert outs[True] == outs[False]
+
+
+def test_the_compile_cache_is_kept_per_instruction_set(monkeypatch):
+    """inductor's cache key does not follow ATEN_CPU_CAPABILITY: a cache filled at the CPU's full ISA and
+    read with the variable at avx2 made the compiled steps emit wrong tokens. Each ISA gets its own folder."""
+    from engine import compile as ec
+    from engine import kernels
+
+    monkeypatch.delenv("ATEN_CPU_CAPABILITY", raising=False)
+    full = ec.default_cache_dir()
+    monkeypatch.setenv("ATEN_CPU_CAPABILITY", "avx2")
+    capped = ec.default_cache_dir()
+    assert full != capped and capped.endswith("-aten_avx2")
+    monkeypatch.setattr(kernels, "cpu_flags", lambda: {"avx2", "fma", "f16c"})
+    assert ec.default_cache_dir() != capped  # another CPU, another folder
+    # inductor's own default, written into the variable by inductor itself, counts as unset; a user's wins
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir as inductor_default
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", inductor_default())
+    assert ec.resolve_cache_dir() == ec.default_cache_dir()
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", "/srv/cache/inductor")
+    assert ec.resolve_cache_dir() == "/srv/cache/inductor"
+    assert ec.resolve_cache_dir("/explicit") == "/explicit"
