@@ -184,3 +184,11 @@ def test_step_trace_counts_the_arrivals_during_each_running_step():
     assert StepRecord.from_json(old | {"arrivals": 3}).arrivals == 3
     del old["arrivals"]
     assert StepRecord.from_json(old).arrivals == 0  # a trace recorded before arrivals were counted
+
+
+def test_a_fit_that_settles_on_an_implausible_interference_factor_is_refused():
+    """Busy-neighbor steps 10x their alone time is no machine this engine runs on: fit_trace raises (the
+    fidelity bench then uses the isolated profile) instead of handing the simulator a factor of 10."""
+    with pytest.raises(ValueError, match="degenerate fit"):
+        fit_trace(trace(busy_factor=10.0))
+    assert fit_trace(trace(busy_factor=3.0)).interference["prefill"] == pytest.approx(3.0, rel=0.01)

@@ -100,6 +100,12 @@ def _detrended(v: np.ndarray) -> np.ndarray:
     return v - np.convolve(v, k, "same") / np.convolve(np.ones_like(v), k, "same")
 
 
+# An instance next to a busy one ran ~1.2x slower here (bench/RESULTS.md); a fit that settles beyond this
+# many times either way has found a degenerate fixed point of its loop (seen on traces of a machine running
+# 2.4-3.6x slower than usual), and fit_trace says so rather than hand it to a simulator.
+MAX_FACTOR = 4.0
+
+
 def fit_trace(records: list[StepRecord], roles: tuple[str, ...] = ("prefill", "decode", "colocated"),
               thresholds: tuple[int, ...] = DECODE_THRESHOLDS, tol: float = 1e-4, max_rounds: int = 200) -> TraceFit:
     """The model for the instances of `roles` (one device kind and size), its interference factors and
@@ -110,7 +116,8 @@ def fit_trace(records: list[StepRecord], roles: tuple[str, ...] = ("prefill", "d
     phase's factor; re-estimate each factor as the median of (observed - stall) / fitted over the
     busy-neighbor steps, then each stall from what the steps ran beyond their priced time. Each round
     closes about the alone steps' share of the remaining gap, so a trace that is mostly busy-neighbor
-    steps needs many rounds."""
+    steps needs many rounds. ValueError when too few steps are usable or the factors settle beyond
+    MAX_FACTOR (callers fall back to an isolated profile)."""
     pre, dec = samples(sorted(records, key=lambda r: r.start), roles)  # time order: _stall compares neighbors
     if len(pre) < 3 or len(dec) < 3:
         raise ValueError(f"step trace has {len(pre)} prefill and {len(dec)} decode steps usable: need >= 3 of each")
@@ -130,6 +137,9 @@ def fit_trace(records: list[StepRecord], roles: tuple[str, ...] = ("prefill", "d
         stalls = {p: _stall(obs[p], factors[p]) for p in PHASES}
         if all(abs(factors[p] - old[0][p]) <= tol * old[0][p] and abs(stalls[p] - old[1][p]) <= tol for p in PHASES):
             break
+    bad = {p: round(f, 2) for p, f in factors.items() if not 1 / MAX_FACTOR <= f <= MAX_FACTOR}
+    if bad:  # e.g. coefficients near 0 and a factor in the hundreds: a fixed point, not a machine
+        raise ValueError(f"degenerate fit: interference factors {bad} outside [1/{MAX_FACTOR}, {MAX_FACTOR}]")
     report["rounds"] = rounds
     report["samples"] = {"prefill": len(pre), "decode": len(dec)}
     report["busy_neighbor_steps"] = {"prefill": sum(x[2] for x in pre), "decode": sum(x[3] for x in dec)}
