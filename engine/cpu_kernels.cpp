@@ -169,8 +169,8 @@ inline void dequant_block(const uint8_t* q, const float* d, const float* m, Vec*
     }
   }
 }
-// of 16 registers: 2 x 2 accumulators + 8 weight vectors
-constexpr int MR_SMALL = 2, NR_SMALL = 2, MR_BIG = 2, NR_BIG = 2;
+// of 16 registers: 2 x 2 accumulators + 8 weight vectors, or 6 x 1 + 4 (a block serves 6 rows of x)
+constexpr int MR_SMALL = 2, NR_SMALL = 2, MR_BIG = 6, NR_BIG = 1;
 #endif
 constexpr int NV = QK / VL;  // vectors per block
 
