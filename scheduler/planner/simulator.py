@@ -134,24 +134,27 @@ class Pricer:
     rng: random.Random = field(default_factory=lambda: random.Random(0))  # draws the profile's step noise, if any
 
     @staticmethod
-    def phase(step: Step) -> str:
-        """Which of the profile's per-phase terms price the step: a step with prompt chunks is a prefill."""
-        return "prefill" if step.shape()[0] else "decode"
+    def phase(chunks: list[tuple[int, int]]) -> str:
+        """Which of the profile's per-phase terms price a step, from its Step.shape() prompt chunks: a step with
+        prompt chunks is a prefill."""
+        return "prefill" if chunks else "decode"
 
     def stall_seconds(self, phase: str) -> float:
         """How much longer a step of `phase` in flight runs per request that arrives meanwhile."""
         return self.profile.arrival_stall_ms.get(phase, 0.0) / 1e3
 
-    def step_stages(self, slot: str, step: Step, others_busy: bool) -> list[float]:
+    def step_stages(self, slot: str, step: Step, others_busy: bool,
+                    shape: tuple[list[tuple[int, int]], int, int] | None = None) -> list[float]:
         """Seconds the step holds each pipeline stage of the slot's instance, in order. Stage 1 first does
         the swap copies (host <-> device, before the forward); each stage runs its share of the forward as
         the latency model prices it, slowed by the profile's interference factor if another instance is
-        busy as the step starts, and by one of the profile's measured step-noise multipliers if it has them."""
+        busy as the step starts, and by one of the profile's measured step-noise multipliers if it has them.
+        shape: step.shape(), where the caller has it already."""
         prof, model = self.profile, self.models[slot]
         stage = 0.0
         if step.items:
-            chunks, ctx, batch = step.shape()
-            phase = self.phase(step)
+            chunks, ctx, batch = step.shape() if shape is None else shape
+            phase = self.phase(chunks)
             slow = prof.interference.get(phase, 1.0) if others_busy else 1.0
             noise = prof.step_noise.get(phase)
             stage = model.mixed_ms(chunks, ctx, batch) / 1e3 * slow * (self.rng.choice(noise) if noise else 1.0)
@@ -237,12 +240,12 @@ class Simulation:
         action = self.cluster.next_action(slot)
         if isinstance(action, Execute):
             busy = any(s.busy for s in self.slots if s is not slot)
-            t = self.now
-            for j, secs in enumerate(self.pricer.step_stages(slot.name, action.step, busy)):
+            t, shape = self.now, action.step.shape()  # once per step: it walks the batch
+            for j, secs in enumerate(self.pricer.step_stages(slot.name, action.step, busy, shape)):
                 t = free[j] = max(t, free[j]) + secs  # FIFO at every stage: steps never overtake
             if len(free) > 1:
                 self.at(free[0], self._wake, slot)  # stage 1 can take the next step
-            run = _Running(slot, action.step, self.pricer.phase(action.step), t)
+            run = _Running(slot, action.step, self.pricer.phase(shape[0]), t)
             self._running.append(run)
             self.at(t, self._executed, run)
         elif action:  # pulls: they serialize on the pulling instance, bytes / link bandwidth each
