@@ -122,8 +122,8 @@ def run_mode(mode: str, args, specs: list[RequestSpec], fit_sets: list[list[Requ
     flags, layout, tp = MODES[mode]
     # the server's limits (its other flags: defaults)
     sched = SchedulerConfig(max_num_seqs=args.max_num_seqs, max_prefill_tokens=args.max_prefill_tokens)
-    server_flags = ["--dtype", args.dtype, "--weights", args.weights, "--log-level", "WARNING",  # as the profile's model
-                    "--max-num-seqs", str(sched.max_num_seqs),
+    server_flags = ["--dtype", args.dtype, "--weights", args.weights,  # as the profile's model
+                    "--log-level", "WARNING", "--max-num-seqs", str(sched.max_num_seqs),
                     "--max-prefill-tokens", str(sched.max_prefill_tokens), *flags, "--step-trace", "1000000"]
     out = Path(args.out)
     with ServerProcess(server_flags, out / f"server-{mode}.log", port=args.port or None) as server:

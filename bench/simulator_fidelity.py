@@ -11,9 +11,9 @@ to the server than the server is to itself).
 
 Per mode (disagg: prefill cpu:C0 + decode cpu:C1; colocated and chunked: one instance on cpu:C0-C1):
 1. profile the instance configurations it uses in isolation (scheduler/planner/profile.py; or --profile-dir);
-2. start the real server (--dtype/--weights as given; default: the server's own auto, --step-trace), send a few requests one at a time (unloaded): their
-   TTFT/TPOT set the SLOs (x --slo-scale); the time each TTFT spends outside the engine's traced
-   prefill iteration is the front end's share (HTTP, tokenizing, delivery);
+2. start the real server (--dtype/--weights as given; default: the server's own auto, --step-trace), send a
+   few requests one at a time (unloaded): their TTFT/TPOT set the SLOs (x --slo-scale); the time each TTFT
+   spends outside the engine's traced prefill iteration is the front end's share (HTTP, tokenizing, delivery);
 3. the in-server model: other requests (seed + 1, ...) at the --fit-load loads, run in every round
    beside the measured rates (the machine's speed drifts over minutes: fit and test see the same drift); the latency
    model is fitted to the steps the server traced while serving them (scheduler/planner/trace_fit.py: iteration
@@ -142,7 +142,8 @@ def main(argv: list[str] | None = None) -> int:
     doc = {"date": time.strftime("%Y-%m-%d %H:%M"), "command": "python -m bench.simulator_fidelity " +
            " ".join(argv if argv is not None else sys.argv[1:]), "machine": f"{os.cpu_count()} CPU cores",
            "workload": f"{len(specs)} ShareGPT prompts cut to U[{args.min_prompt},{args.max_prompt}] tokens, outputs "
-           f"U[{args.min_output},{args.max_output}] tokens, Poisson arrivals (seed {args.seed}), --dtype {args.dtype} --weights {args.weights}",
+           f"U[{args.min_output},{args.max_output}] tokens, Poisson arrivals (seed {args.seed}), "
+           f"--dtype {args.dtype} --weights {args.weights}",
            "slo_scale": args.slo_scale, "repeats": args.repeats, "interference": prof.interference, "modes": []}
     print(HEADER, flush=True)
     fit_sets = [workload(args, tok, args.seed + 1 + i) for i in range(len(args.fit_load))]

@@ -1,7 +1,7 @@
 """The engine's own CPU kernels (engine/cpu_kernels.cpp): GGUF Q4_0 / Q4_1 / Q8_0 matmuls on the file's
 blocks (engine/quant.py packs them), and a streaming bf16 GEMV for batches of 1-4 rows. Built once per
-machine with the system C++ compiler (-march=native), cached on disk; where no compiler is found, `available()` is False and the
-engine uses torch's own kernels instead.
+machine with the system C++ compiler (-march=native), cached on disk; where no compiler is found,
+`available()` is False and the engine uses torch's own kernels instead.
 
     ops = kernels.load()          # None if the build failed (the reason is in kernels.load_error())
     y = torch.ops.distserve.quant_linear(x, qs, d, m, kind, K)    # x [M, K] -> float32 [M, N]
