@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from engine import kernels
-from engine.quant import QuantTensor
+from engine.quant import QuantStack, QuantTensor
 
 # Rows of x at or below which QuantLinear uses the int8 kernel; above, dequantize + dense GEMM.
 # Decode batches sit below it, prefill chunks above (measured in bench/engine_bench.py).
@@ -51,11 +51,21 @@ class DenseLinear:
 
 
 class QuantLinear:
-    def __init__(self, weight: QuantTensor, bias: torch.Tensor | None, dtype: torch.dtype) -> None:
-        self.q = weight
-        self.out_features, self.in_features = weight.shape
+    """weight: the matrix, or a stack of every layer's with `layer` naming this one (engine/quant.py QuantStack:
+    a compiled step then reads it as a view of one input)."""
+
+    def __init__(self, weight: QuantTensor | QuantStack, bias: torch.Tensor | None, dtype: torch.dtype,
+                 layer: int | None = None) -> None:
+        if (layer is None) != isinstance(weight, QuantTensor):
+            raise ValueError("a QuantStack needs the layer it serves; a QuantTensor takes none")
+        self.weight, self.layer = weight, layer
+        self.out_features, self.in_features = self.q.shape
         self.bias, self.dtype = bias, dtype
-        self.nbytes = weight.nbytes
+        self.nbytes = self.q.nbytes
+
+    @property
+    def q(self) -> QuantTensor:
+        return self.weight if self.layer is None else self.weight.layer(self.layer)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[0] <= QUANT_KERNEL_MAX_ROWS:

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from engine.attention import AttentionMetadata, TorchAttention, paged_decode_attention
 from engine.config import ModelConfig
 from engine.linear import DenseLinear, QuantLinear
-from engine.quant import QuantTensor
+from engine.quant import QuantStack, QuantTensor
 
 _TORCH = TorchAttention()
 
@@ -29,7 +29,6 @@ LAYER_MAP = {
     "mlp_norm": ("post_attention_layernorm.weight",),
 }
 LINEAR = ("qkv", "o", "gate_up", "down")  # the fused matrices; qkv_bias rides on qkv
-LINEAR_TYPES = (DenseLinear, QuantLinear)
 
 
 def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
@@ -83,15 +82,18 @@ class LlamaModel:
             parts = [take(n) for n in names]
             return DenseLinear(parts[0] if len(parts) == 1 else torch.cat(parts).contiguous(), bias)
 
-        self.layers: list[dict] = []
+        self.layers: list[dict[str, DenseLinear | QuantLinear]] = []
+        norms = []
         for i in range(cfg.num_layers):
             p = f"model.layers.{i}."
             bias = (torch.cat([take(p + n) for n in LAYER_MAP["qkv_bias"]]) if cfg.attention_bias else None)
-            layer = {fused: linear(tuple(p + n for n in names), bias if fused == "qkv" else None)
-                     for fused, names in LAYER_MAP.items() if fused in LINEAR}
-            layer["attn_norm"] = take(p + LAYER_MAP["attn_norm"][0])
-            layer["mlp_norm"] = take(p + LAYER_MAP["mlp_norm"][0])
-            self.layers.append(layer)
+            self.layers.append({fused: linear(tuple(p + n for n in names), bias if fused == "qkv" else None)
+                                for fused, names in LAYER_MAP.items() if fused in LINEAR})
+            norms.append(torch.stack([take(p + LAYER_MAP[n][0]) for n in ("attn_norm", "mlp_norm")]))
+        # one tensor for every layer's norms and (native) one stack per fused matrix: a compiled step takes
+        # each tensor it reads as an input, at a cost per input per call (engine/quant.py QuantStack)
+        self.layer_norms = torch.stack(norms)  # [layers, 2 (attention's, MLP's), hidden]
+        self._stack_quantized()
         self.norm = take("model.norm.weight")
         embed_name = "model.embed_tokens.weight"
         head_name = embed_name if cfg.tie_word_embeddings else "lm_head.weight"
@@ -118,13 +120,23 @@ class LlamaModel:
         self.scale = cfg.head_dim ** -0.5
         self.compiled = None  # engine/compile.py CompiledDecode once enabled (engine/precision.py build_model)
 
+    def _stack_quantized(self) -> None:
+        """Each fused matrix that every layer holds in one kind and shape of blocks becomes views of one stack."""
+        for name in LINEAR:
+            ops = [layer[name] for layer in self.layers]
+            if not all(isinstance(op, QuantLinear) for op in ops):
+                continue
+            stack = QuantStack.of([op.q for op in ops])
+            if stack is not None:
+                for i, (layer, op) in enumerate(zip(self.layers, ops)):
+                    layer[name] = QuantLinear(stack, op.bias, op.dtype, layer=i)
+
     @property
     def weight_bytes(self) -> int:
         """Bytes of the parameters as held (the tied embedding once): what a decode step streams."""
-        n = sum(op.nbytes for layer in self.layers for op in layer.values() if isinstance(op, LINEAR_TYPES))
+        n = sum(op.nbytes for layer in self.layers for op in layer.values())
         n += self.lm_head.nbytes
-        norms = [self.norm] + [layer[k] for layer in self.layers for k in ("attn_norm", "mlp_norm")]
-        n += sum(t.numel() * t.element_size() for t in norms)
+        n += sum(t.numel() * t.element_size() for t in (self.norm, self.layer_norms))
         if not self.cfg.tie_word_embeddings:
             n += self.embed_q.nbytes if self.embed_q is not None else self.embed.numel() * self.embed.element_size()
         return n
@@ -164,15 +176,15 @@ class LlamaModel:
         attn = attn or _TORCH
         x = self.embed_tokens(input_ids)  # [T, hidden]
         cos, sin = self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1)
-        for layer, (k_cache, v_cache) in zip(self.layers, kv_layers):
-            h = self._rms_norm(x, layer["attn_norm"])
+        for layer, norms, (k_cache, v_cache) in zip(self.layers, self.layer_norms, kv_layers):
+            h = self._rms_norm(x, norms[0])
             qkv = layer["qkv"](h)  # [T, (H + 2 KVH) D]
             qk, v = qkv.split([(H + KVH) * D, KVH * D], dim=-1)
             qk = self._rope(qk.view(T, H + KVH, D), cos, sin)  # q and k rotated in one pass
             q, k = qk.split([H, KVH], dim=1)
             o = attn.forward(q, k, v.view(T, KVH, D), k_cache, v_cache, meta, self.scale)
             x = x + layer["o"](o.reshape(T, H * D))
-            h = self._rms_norm(x, layer["mlp_norm"])
+            h = self._rms_norm(x, norms[1])
             gate, up = layer["gate_up"](h).chunk(2, dim=-1)
             x = x + layer["down"](F.silu(gate) * up)
         x = self._rms_norm(x[logit_rows], self.norm)
@@ -192,14 +204,14 @@ class LlamaModel:
         cos, sin = self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1)
         ks, vs = [], []
         for i, layer in enumerate(self.layers):
-            h = self._rms_norm(x, layer["attn_norm"])
+            h = self._rms_norm(x, self.layer_norms[i, 0])
             qk, v = layer["qkv"](h).split([(H + KVH) * D, KVH * D], dim=-1)
             qk = self._rope(qk.view(B, H + KVH, D), cos, sin)
             q, k = qk.split([H, KVH], dim=1)
             v = v.view(B, KVH, D)
             o = paged_decode_attention(q, k, v, cache[:, i, 0], cache[:, i, 1], tables, ctx_lens, self.scale)
             x = x + layer["o"](o.reshape(B, H * D))
-            h = self._rms_norm(x, layer["mlp_norm"])
+            h = self._rms_norm(x, self.layer_norms[i, 1])
             gate, up = layer["gate_up"](h).chunk(2, dim=-1)
             x = x + layer["down"](F.silu(gate) * up)
             ks.append(k)

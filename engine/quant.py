@@ -86,5 +86,36 @@ class QuantTensor:
         return w.reshape(w.shape[0], -1)[:, : self.k].contiguous()
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
-        """x [M, K] @ W^T -> float32 [M, N] with the kernels (activations rounded to int8 per block of 32)."""
+        """x [M, K] @ W^T -> float32 [M, N] with the kernels (float32 products on the exact weight values)."""
         return torch.ops.distserve.quant_linear(x, self.qs, self.d, self.m, KINDS[self.kind], self.k)
+
+
+@dataclass
+class QuantStack:
+    """Matrices of one kind and shape, one per layer, stacked: qs [L, N, nb, 16 | 32], d / m [L, N, nb].
+
+    A compiled step takes every tensor it reads as an input, and torch.compile's runtime spends ~0.7 us of
+    Python per input on every call: a 30-layer model's 360 quantized tensors cost ~0.3 ms of a ~10 ms decode
+    step. Read through a stack, each layer's matrix is a view made inside the traced step (free: the
+    kernels get pointers), and the step has three inputs per kind of matrix."""
+    kind: str
+    qs: torch.Tensor
+    d: torch.Tensor
+    m: torch.Tensor | None
+    k: int
+
+    @classmethod
+    def of(cls, parts: list[QuantTensor]) -> QuantStack | None:
+        """The stack of parts, or None where they differ in kind or shape (then each stays on its own)."""
+        if not parts or len({(p.kind, p.qs.shape, p.k) for p in parts}) != 1:
+            return None
+        m = torch.stack([p.m for p in parts]) if parts[0].m is not None else None
+        return cls(parts[0].kind, torch.stack([p.qs for p in parts]), torch.stack([p.d for p in parts]), m,
+                   parts[0].k)
+
+    def __len__(self) -> int:
+        return self.qs.shape[0]
+
+    def layer(self, i: int) -> QuantTensor:
+        """Layer i's matrix, as views of the stack."""
+        return QuantTensor(self.kind, self.qs[i], self.d[i], self.m[i] if self.m is not None else None, self.k)

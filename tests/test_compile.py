@@ -5,11 +5,15 @@ from __future__ import annotations
 
 import os
 
+import gguf
+import pytest
 import torch
 
 from engine.attention import AttentionMetadata, TorchAttention, paged_decode_attention
 from engine.config import SamplingParams
+from engine import kernels
 from engine.loader import Checkpoint, load_tokenizer
+from engine.quant import QuantStack, QuantTensor
 from serving.llm import LLM
 from tests.helpers import hf_model, tiny_config
 
@@ -30,10 +34,28 @@ def test_paged_decode_attention_equals_sdpa_decode():
     torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-5)
 
 
-def test_compiled_decode_gives_the_eager_greedy_tokens(tmp_path_factory):
+def _quantized(sd: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, QuantTensor]]:
+    """A GGUF-like checkpoint of sd: layer matrices in Q4_1, the (tied) embedding in Q8_0, as the default file
+    holds them; the dense weights are their dequantization, as the loader gives them."""
+    dense, quant = dict(sd), {}
+    for name, w in sd.items():
+        kind = "Q8_0" if "embed" in name else "Q4_1" if name.endswith("proj.weight") else None
+        if kind:
+            raw = gguf.quants.quantize(w.numpy(), gguf.GGMLQuantizationType[kind])
+            quant[name] = QuantTensor.from_blocks(raw, kind, w.shape[1])
+            dense[name] = quant[name].dequantize()
+    return dense, quant
+
+
+@pytest.mark.parametrize("weights", ["dense", "native"])
+def test_compiled_decode_gives_the_eager_greedy_tokens(weights):
+    """native: the matrices run from their blocks, every layer's as views of one stack (engine/quant.py QuantStack)."""
+    if weights == "native" and not kernels.load():
+        pytest.skip(f"the native kernels did not build here: {kernels.load_error()}")
     cfg = tiny_config(tie_word_embeddings=True, num_layers=2)
     sd = hf_model(cfg).state_dict()
     sd.pop("lm_head.weight")
+    sd, quant = _quantized(sd) if weights == "native" else (sd, {})
     tok = load_tokenizer()
     g = torch.Generator().manual_seed(3)
     prompts = [torch.randint(3, cfg.vocab_size, (n,), generator=g).tolist() for n in (1, 5, 17, 33, 2)]
@@ -41,10 +63,14 @@ def test_compiled_decode_gives_the_eager_greedy_tokens(tmp_path_factory):
     core = sorted(os.sched_getaffinity(0))[:1]
     outs = {}
     for compiled in (False, True):
-        with LLM(dtype="float32", weights="dense", compile=compiled, checkpoint=Checkpoint(cfg, dict(sd), tok, "t"),
-                 devices=[f"cpu:{core[0]}"], num_kv_blocks=64, block_size=4) as llm:
+        ckpt = Checkpoint(cfg, dict(sd), tok, "t", quantized=dict(quant))
+        with LLM(dtype="float32", weights=weights, compile=compiled, checkpoint=ckpt, devices=[f"cpu:{core[0]}"],
+                 num_kv_blocks=64, block_size=4) as llm:
             batched = [o.token_ids for o in llm.generate(prompts, sp)]
             alone = [llm.generate([p], sp)[0].token_ids for p in prompts[:2]]
+            model = llm.engine.instances[0].model
+            assert model.native == (weights == "native")
+            assert isinstance(model.layers[1]["gate_up"].weight, QuantStack) == (weights == "native")
             if compiled:
                 assert llm.engine.instances[0].compiled.compile_s  # the warm-up ran
         outs[compiled] = (batched, alone)

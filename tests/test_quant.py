@@ -13,7 +13,7 @@ from engine.config import CacheConfig
 from engine.kv_cache import KVPool
 from engine.linear import QuantLinear
 from engine.model import LlamaModel
-from engine.quant import KINDS, QuantTensor
+from engine.quant import KINDS, QuantStack, QuantTensor
 
 gguf = pytest.importorskip("gguf")
 needs_kernels = pytest.mark.skipif(not kernels.load(), reason=f"CPU kernels unavailable: {kernels.load_error()}")
@@ -147,3 +147,22 @@ def test_auto_weights_are_dense_bf16_where_the_cpu_has_bf16_else_native(monkeypa
         assert precision.resolve_weights("auto", plain, cpu, "float32") is False
     with pytest.raises(ValueError, match="no Q4_0 / Q4_1 / Q8_0"):
         precision.resolve_weights("native", plain, cpu)
+
+
+def test_a_stack_of_layers_serves_each_layers_own_matrix():
+    """QuantStack: every layer's matrix read back as views of the stack multiplies as the matrix alone, and
+    matrices that differ in kind or shape are not stacked."""
+    parts = [QuantTensor.from_blocks(blocks("Q4_1", 24, 64, seed=s)[0], "Q4_1", 64) for s in range(3)]
+    stack = QuantStack.of(parts)
+    assert stack is not None and len(stack) == 3
+    x = torch.randn(2, 64)
+    for i, p in enumerate(parts):
+        assert torch.equal(stack.layer(i).dequantize(), p.dequantize())
+        if kernels.load():
+            y = QuantLinear(stack, None, torch.float32, layer=i)(x)
+            assert torch.equal(y, QuantLinear(p, None, torch.float32)(x))
+    q8 = QuantTensor.from_blocks(blocks("Q8_0", 24, 64)[0], "Q8_0", 64)
+    wider = QuantTensor.from_blocks(blocks("Q4_1", 24, 96)[0], "Q4_1", 96)
+    assert QuantStack.of(parts + [q8]) is None and QuantStack.of(parts + [wider]) is None
+    with pytest.raises(ValueError, match="layer"):
+        QuantLinear(stack, None, torch.float32)
