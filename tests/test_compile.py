@@ -9,9 +9,9 @@ import gguf
 import pytest
 import torch
 
+from engine import kernels
 from engine.attention import AttentionMetadata, TorchAttention, paged_decode_attention
 from engine.config import SamplingParams
-from engine import kernels
 from engine.loader import Checkpoint, load_tokenizer
 from engine.quant import QuantStack, QuantTensor
 from serving.llm import LLM
