@@ -95,7 +95,7 @@ def get_profile(args) -> Profile:
     return prof
 
 
-def main(argv: list[str] | None = None) -> int:
+def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m bench.simulator_fidelity", description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="fewer requests and real runs, small profile grid")
     p.add_argument("--modes", default="disagg,colocated", help="comma list of disagg,colocated,chunked")
@@ -124,6 +124,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--port", type=int, default=0, help="the server's port (0: a free one)")
     p.add_argument("--out", default="bench/out/simulator-fidelity")
+    return p
+
+
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
+    p = parser()
     args = p.parse_args(argv)
     args.modes = args.modes.split(",")
     args.num_requests = args.num_requests or (24 if args.quick else 80)
@@ -132,6 +137,11 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--repeats must be >= 1")
     args.load = [float(x) for x in (args.load or "0.3,0.6,0.9,1.2,1.5").split(",")]
     args.fit_load = [float(x) for x in args.fit_load.split(",")]
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse(argv)
     from engine.loader import load_tokenizer
 
     tok = load_tokenizer()

@@ -13,8 +13,8 @@ import torch.nn.functional as F
 
 from engine.attention import AttentionMetadata, TorchAttention, paged_decode_attention
 from engine.config import ModelConfig
-from engine.linear import DenseLinear, QuantLinear
-from engine.quant import QuantStack, QuantTensor
+from engine.linear import DenseLinear, QuantLinear, stack_layers
+from engine.quant import QuantTensor
 
 _TORCH = TorchAttention()
 
@@ -90,10 +90,10 @@ class LlamaModel:
             self.layers.append({fused: linear(tuple(p + n for n in names), bias if fused == "qkv" else None)
                                 for fused, names in LAYER_MAP.items() if fused in LINEAR})
             norms.append(torch.stack([take(p + LAYER_MAP[n][0]) for n in ("attn_norm", "mlp_norm")]))
-        # one tensor for every layer's norms and (native) one stack per fused matrix: a compiled step takes
-        # each tensor it reads as an input, at a cost per input per call (engine/quant.py QuantStack)
+        # one tensor for every layer's norms and, where the layers allow, one stack per fused matrix: a compiled
+        # step takes each tensor it reads as an input, at a cost per input per call (engine/linear.py stack_layers)
         self.layer_norms = torch.stack(norms)  # [layers, 2 (attention's, MLP's), hidden]
-        self._stack_quantized()
+        self._stack_layers()
         self.norm = take("model.norm.weight")
         embed_name = "model.embed_tokens.weight"
         head_name = embed_name if cfg.tie_word_embeddings else "lm_head.weight"
@@ -120,16 +120,10 @@ class LlamaModel:
         self.scale = cfg.head_dim ** -0.5
         self.compiled = None  # engine/compile.py CompiledDecode once enabled (engine/precision.py build_model)
 
-    def _stack_quantized(self) -> None:
-        """Each fused matrix that every layer holds in one kind and shape of blocks becomes views of one stack."""
+    def _stack_layers(self) -> None:
         for name in LINEAR:
-            ops = [layer[name] for layer in self.layers]
-            if not all(isinstance(op, QuantLinear) for op in ops):
-                continue
-            stack = QuantStack.of([op.q for op in ops])
-            if stack is not None:
-                for i, (layer, op) in enumerate(zip(self.layers, ops)):
-                    layer[name] = QuantLinear(stack, op.bias, op.dtype, layer=i)
+            for layer, op in zip(self.layers, stack_layers([layer[name] for layer in self.layers])):
+                layer[name] = op
 
     @property
     def weight_bytes(self) -> int:

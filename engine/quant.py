@@ -93,11 +93,8 @@ class QuantTensor:
 @dataclass
 class QuantStack:
     """Matrices of one kind and shape, one per layer, stacked: qs [L, N, nb, 16 | 32], d / m [L, N, nb].
-
-    A compiled step takes every tensor it reads as an input, and torch.compile's runtime spends ~0.7 us of
-    Python per input on every call: a 30-layer model's 360 quantized tensors cost ~0.3 ms of a ~10 ms decode
-    step. Read through a stack, each layer's matrix is a view made inside the traced step (free: the
-    kernels get pointers), and the step has three inputs per kind of matrix."""
+    Read through it, a compiled step has three inputs per fused matrix, not three per layer
+    (engine/linear.py stack_layers says why)."""
     kind: str
     qs: torch.Tensor
     d: torch.Tensor

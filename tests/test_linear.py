@@ -60,3 +60,28 @@ def test_tied_lm_head_shares_the_embedding_tensor():
     if model.lm_head.weight is not None:  # kept where the GEMV runs: the same storage as the embedding
         assert model.lm_head.weight.data_ptr() == model.embed.data_ptr()
     torch.testing.assert_close(model.lm_head.dense().float(), model.embed.float())
+
+
+def test_a_float32_models_layers_read_their_matrices_from_one_stack():
+    """stack_layers: every layer's fused matrix becomes a view of one [layers, N, K] tensor (one input of a
+    compiled step, not one per layer) and multiplies exactly as before; prepacked bf16 weights stay apart."""
+    from engine.linear import stack_layers
+    from engine.model import LlamaModel
+    from tests.helpers import hf_model, tiny_config
+
+    cfg = tiny_config(num_layers=3)
+    sd = hf_model(cfg).state_dict()
+    model = LlamaModel(cfg, dict(sd), torch.float32)
+    x = torch.randn(2, cfg.hidden_size)
+    for i, layer in enumerate(model.layers):
+        op = layer["gate_up"]
+        assert op.layer == i and op._w.shape[0] == cfg.num_layers
+        want = torch.cat([sd[f"model.layers.{i}.mlp.gate_proj.weight"], sd[f"model.layers.{i}.mlp.up_proj.weight"]])
+        assert torch.equal(op.weight, want)
+        assert torch.equal(op(x), torch.nn.functional.linear(x, want))
+    assert model.layers[0]["gate_up"]._w is model.layers[2]["gate_up"]._w
+    packed = [DenseLinear(torch.randn(8, 64).bfloat16()) for _ in range(2)]
+    if packed[0].packed is not None:
+        assert stack_layers(packed) is packed
+    with pytest.raises(ValueError, match="layer"):
+        DenseLinear(torch.randn(3, 8, 64))
