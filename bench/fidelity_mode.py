@@ -111,7 +111,7 @@ def in_server_profile(prof: Profile, tp: int, mode: str, iso: Profile, records: 
     # noise the simulator draws from
     model = LatencyModel(coeffs)
     errors = {k: v for k, v in residuals(records, model, inter, roles_of(mode), stall).items() if v}
-    noise = step_noise(records, model, inter, roles_of(mode), stall)
+    noise = step_noise(records, model, inter, roles_of(mode), stall)  # "step_noise" below: errors, uncentred
     spread = {k: {q: round(float(np.quantile(v, x)), 3) for q, x in (("p10", .1), ("p50", .5), ("p90", .9))}
               | {"mean": round(statistics.fmean(v), 3)} for k, v in errors.items()}
     return dataclasses.replace(prof, tp={**prof.tp, tp: coeffs}, interference=inter, step_noise=noise,

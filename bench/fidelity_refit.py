@@ -10,6 +10,7 @@ OUT/fit-traces-MODE.json, prints the table with the fresh fit's simulated values
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import statistics
 import sys
@@ -20,6 +21,7 @@ from bench.fidelity_report import noise_band
 from bench.simulator_fidelity import parse, workload
 from engine.config import SchedulerConfig
 from scheduler.planner.latency import load_profile
+from scheduler.planner.profile import fold_overhead
 from scheduler.planner.simulator import simulate
 from scheduler.planner.workload import SLO, ArrivalSpec, send_times
 from scheduler.runtime.trace import StepRecord
@@ -44,10 +46,13 @@ def main(argv: list[str] | None = None) -> int:
         mode = m["mode"]
         _, layout, tp = MODES[mode]
         records = [StepRecord.from_json(d) for d in json.loads((out / f"fit-traces-{mode}.json").read_text())]
-        srv_prof, fitted = in_server_profile(prof, tp, mode, prof, records)
+        cal = m["calibration"]  # the isolated profile the run fell back to, should the fit fail
+        iso = dataclasses.replace(prof, tp={**prof.tp, tp: fold_overhead(
+            prof.tp[tp], cal["overhead_prefill_ms"], cal["overhead_decode_ms"])})
+        srv_prof, fitted = in_server_profile(prof, tp, mode, iso, records)
         print(f"[{mode}] re-fit: stall {fitted.get('arrival_stall_ms')} ms, interference {fitted['interference']}, "
               f"noise {fitted.get('step_noise')}", file=sys.stderr)
-        slo, front = SLO(m["slo"]["ttft"], m["slo"]["tpot"]), m["calibration"]["front_end_ttft_ms"] / 1e3
+        slo, front = SLO(m["slo"]["ttft"], m["slo"]["tpot"]), cal["front_end_ttft_ms"] / 1e3
         for row in m["rows"]:
             times = send_times(ArrivalSpec("poisson"), row["rate"], len(specs), args.seed)
             sims = [simulate(srv_prof, layout, times, lengths, slo, sched, seed=args.seed + k)

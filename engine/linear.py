@@ -5,7 +5,7 @@
                   streaming GEMV is built (AVX-512 BF16) the row-major weight stays too: batches of 1-4
                   rows run on it (~1.5x oneDNN at batch 1), at the price of a second copy in memory
     QuantLinear   a GGUF Q4_0 / Q4_1 / Q8_0 matrix in its own blocks (engine/quant.py): small batches
-                  run the int8 kernels of engine/cpu_kernels.cpp; large ones (prefill) dequantize the
+                  run the block kernels of engine/cpu_kernels.cpp; large ones (prefill) dequantize the
                   matrix into the activation dtype and run the dense GEMM, which is compute-bound there
 
 Every op maps x [M, K] -> [M, N] in x's dtype and reports the bytes one call reads.
@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from engine import kernels
 from engine.quant import QuantStack, QuantTensor
 
-# Rows of x at or below which QuantLinear uses the int8 kernel; above, dequantize + dense GEMM.
+# Rows of x at or below which QuantLinear uses the block kernel; above, dequantize + dense GEMM.
 # Decode batches sit below it, prefill chunks above (measured in bench/engine_bench.py).
 QUANT_KERNEL_MAX_ROWS = 64
 
@@ -32,6 +32,7 @@ class DenseLinear:
             raise ValueError("a [layers, N, K] stack needs the layer it serves; an [N, K] weight takes none")
         self._w: torch.Tensor | None = weight
         self.layer = layer
+        self._view = weight[layer] if layer is not None else None  # eager calls reuse this view
         w = self.weight
         self.out_features, self.in_features = w.shape
         self.bias = bias
@@ -44,8 +45,11 @@ class DenseLinear:
 
     @property
     def weight(self) -> torch.Tensor | None:
-        """[N, K] (a view of the stack inside a compiled step), or None where only the packed copy is kept."""
-        return self._w if self.layer is None or self._w is None else self._w[self.layer]
+        """[N, K], or None where only the packed copy is kept. From a stack: inside a compiled step a view made
+        in the graph (the stack is its one input), elsewhere one view made once."""
+        if self.layer is None or self._w is None:
+            return self._w
+        return self._w[self.layer] if torch.compiler.is_compiling() else self._view
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.packed is not None:
@@ -71,13 +75,17 @@ class QuantLinear:
         if (layer is None) != isinstance(weight, QuantTensor):
             raise ValueError("a QuantStack needs the layer it serves; a QuantTensor takes none")
         self.weight, self.layer = weight, layer
+        self._view = weight.layer(layer) if layer is not None else None  # eager calls reuse these views
         self.out_features, self.in_features = self.q.shape
         self.bias, self.dtype = bias, dtype
         self.nbytes = self.q.nbytes
 
     @property
     def q(self) -> QuantTensor:
-        return self.weight if self.layer is None else self.weight.layer(self.layer)
+        """The matrix. From a stack: inside a compiled step views made in the graph, elsewhere views made once."""
+        if self.layer is None:
+            return self.weight
+        return self.weight.layer(self.layer) if torch.compiler.is_compiling() else self._view
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[0] <= QUANT_KERNEL_MAX_ROWS:
@@ -88,7 +96,9 @@ class QuantLinear:
 
 def stack_layers(ops: list[DenseLinear | QuantLinear]) -> list[DenseLinear | QuantLinear]:
     """Every layer's op for one fused matrix, as views of one stack where the layers allow it (one kind of
-    blocks and shape; dense: one shape and dtype, not prepacked for oneDNN), else `ops` unchanged. A compiled
+    blocks and shape; dense: one shape and dtype, on a CPU, not prepacked for oneDNN), else `ops` unchanged
+    (bf16 weights prepacked for oneDNN, the default where the CPU has AVX-512 BF16, stay one input per layer;
+    on a GPU the stack, built beside the layers' copies, could outgrow its memory). A compiled
     step takes each tensor it reads as an input, and torch.compile's runtime pays ~0.7 us of Python per input
     on every call (a 430-input toy graph: 312 vs 24 us with one input); views made inside the traced step
     cost nothing."""
@@ -96,8 +106,8 @@ def stack_layers(ops: list[DenseLinear | QuantLinear]) -> list[DenseLinear | Qua
         stack = QuantStack.of([op.q for op in ops])
         if stack is not None:
             return [QuantLinear(stack, op.bias, op.dtype, layer=i) for i, op in enumerate(ops)]
-    elif (all(isinstance(op, DenseLinear) and op.packed is None for op in ops)
-          and len({(op.weight.shape, op.weight.dtype, op.weight.device) for op in ops}) == 1):
+    elif (all(isinstance(op, DenseLinear) and op.packed is None and op.weight.device.type == "cpu" for op in ops)
+          and len({(op.weight.shape, op.weight.dtype) for op in ops}) == 1):
         stack = torch.stack([op.weight for op in ops])  # [layers, N, K]
         return [DenseLinear(stack, op.bias, layer=i) for i, op in enumerate(ops)]
     return ops
@@ -108,5 +118,5 @@ def _mkldnn_bf16() -> bool:
 
 
 def native_available() -> bool:
-    """The int8 kernels built and loaded on this machine."""
+    """The block kernels built and loaded on this machine."""
     return kernels.load()

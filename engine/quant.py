@@ -93,7 +93,7 @@ class QuantTensor:
 @dataclass
 class QuantStack:
     """Matrices of one kind and shape, one per layer, stacked: qs [L, N, nb, 16 | 32], d / m [L, N, nb].
-    Read through it, a compiled step has three inputs per fused matrix, not three per layer
+    Read through it, a compiled step has two or three inputs per fused matrix, not that many per layer
     (engine/linear.py stack_layers says why)."""
     kind: str
     qs: torch.Tensor
@@ -104,7 +104,7 @@ class QuantStack:
     @classmethod
     def of(cls, parts: list[QuantTensor]) -> QuantStack | None:
         """The stack of parts, or None where they differ in kind or shape (then each stays on its own)."""
-        if not parts or len({(p.kind, p.qs.shape, p.k) for p in parts}) != 1:
+        if not parts or len({(p.kind, p.qs.shape, p.k, p.m is None) for p in parts}) != 1:
             return None
         m = torch.stack([p.m for p in parts]) if parts[0].m is not None else None
         return cls(parts[0].kind, torch.stack([p.qs for p in parts]), torch.stack([p.d for p in parts]), m,

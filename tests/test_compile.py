@@ -13,6 +13,7 @@ from engine import kernels
 from engine.attention import AttentionMetadata, TorchAttention, paged_decode_attention
 from engine.config import SamplingParams
 from engine.loader import Checkpoint, load_tokenizer
+from engine.model import LlamaModel
 from engine.quant import QuantStack, QuantTensor
 from serving.llm import LLM
 from tests.helpers import hf_model, tiny_config
@@ -98,3 +99,26 @@ def test_the_compile_cache_is_kept_per_instruction_set(monkeypatch):
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", "/srv/cache/inductor")
     assert ec.resolve_cache_dir() == "/srv/cache/inductor"
     assert ec.resolve_cache_dir("/explicit") == "/explicit"
+
+
+def test_the_compiled_steps_inputs_do_not_grow_with_the_layers():
+    """Every layer's matrices and norms are views of one stack per kind (engine/linear.py stack_layers): the
+    traced decode step reads a fixed number of tensors whatever the depth, where a tensor per weight made a
+    30-layer model's step take 431 inputs (torch.compile's runtime pays for each on every call)."""
+    def inputs(num_layers: int) -> int:
+        cfg = tiny_config(num_layers=num_layers)
+        model = LlamaModel(cfg, dict(hf_model(cfg).state_dict()), torch.float32)
+        seen = []
+
+        def backend(gm, example_inputs):
+            seen.append(len(example_inputs))
+            return gm.forward
+
+        torch._dynamo.reset()
+        cache = torch.zeros(8, num_layers, 2, 4, cfg.num_kv_heads, cfg.head_dim)
+        ids, tables, ctx = torch.tensor([3, 5]), torch.tensor([[0, 1], [2, 3]]), torch.tensor([3, 6])
+        with torch.inference_mode():
+            torch.compile(model.decode, backend=backend, fullgraph=True)(ids, ctx - 1, tables, ctx, cache)
+        return seen[0]
+
+    assert inputs(2) == inputs(5)

@@ -92,17 +92,17 @@ def _stall(obs: list[Observed], factor: float) -> float:
         return 0.0
     priced = np.array([o.model_ms * (factor if o.busy else 1.0) for o in obs])
     ms, arrivals = np.array([o.ms for o in obs]), np.array([o.arrivals for o in obs], dtype=float)
-    x = np.column_stack([_detrended(arrivals / priced), _detrended(1.0 / priced)])
-    y = _detrended(ms / priced)
-    keep = np.ones(len(y), dtype=bool)
-    for _ in range(5):  # least squares; again without the steps it missed far, until none is left out anew
-        coef, *_ = np.linalg.lstsq(x[keep], y[keep], rcond=None)
-        err = y - x @ coef
-        dev = np.abs(err - np.median(err[keep]))
-        near = dev <= OUTLIER_MADS * 1.4826 * np.median(dev[keep])
-        if (near == keep).all() or near.sum() < MIN_SPLIT or (arrivals[near] > 0).sum() < MIN_SPLIT:
+    keep = np.ones(len(obs), dtype=bool)
+    for _ in range(5):  # least squares, then again on the steps it did not miss far, until that set settles
+        p, a = priced[keep], arrivals[keep]  # each kept step against its kept neighbours
+        x = np.column_stack([_detrended(a / p), _detrended(1.0 / p)])
+        y = _detrended(ms[keep] / p)
+        coef, *_ = np.linalg.lstsq(x, y, rcond=None)
+        dev = np.abs(y - x @ coef - np.median(y - x @ coef))
+        near = dev <= OUTLIER_MADS * 1.4826 * np.median(dev)
+        if near.all() or near.sum() < MIN_SPLIT or (a[near] > 0).sum() < MIN_SPLIT:
             break
-        keep = near
+        keep[np.flatnonzero(keep)[~near]] = False
     return max(0.0, float(coef[0]))
 
 
@@ -184,8 +184,12 @@ def step_noise(records: list[StepRecord], model: LatencyModel, factors: dict[str
     on the measured runs (their steps 0.97-1.00x the model at the loads that decide attainment); kept in the
     noise, it made every simulated step that much slower and the colocated simulation pessimistic by 4-25
     points."""
-    return {phase: tuple(x / statistics.fmean(v) for x in v)
-            for phase, v in residuals(records, model, factors, roles, stalls).items() if v}
+    out = {}
+    for phase, v in residuals(records, model, factors, roles, stalls).items():
+        mean = statistics.fmean(v) if v else 0.0
+        if mean > 0:  # (a mean <= 0: stalls taken off beyond the steps' times; no noise rather than a sign flip)
+            out[phase] = tuple(x / mean for x in v)
+    return out
 
 
 def model_ratios(records: list[StepRecord], model: LatencyModel, factors: dict[str, float],
