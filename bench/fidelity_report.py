@@ -50,9 +50,8 @@ def markdown(doc: dict) -> str:
         c, f = m["calibration"], m["in_server_fit"]
         fit = (f"fitted to {f['fit']['samples']} traced steps at {f['rates']} req/s (other requests, "
                f"{f['fit'].get('rounds', '?')} rounds), interference {f['interference']}, arrival stall (ms per "
-               f"request arriving during a step) {f.get('arrival_stall_ms', 'none')}, step residuals ((measured - "
-               f"stall) / modelled; the simulator's noise: them over their mean) {f.get('step_noise', 'none')}"
-               if f["coeffs"] else
+               f"request arriving during a step) {f.get('arrival_stall_ms', 'none')}, step noise (measured - stall / "
+               f"modelled) {f.get('step_noise', 'none')}" if f["coeffs"] else
                f"not fitted ({f['fit']['error']}): the isolated profile stands in")
         lines.append(f"- {m['mode']}: SLO TTFT {m['slo']['ttft'] * 1e3:.0f} ms / TPOT {m['slo']['tpot'] * 1e3:.0f} ms "
                      f"({doc['slo_scale']} x unloaded {c['ttft_s'] * 1e3:.0f} / {c['tpot_s'] * 1e3:.1f} ms). "

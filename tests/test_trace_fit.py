@@ -9,7 +9,7 @@ import pytest
 
 from engine.step import Step
 from scheduler.planner.latency import LatencyModel, PhaseCoeffs
-from scheduler.planner.trace_fit import fit_trace, model_ratios, residuals, samples, step_noise
+from scheduler.planner.trace_fit import fit_trace, model_ratios, residuals, samples
 from scheduler.runtime.trace import StepRecord, StepTrace
 
 TRUE = PhaseCoeffs((20.0, 0.5, 0.001), (30.0, 0.002, 4.0), (30.0, 0.002, 4.0), threshold=95)
@@ -154,24 +154,6 @@ def test_residuals_take_the_arrival_stall_off_before_dividing_by_the_model():
     model = LatencyModel(TRUE)
     assert residuals([rec], model, {}, ("prefill",), {"prefill": 2.5})["prefill"] == [pytest.approx(86 / 81)]
     assert residuals([rec], model, {}, ("prefill",))["prefill"] == [pytest.approx(91 / 81)]
-
-
-def test_step_noise_is_the_residuals_spread_around_the_models_mean():
-    """The simulator's step noise keeps the residuals' shape (their ratios to each other) but not a mean off
-    1: a trace whose steps all ran 1.3x the model gives no noise at all, one with a slow tail a spread of mean 1."""
-    model = LatencyModel(TRUE)
-    slow = trace(1.0, n=20)
-    for r in slow:
-        r.end = r.start + 1.3 * (r.end - r.start)
-    assert step_noise(slow, model, {}, ("prefill", "decode")) == {
-        "prefill": pytest.approx([1.0] * 20), "decode": pytest.approx([1.0] * 20)}
-    tail = trace(1.0, n=20)
-    for r in tail[::4]:
-        r.end = r.start + 2.0 * (r.end - r.start)
-    noise, res = step_noise(tail, model, {}, ("prefill", "decode")), residuals(tail, model, {}, ("prefill", "decode"))
-    for phase in ("prefill", "decode"):
-        assert sum(noise[phase]) / len(noise[phase]) == pytest.approx(1.0)
-        assert max(noise[phase]) / min(noise[phase]) == pytest.approx(max(res[phase]) / min(res[phase]))
 
 
 def test_arrival_stall_is_measured_against_neighboring_steps_not_across_runs():

@@ -176,22 +176,6 @@ def residuals(records: list[StepRecord], model: LatencyModel, factors: dict[str,
     return out
 
 
-def step_noise(records: list[StepRecord], model: LatencyModel, factors: dict[str, float], roles: tuple[str, ...],
-               stalls: dict[str, float] | None = None) -> dict[str, tuple[float, ...]]:
-    """Profile.step_noise from a trace: per phase, its residuals divided by their mean, so the noise spreads
-    the simulated steps without moving their mean off the model's. The fit runs' own mean residual (1.08-1.14
-    for the colocated phases of bench/RESULTS.md's band5 run, medians ~1.0: a tail of slow steps) did not hold
-    on the measured runs (their steps 0.97-1.00x the model at the loads that decide attainment); kept in the
-    noise, it made every simulated step that much slower and the colocated simulation pessimistic by 4-25
-    points."""
-    out = {}
-    for phase, v in residuals(records, model, factors, roles, stalls).items():
-        mean = statistics.fmean(v) if v else 0.0
-        if mean > 0:  # (a mean <= 0: stalls taken off beyond the steps' times; no noise rather than a sign flip)
-            out[phase] = tuple(x / mean for x in v)
-    return out
-
-
 def model_ratios(records: list[StepRecord], model: LatencyModel, factors: dict[str, float],
                  roles: tuple[str, ...], stalls: dict[str, float] | None = None) -> dict[str, float | None]:
     """Mean residual per phase over a trace (1.00: the model prices what ran right). None: no such steps."""
