@@ -95,6 +95,19 @@ def roles_of(mode: str) -> tuple[str, ...]:
     return ("prefill", "decode") if mode == "disagg" else ("colocated",)
 
 
+def isolated_profile(prof: Profile, tp: int, cal: dict) -> Profile:
+    """The isolated profile with the calibration's unloaded overheads folded into its constant terms."""
+    return dataclasses.replace(prof, tp={**prof.tp, tp: fold_overhead(
+        prof.tp[tp], cal["overhead_prefill_ms"], cal["overhead_decode_ms"])})
+
+
+def noise_draws(prof: Profile, layout: Layout, times: list[float], lengths: list[tuple[int, int]], slo: SLO,
+                sched: SchedulerConfig, args) -> list[SimResult]:
+    """--noise-draws simulations of one rate with the profile's step noise (seeds --seed, --seed + 1, ...),
+    to be averaged."""
+    return [simulate(prof, layout, times, lengths, slo, sched, seed=args.seed + k) for k in range(args.noise_draws)]
+
+
 def in_server_profile(prof: Profile, tp: int, mode: str, iso: Profile, records: list[dict]) -> tuple[Profile, dict]:
     """The profile with this layout's coefficients, arrival stalls (and, disaggregated, interference factors)
     fitted to the server's own step trace (scheduler/planner/trace_fit.py), and the fitted model's residuals
@@ -131,9 +144,7 @@ def run_mode(mode: str, args, specs: list[RequestSpec], fit_sets: list[list[Requ
         url = server.url
         client = ClientConfig(url, asyncio.run(fetch_model_name(url)), progress=False, token_ids=True)  # exact lengths
         cal = calibrate(client, specs, prof, tp, args.calibration_requests)
-        c = prof.tp[tp]
-        iso_prof = dataclasses.replace(prof, tp={**prof.tp, tp: fold_overhead(
-            c, cal["overhead_prefill_ms"], cal["overhead_decode_ms"])})
+        iso_prof = isolated_profile(prof, tp, cal)
         slo = SLO(cal["ttft_s"] * args.slo_scale, cal["tpot_s"] * args.slo_scale)
         cap = capacity(iso_prof, tp, mode, specs)
         # the in-server fit: other requests (seed + 1, + 2, ...) at a light and an overloaded rate, so the
@@ -173,8 +184,7 @@ def run_mode(mode: str, args, specs: list[RequestSpec], fit_sets: list[list[Requ
         rows = []
         for frac, rate in zip(args.load, rates, strict=True):
             iso = simulate(iso_prof, layout, times[rate], lengths, slo, sched)
-            srv = [simulate(srv_prof, layout, times[rate], lengths, slo, sched, seed=args.seed + k)
-                   for k in range(args.noise_draws)]  # the step-noise draws, averaged
+            srv = noise_draws(srv_prof, layout, times[rate], lengths, slo, sched, args)
             row = compare(rate, frac, reals[rate], iso, srv, front, slo)
             row["step_ratio"] = model_ratios(traces[str(rate)], srv_prof.model_for(tp, 1), srv_prof.interference,
                                              roles_of(mode), srv_prof.arrival_stall_ms)

@@ -10,19 +10,16 @@ OUT/fit-traces-MODE.json, prints the table with the fresh fit's simulated values
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import statistics
 import sys
 from pathlib import Path
 
-from bench.fidelity_mode import MODES, in_server_profile, judged
+from bench.fidelity_mode import MODES, in_server_profile, isolated_profile, judged, noise_draws
 from bench.fidelity_report import noise_band
 from bench.simulator_fidelity import parse, workload
 from engine.config import SchedulerConfig
 from scheduler.planner.latency import load_profile
-from scheduler.planner.profile import fold_overhead
-from scheduler.planner.simulator import simulate
 from scheduler.planner.workload import SLO, ArrivalSpec, send_times
 from scheduler.runtime.trace import StepRecord
 
@@ -46,17 +43,14 @@ def main(argv: list[str] | None = None) -> int:
         mode = m["mode"]
         _, layout, tp = MODES[mode]
         records = [StepRecord.from_json(d) for d in json.loads((out / f"fit-traces-{mode}.json").read_text())]
-        cal = m["calibration"]  # the isolated profile the run fell back to, should the fit fail
-        iso = dataclasses.replace(prof, tp={**prof.tp, tp: fold_overhead(
-            prof.tp[tp], cal["overhead_prefill_ms"], cal["overhead_decode_ms"])})
-        srv_prof, fitted = in_server_profile(prof, tp, mode, iso, records)
+        cal = m["calibration"]  # the isolated profile: what the run fell back to, should the fit fail
+        srv_prof, fitted = in_server_profile(prof, tp, mode, isolated_profile(prof, tp, cal), records)
         print(f"[{mode}] re-fit: stall {fitted.get('arrival_stall_ms')} ms, interference {fitted['interference']}, "
               f"noise {fitted.get('step_noise')}", file=sys.stderr)
         slo, front = SLO(m["slo"]["ttft"], m["slo"]["tpot"]), cal["front_end_ttft_ms"] / 1e3
         for row in m["rows"]:
             times = send_times(ArrivalSpec("poisson"), row["rate"], len(specs), args.seed)
-            sims = [simulate(srv_prof, layout, times, lengths, slo, sched, seed=args.seed + k)
-                    for k in range(args.noise_draws)]
+            sims = noise_draws(srv_prof, layout, times, lengths, slo, sched, args)
             band = noise_band(row["real_both_runs"], statistics.mean(judged(s, slo, front)["both"] for s in sims))
             met, total = met + band["met"], total + 1
             runs = " / ".join(f"{x:.1f}" for x in row["real_both_runs"])

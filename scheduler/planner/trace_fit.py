@@ -98,7 +98,8 @@ def _stall(obs: list[Observed], factor: float) -> float:
         x = np.column_stack([_detrended(a / p), _detrended(1.0 / p)])
         y = _detrended(ms[keep] / p)
         coef, *_ = np.linalg.lstsq(x, y, rcond=None)
-        dev = np.abs(y - x @ coef - np.median(y - x @ coef))
+        err = y - x @ coef
+        dev = np.abs(err - np.median(err))
         near = dev <= OUTLIER_MADS * 1.4826 * np.median(dev)
         if near.all() or near.sum() < MIN_SPLIT or (a[near] > 0).sum() < MIN_SPLIT:
             break
