@@ -31,6 +31,8 @@ def main(argv: list[str] | None = None) -> int:
     from engine.loader import load_tokenizer
 
     out = Path(args.out)
+    if not (out / "fidelity.json").exists():
+        raise SystemExit(f"no {out / 'fidelity.json'}: run `make bench-simulator` (its --out) first")
     doc = json.loads((out / "fidelity.json").read_text())
     prof = load_profile(Path(args.profile_dir) / "profile.json")
     specs = workload(args, load_tokenizer(), args.seed)
