@@ -3,11 +3,13 @@
 //
 //   distserve::quant_linear(x, qs, d, m, kind, K)  y[M, N] = x[M, K] @ W^T, W in GGUF blocks, float32 out
 //   distserve::quant_dequant(qs, d, m, kind, K)    W as dense float32 [N, K]
-//   distserve::packed_linear(x, w, b, wr)          oneDNN's linear on a prepacked weight, as an opaque op
-//                                                  (torch.compile's lowering of the mkldnn op itself wants
-//                                                  the weight frozen into the graph); with the row-major
-//                                                  copy wr [N, K], M <= 4 runs the engine's streaming
-//                                                  bf16 GEMV on it instead (bf16_linear below)
+//   distserve::packed_linear(x, w, b, wr)          a linear on a prepacked weight, as an opaque op
+//                                                  (torch.compile's lowering of the mkldnn / mkl ops
+//                                                  wants the weight frozen into the graph). bf16: oneDNN's,
+//                                                  and with the row-major copy wr [N, K] M <= 4 runs the
+//                                                  engine's streaming bf16 GEMV instead (bf16_linear);
+//                                                  float32: MKL's packed sgemm for 2-64 rows, torch's
+//                                                  linear on wr otherwise (fp32_packed_linear)
 //
 // Quantized weights (engine/quant.py packs them from the GGUF blocks, losslessly), per output row n
 // and block g of 32 values (nb blocks per row, padded to an even count with zero blocks):
@@ -141,7 +143,15 @@ inline float vsum(Vec a) {
   s = _mm_add_ss(s, _mm_movehdup_ps(s));
   return _mm_cvtss_f32(s);
 }
-inline void halves_to_floats(const at::Half* h, int64_t n, float* out) {
+inline void halves_to_floats(const at::Half* h, int64_t n, float* out) {  // out: 32-byte aligned
+#ifdef __F16C__
+  if (n == 16) {  // a row's 16 scales in two conversions (one by one: ~5% slower batch-1 decode, measured)
+    const __m128i* p = reinterpret_cast<const __m128i*>(h);
+    _mm256_store_ps(out, _mm256_cvtph_ps(_mm_loadu_si128(p)));
+    _mm256_store_ps(out + 8, _mm256_cvtph_ps(_mm_loadu_si128(p + 1)));
+    return;
+  }
+#endif
   for (int64_t i = 0; i < n; ++i) out[i] = h2f(h + i);
 }
 inline void vstore(float* p, Vec a) { _mm256_storeu_ps(p, a); }
@@ -403,10 +413,35 @@ at::Tensor bf16_linear(const at::Tensor& x_in, const at::Tensor& w, const std::o
   return at::linear(x_in.to(at::kBFloat16), w, b_opt);
 }
 
-// oneDNN's linear on its prepacked weight w; with the row-major copy wr, small M takes bf16_linear
-// instead (the branch lives here so that a compiled graph with a symbolic batch keeps one opaque op)
+// ---- float32 weights, decode batches: MKL's sgemm on a prepacked weight ---------------------------
+// A plain sgemm packs the weight matrix into its kernel's layout on every call: at 2-64 rows that copy
+// is as large as the product itself. torch's mkl::_mkl_linear multiplies by a matrix MKL packed once
+// (engine/linear.py packs it at load and checks once per process that the pack serves every row count:
+// torch calls it only at the count it was packed for). Measured on the model's 30 layers, 2 threads,
+// Sapphire Rapids capped at AVX2: 4 rows 26 vs 40 ms, 8 rows 29 vs 43, 32 rows 52 vs 67 (bench/RESULTS.md);
+// at 1 row MKL's sgemv on the row-major copy is ~10% faster, at 512 rows the plain sgemm ~4%.
+constexpr int64_t MKL_PACK_MIN_ROWS = 2;
+constexpr int64_t MKL_PACK_MAX_ROWS = 64;
+
+at::Tensor fp32_packed_linear(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& b,
+                              const at::Tensor& wr) {
+  const int64_t M = x.dim() == 2 ? x.size(0) : 0;
+  if (M < MKL_PACK_MIN_ROWS || M > MKL_PACK_MAX_ROWS) return at::linear(x, wr, b);
+  static const c10::OperatorHandle op = c10::Dispatcher::singleton().findSchemaOrThrow("mkl::_mkl_linear", "");
+  torch::jit::Stack stack{x, w, wr, b, c10::IValue(M)};
+  op.callBoxed(&stack);
+  return stack[0].toTensor();
+}
+
+// a linear on the prepacked weight w (the branch lives here so that a compiled graph with a symbolic
+// batch keeps one opaque op). bf16: oneDNN's, or with the row-major copy wr bf16_linear for small M;
+// float32: fp32_packed_linear (wr required)
 at::Tensor packed_linear(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& b,
                          const std::optional<at::Tensor>& wr) {
+  if (w.scalar_type() == at::kFloat) {
+    TORCH_CHECK(wr.has_value(), "a float32 packed weight needs its row-major copy");
+    return fp32_packed_linear(x, w, b, *wr);
+  }
   if (wr.has_value() && x.dim() == 2 && x.size(0) <= GEMV_MAX_ROWS && x.size(1) % 32 == 0)
     return bf16_linear(x, *wr, b);
   static const c10::OperatorHandle op = c10::Dispatcher::singleton().findSchemaOrThrow("mkldnn::_linear_pointwise", "");

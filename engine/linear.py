@@ -3,7 +3,10 @@
     DenseLinear   the weight in the activation dtype; on CPU in bf16 it is prepacked once for oneDNN
                   (AMX / AVX-512 BF16 kernels, ~1.1-1.3x F.linear from batch 5 up), and where the engine's
                   streaming GEMV is built (AVX-512 BF16) the row-major weight stays too: batches of 1-4
-                  rows run on it (~1.5x oneDNN at batch 1), at the price of a second copy in memory
+                  rows run on it (~1.5x oneDNN at batch 1), at the price of a second copy in memory.
+                  In float32 it is prepacked once for MKL's sgemm, which then runs batches of 2-64 rows
+                  (~1.3-1.5x F.linear there, which repacks the weight on every call); 1 row and prefill
+                  chunks run F.linear on the row-major copy, kept beside the pack
     QuantLinear   a GGUF Q4_0 / Q4_1 / Q8_0 matrix in its own blocks (engine/quant.py): small batches
                   run the block kernels of engine/cpu_kernels.cpp; large ones (prefill) dequantize the
                   matrix into the activation dtype and run the dense GEMM, which is compute-bound there
@@ -11,6 +14,8 @@
 Every op maps x [M, K] -> [M, N] in x's dtype and reports the bytes one call reads.
 """
 from __future__ import annotations
+
+import functools
 
 import torch
 import torch.nn.functional as F
@@ -27,7 +32,8 @@ class DenseLinear:
     """weight [N, K]; or a stack [L, N, K] of every layer's, `layer` naming this one (stack_layers)."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None, prepack: bool = True,
-                 layer: int | None = None) -> None:
+                 layer: int | None = None, packed: torch.Tensor | None = None) -> None:
+        """packed: this layer's pack, made earlier (stack_layers keeps the packs and stacks the row-major copies)."""
         if (layer is None) != (weight.dim() == 2):
             raise ValueError("a [layers, N, K] stack needs the layer it serves; an [N, K] weight takes none")
         self._w: torch.Tensor | None = weight
@@ -37,11 +43,9 @@ class DenseLinear:
         self.out_features, self.in_features = w.shape
         self.bias = bias
         self.nbytes = w.numel() * w.element_size()
-        self.packed = None
-        if layer is None and prepack and w.device.type == "cpu" and w.dtype == torch.bfloat16 and _mkldnn_bf16():
-            self.packed = torch.ops.mkldnn._reorder_linear_weight(w, 1)  # opaque oneDNN layout
-            if not kernels.bf16_gemv():
-                self._w = None  # the packed copy replaces it
+        self.packed = packed if packed is not None else _prepack(w) if prepack and layer is None else None
+        if self.packed is not None and w.dtype == torch.bfloat16 and not kernels.bf16_gemv():
+            self._w = None  # the packed copy replaces it
 
     @property
     def weight(self) -> torch.Tensor | None:
@@ -53,9 +57,9 @@ class DenseLinear:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.packed is not None:
-            if kernels.load():  # one opaque op (torch.compile keeps it): GEMV on self.weight for <= 4 rows, else oneDNN
+            if kernels.load():  # one opaque op (torch.compile keeps it) that picks the kernel by the row count
                 return torch.ops.distserve.packed_linear(x, self.packed, self.bias, self.weight)
-            return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+            return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")  # bf16 only
         return F.linear(x, self.weight, self.bias)
 
     def dense(self) -> torch.Tensor:
@@ -96,9 +100,10 @@ class QuantLinear:
 
 def stack_layers(ops: list[DenseLinear | QuantLinear]) -> list[DenseLinear | QuantLinear]:
     """Every layer's op for one fused matrix, as views of one stack where the layers allow it (one kind of
-    blocks and shape; dense: one shape and dtype, on a CPU, not prepacked for oneDNN), else `ops` unchanged
-    (bf16 weights prepacked for oneDNN, the default where the CPU has AVX-512 BF16, stay one input per layer;
-    on a GPU the stack, built beside the layers' copies, could outgrow its memory). A compiled
+    blocks and shape; dense: one shape and dtype, on a CPU, with the row-major copy kept), else `ops` unchanged
+    (a prepack cannot be stacked or moved: each stays its layer's own input, beside the stacked row-major
+    copies; bf16 weights whose pack replaces them stay apart; on a GPU the stack, built beside the layers'
+    copies, could outgrow its memory). A compiled
     step takes each tensor it reads as an input, and torch.compile's runtime pays ~0.7 us of Python per input
     on every call (a 430-input toy graph: 312 vs 24 us with one input); views made inside the traced step
     cost nothing."""
@@ -106,15 +111,53 @@ def stack_layers(ops: list[DenseLinear | QuantLinear]) -> list[DenseLinear | Qua
         stack = QuantStack.of([op.q for op in ops])
         if stack is not None:
             return [QuantLinear(stack, op.bias, op.dtype, layer=i) for i, op in enumerate(ops)]
-    elif (all(isinstance(op, DenseLinear) and op.packed is None and op.weight.device.type == "cpu" for op in ops)
+    elif (all(isinstance(op, DenseLinear) and op.weight is not None and op.weight.device.type == "cpu" for op in ops)
           and len({(op.weight.shape, op.weight.dtype) for op in ops}) == 1):
         stack = torch.stack([op.weight for op in ops])  # [layers, N, K]
-        return [DenseLinear(stack, op.bias, layer=i) for i, op in enumerate(ops)]
+        return [DenseLinear(stack, op.bias, layer=i, packed=op.packed) for i, op in enumerate(ops)]
     return ops
+
+
+# MKL packs a float32 weight for this many rows; mkl_pack_serves_any_rows() checks that the pack serves others
+MKL_PACK_ROWS = 32
+
+
+def _prepack(w: torch.Tensor) -> torch.Tensor | None:
+    """w [N, K] in an opaque layout for the CPU's GEMM library, or None where none applies."""
+    if w.device.type != "cpu":
+        return None
+    if w.dtype == torch.bfloat16 and _mkldnn_bf16():
+        return torch.ops.mkldnn._reorder_linear_weight(w, 1)  # oneDNN
+    if w.dtype == torch.float32 and mkl_pack_serves_any_rows():
+        return torch.ops.mkl._mkl_reorder_linear_weight(w, MKL_PACK_ROWS)
+    return None
 
 
 def _mkldnn_bf16() -> bool:
     return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+
+
+@functools.cache
+def mkl_pack_serves_any_rows() -> bool:
+    """MKL's float32 pack is usable by the engine: torch has MKL, the engine's kernels (which call it as one
+    opaque op) built, and a pack made for MKL_PACK_ROWS rows multiplies any other row count right. torch calls
+    MKL's packed sgemm only at the count the pack was made for; MKL's documentation does not say whether a pack
+    is tied to it (measured here: it is not), so this checks it once per process, against F.linear, on the row
+    counts decode uses, and the engine keeps F.linear where the check fails."""
+    if not (torch.backends.mkl.is_available() and hasattr(torch.ops.mkl, "_mkl_reorder_linear_weight")
+            and kernels.load()):
+        return False
+    g = torch.Generator().manual_seed(0)
+    w, x = torch.randn(96, 320, generator=g), torch.randn(64, 320, generator=g)
+    try:
+        pack = torch.ops.mkl._mkl_reorder_linear_weight(w, MKL_PACK_ROWS)
+        for m in (2, 3, 5, 8, 17, 31, 32, 33, 64):
+            got = torch.ops.distserve.packed_linear(x[:m], pack, None, w)
+            if not torch.allclose(got, F.linear(x[:m], w), rtol=1e-4, atol=1e-4):
+                return False
+    except RuntimeError:
+        return False
+    return True
 
 
 def native_available() -> bool:

@@ -101,10 +101,13 @@ def test_the_compile_cache_is_kept_per_instruction_set(monkeypatch):
     assert ec.resolve_cache_dir("/explicit") == "/explicit"
 
 
-def test_the_compiled_steps_inputs_do_not_grow_with_the_layers():
+def test_the_compiled_steps_inputs_do_not_grow_with_the_layers(monkeypatch):
     """Every layer's matrices and norms are views of one stack per kind (engine/linear.py stack_layers): the
     traced decode step reads a fixed number of tensors whatever the depth, where a tensor per weight made a
-    30-layer model's step take 431 inputs (torch.compile's runtime pays for each on every call)."""
+    30-layer model's step take 431 inputs (torch.compile's runtime pays for each on every call). A library's
+    prepacked copy cannot be stacked: with MKL's float32 packs each layer adds one input per matrix, no more."""
+    import engine.linear
+
     def inputs(num_layers: int) -> int:
         cfg = tiny_config(num_layers=num_layers)
         model = LlamaModel(cfg, dict(hf_model(cfg).state_dict()), torch.float32)
@@ -121,4 +124,9 @@ def test_the_compiled_steps_inputs_do_not_grow_with_the_layers():
             torch.compile(model.decode, backend=backend, fullgraph=True)(ids, ctx - 1, tables, ctx, cache)
         return seen[0]
 
+    packed = inputs(2), inputs(5)
+    monkeypatch.setattr(engine.linear, "mkl_pack_serves_any_rows", lambda: False)
     assert inputs(2) == inputs(5)
+    matrices = len(LlamaModel(tiny_config(num_layers=1), dict(hf_model(tiny_config(num_layers=1)).state_dict()),
+                              torch.float32).layers[0])
+    assert packed[1] - packed[0] in (0, 3 * matrices)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from engine import kernels
-from engine.linear import DenseLinear
+from engine.linear import DenseLinear, mkl_pack_serves_any_rows
 
 needs_gemv = pytest.mark.skipif(not kernels.bf16_gemv(), reason="no AVX-512 BF16 GEMV on this CPU")
 
@@ -73,15 +73,43 @@ def test_a_float32_models_layers_read_their_matrices_from_one_stack():
     sd = hf_model(cfg).state_dict()
     model = LlamaModel(cfg, dict(sd), torch.float32)
     x = torch.randn(2, cfg.hidden_size)
+    packs = set()
     for i, layer in enumerate(model.layers):
         op = layer["gate_up"]
         assert op.layer == i and op._w.shape[0] == cfg.num_layers
         want = torch.cat([sd[f"model.layers.{i}.mlp.gate_proj.weight"], sd[f"model.layers.{i}.mlp.up_proj.weight"]])
         assert torch.equal(op.weight, want)
-        assert torch.equal(op(x), torch.nn.functional.linear(x, want))
+        assert torch.equal(op(x[:1]), torch.nn.functional.linear(x[:1], want))  # one row: F.linear on the view
+        torch.testing.assert_close(op(x), torch.nn.functional.linear(x, want))  # two: MKL's pack where made
+        packs.add(id(op.packed) if op.packed is not None else None)
     assert model.layers[0]["gate_up"]._w is model.layers[2]["gate_up"]._w
-    packed = [DenseLinear(torch.randn(8, 64).bfloat16()) for _ in range(2)]
-    if packed[0].packed is not None:
-        assert stack_layers(packed) is packed
+    assert len(packs) == (1 if None in packs else cfg.num_layers)  # each layer keeps its own pack
+    bf16 = [DenseLinear(torch.randn(8, 64).bfloat16()) for _ in range(2)]
+    if bf16[0].packed is not None and bf16[0].weight is None:  # the oneDNN pack replaced the row-major copy
+        assert stack_layers(bf16) is bf16
     with pytest.raises(ValueError, match="layer"):
         DenseLinear(torch.randn(3, 8, 64))
+
+
+needs_mkl_pack = pytest.mark.skipif(not mkl_pack_serves_any_rows(), reason="no MKL pack (or no engine kernels) here")
+
+
+@needs_mkl_pack
+@pytest.mark.parametrize("bias", [False, True])
+def test_a_float32_weight_packed_for_mkl_multiplies_any_row_count(bias):
+    """Decode batches of 2-64 rows run MKL's sgemm on the pack made at load (for 32 rows); 1 row and prefill
+    chunks run F.linear on the row-major copy kept beside it. Every count gives F.linear's product."""
+    g = torch.Generator().manual_seed(7)
+    w = torch.randn(200, 576, generator=g)
+    b = torch.randn(200, generator=g) if bias else None
+    lin = DenseLinear(w, b)
+    assert lin.packed is not None and lin.weight is w
+    for m in (1, 2, 3, 7, 32, 33, 64, 65, 300):
+        x = torch.randn(m, 576, generator=g)
+        y, want = lin(x), torch.nn.functional.linear(x, w, b)
+        assert y.shape == (m, 200) and y.dtype == torch.float32
+        if m == 1 or m > 64:
+            assert torch.equal(y, want)  # the same call as F.linear
+        else:
+            torch.testing.assert_close(y, want, rtol=1e-5, atol=1e-4)  # float32, summed in another order
+    assert DenseLinear(w, b, prepack=False).packed is None

@@ -52,15 +52,16 @@ def test_row_reordering_and_fusing_are_lossless():
 @needs_kernels
 @pytest.mark.parametrize("kind", sorted(KINDS))
 @pytest.mark.parametrize("m", [1, 3, 4, 9])
-def test_kernel_product_equals_dense_float32_product(kind, m):
-    raw, ref = blocks(kind, 45, 96)
-    q = QuantTensor.from_blocks(raw, kind, 96)
-    x = torch.randn(m, 96, generator=torch.Generator().manual_seed(m))
-    got = torch.ops.distserve.quant_linear(x, q.qs, q.d, q.m, KINDS[kind], 96)
+@pytest.mark.parametrize("k", [96, 576])  # 576 (the model's width): a full run of 16 blocks' scales, then 2
+def test_kernel_product_equals_dense_float32_product(kind, m, k):
+    raw, ref = blocks(kind, 45, k)
+    q = QuantTensor.from_blocks(raw, kind, k)
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(m))
+    got = torch.ops.distserve.quant_linear(x, q.qs, q.d, q.m, KINDS[kind], k)
     want = x @ torch.from_numpy(ref).T
     assert ((got - want).norm() / want.norm()).item() < 1e-6
     # each row is summed in the same order whatever the batch: a request's logits do not depend on it
-    assert torch.equal(torch.ops.distserve.quant_linear(x[:1], q.qs, q.d, q.m, KINDS[kind], 96), got[:1])
+    assert torch.equal(torch.ops.distserve.quant_linear(x[:1], q.qs, q.d, q.m, KINDS[kind], k), got[:1])
     # the op the model calls: any activation dtype in, the same dtype out
     lin = QuantLinear(q, None, torch.bfloat16)
     assert lin(x.bfloat16()).dtype == torch.bfloat16 and lin(x).shape == (m, 45)
