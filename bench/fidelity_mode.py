@@ -108,11 +108,12 @@ def noise_draws(prof: Profile, layout: Layout, times: list[float], lengths: list
     return [simulate(prof, layout, times, lengths, slo, sched, seed=args.seed + k) for k in range(args.noise_draws)]
 
 
-def in_server_profile(prof: Profile, tp: int, mode: str, iso: Profile, records: list[dict]) -> tuple[Profile, dict]:
+def in_server_profile(prof: Profile, tp: int, mode: str, iso: Profile,
+                      records: list[StepRecord]) -> tuple[Profile, dict]:
     """The profile with this layout's coefficients, arrival stalls (and, disaggregated, interference factors)
-    fitted to the server's own step trace (scheduler/planner/trace_fit.py), and the fitted model's residuals
-    on that trace as its step noise; `iso` (the isolated profile) where the trace
-    has too few steps the formulas describe (e.g. chunked prefill, whose steps are mostly mixed)."""
+    fitted to the server's own step trace (`records`, as held_out picks them; scheduler/planner/trace_fit.py),
+    and the fitted model's residuals on that trace as its step noise; `iso` (the isolated profile) where the
+    trace has too few steps the formulas describe (e.g. chunked prefill, whose steps are mostly mixed)."""
     try:
         fit = fit_trace(records, roles_of(mode))
     except ValueError as e:
@@ -130,6 +131,14 @@ def in_server_profile(prof: Profile, tp: int, mode: str, iso: Profile, records: 
                                arrival_stall_ms=stall), {
         "coeffs": coeffs.to_json(), "interference": fit.interference, "arrival_stall_ms": stall, "step_noise": spread,
         "fit": fit.report}
+
+
+def held_out(fit_records: list[StepRecord], traces: dict[str, list[StepRecord]], rate: str) -> list[StepRecord]:
+    """The steps the in-server model judged at `rate` is fitted to: the fit runs' and every other rate's, never
+    the steps of the runs it is judged against. The other rates' runs add the batch shapes and the machine's
+    state of the same rounds (offline on band5 / band6's saved traces: 7 + 9 of 20 rates within the bar,
+    against 6 + 8 fitted on the fit runs alone)."""
+    return fit_records + [r for key, steps in traces.items() if key != rate for r in steps]
 
 
 def run_mode(mode: str, args, specs: list[RequestSpec], fit_sets: list[list[RequestSpec]], prof: Profile) -> dict:
@@ -178,11 +187,13 @@ def run_mode(mode: str, args, specs: list[RequestSpec], fit_sets: list[list[Requ
                 traces[str(rate)] += steps(url)  # for the step ratio and OUT/traces-MODE.json
                 print(f"[{mode}] round {rnd + 1}/{args.repeats}, {rate} req/s: real both "
                       f"{100 * real['attainment_both']:.1f}%", flush=True)
-        srv_prof, fitted = in_server_profile(prof, tp, mode, iso_prof, fit_records)
-        print(f"[{mode}] in-server fit: {fitted['fit']['samples']} steps, interference {fitted['interference']}, "
-              f"arrival stall {fitted.get('arrival_stall_ms')} ms, step noise {fitted.get('step_noise')}", flush=True)
-        rows = []
+        rows, fits = [], []
         for frac, rate in zip(args.load, rates, strict=True):
+            srv_prof, fitted = in_server_profile(prof, tp, mode, iso_prof, held_out(fit_records, traces, str(rate)))
+            fits.append({"rate": rate, **fitted})
+            print(f"[{mode}] in-server fit for {rate} req/s: {fitted['fit']['samples']} steps, interference "
+                  f"{fitted['interference']}, arrival stall {fitted.get('arrival_stall_ms')} ms, step noise "
+                  f"{fitted.get('step_noise')}", flush=True)
             iso = simulate(iso_prof, layout, times[rate], lengths, slo, sched)
             srv = noise_draws(srv_prof, layout, times[rate], lengths, slo, sched, args)
             row = compare(rate, frac, reals[rate], iso, srv, front, slo)
@@ -193,7 +204,7 @@ def run_mode(mode: str, args, specs: list[RequestSpec], fit_sets: list[list[Requ
     (out / f"traces-{mode}.json").write_text(json.dumps({k: [x.to_json() for x in v] for k, v in traces.items()}))
     (out / f"fit-traces-{mode}.json").write_text(json.dumps([x.to_json() for x in fit_records]))  # to re-fit offline
     return {"mode": mode, "server_flags": flags, "calibration": cal, "slo": dataclasses.asdict(slo),
-            "capacity_estimate": cap, "profile_tp": tp, "in_server_fit": {"rates": fit_rates, **fitted},
+            "capacity_estimate": cap, "profile_tp": tp, "in_server_fit": {"rates": fit_rates, "per_rate": fits},
             "rows": rows}
 
 

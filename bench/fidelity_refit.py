@@ -5,8 +5,9 @@ the ~25 minutes of serving (the real runs are what they were; only the simulated
     python -m bench.fidelity_refit --out bench/out/simulator-fidelity-band5 \
         --profile-dir bench/out/simulator-fidelity-band2
 
-Takes the run's own flags (python -m bench.simulator_fidelity --help); reads OUT/fidelity.json and
-OUT/fit-traces-MODE.json, prints the table with the fresh fit's simulated values beside the saved ones.
+Takes the run's own flags (python -m bench.simulator_fidelity --help); reads OUT/fidelity.json,
+OUT/fit-traces-MODE.json and OUT/traces-MODE.json, fits each rate's model as the bench does (held_out: the fit
+runs and the other rates' runs), prints the table with the fresh fit's simulated values beside the saved ones.
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ import statistics
 import sys
 from pathlib import Path
 
-from bench.fidelity_mode import MODES, in_server_profile, isolated_profile, judged, noise_draws
+from bench.fidelity_mode import MODES, held_out, in_server_profile, isolated_profile, judged, noise_draws
 from bench.fidelity_report import noise_band
 from bench.simulator_fidelity import parse, workload
 from engine.config import SchedulerConfig
@@ -44,13 +45,19 @@ def main(argv: list[str] | None = None) -> int:
     for m in doc["modes"]:
         mode = m["mode"]
         _, layout, tp = MODES[mode]
+        missing = [f for f in (f"fit-traces-{mode}.json", f"traces-{mode}.json") if not (out / f).exists()]
+        if missing:
+            raise SystemExit(f"{out} has no {', '.join(missing)}: a run from before the bench saved its traces")
         records = [StepRecord.from_json(d) for d in json.loads((out / f"fit-traces-{mode}.json").read_text())]
+        traces = {k: [StepRecord.from_json(d) for d in v]
+                  for k, v in json.loads((out / f"traces-{mode}.json").read_text()).items()}
         cal = m["calibration"]  # the isolated profile: what the run fell back to, should the fit fail
-        srv_prof, fitted = in_server_profile(prof, tp, mode, isolated_profile(prof, tp, cal), records)
-        print(f"[{mode}] re-fit: stall {fitted.get('arrival_stall_ms')} ms, interference {fitted['interference']}, "
-              f"noise {fitted.get('step_noise')}", file=sys.stderr)
         slo, front = SLO(m["slo"]["ttft"], m["slo"]["tpot"]), cal["front_end_ttft_ms"] / 1e3
         for row in m["rows"]:
+            srv_prof, fitted = in_server_profile(prof, tp, mode, isolated_profile(prof, tp, cal),
+                                                 held_out(records, traces, str(row["rate"])))
+            print(f"[{mode}] {row['rate']} req/s re-fit: stall {fitted.get('arrival_stall_ms')} ms, interference "
+                  f"{fitted['interference']}, noise {fitted.get('step_noise')}", file=sys.stderr)
             times = send_times(ArrivalSpec("poisson"), row["rate"], len(specs), args.seed)
             sims = noise_draws(srv_prof, layout, times, lengths, slo, sched, args)
             band = noise_band(row["real_both_runs"], statistics.mean(judged(s, slo, front)["both"] for s in sims))

@@ -39,6 +39,16 @@ def verdict(doc: dict) -> str:
     return head + (f". Missed: {'; '.join(missed)}" if missed else "")
 
 
+def fit_summary(mode_fit: dict, f: dict) -> str:
+    """One rate's in-server model (bench/fidelity_mode.py held_out: fitted without that rate's own runs)."""
+    if f["coeffs"] is None:
+        return f"at {f['rate']} req/s not fitted ({f['fit']['error']}): the isolated profile stands in"
+    return (f"at {f['rate']} req/s fitted to {f['fit']['samples']} traced steps (the fit runs at {mode_fit['rates']} "
+            f"req/s and the other rates' runs), interference {f['interference']}, arrival stall (ms per request "
+            f"arriving during a step) {f.get('arrival_stall_ms', 'none')}, step noise (measured - stall / modelled) "
+            f"{f.get('step_noise', 'none')}")
+
+
 def markdown(doc: dict) -> str:
     lines = [f"Simulator fidelity ({doc['date']}, {doc['command']})", "",
              f"Workload: {doc['workload']}; the real server {doc.get('repeats', 1)} times per rate (same requests "
@@ -47,12 +57,8 @@ def markdown(doc: dict) -> str:
         lines += [fmt_row(m["mode"], r) for r in m["rows"]]
     lines.append("")
     for m in doc["modes"]:
-        c, f = m["calibration"], m["in_server_fit"]
-        fit = (f"fitted to {f['fit']['samples']} traced steps at {f['rates']} req/s (other requests, "
-               f"{f['fit'].get('rounds', '?')} rounds), interference {f['interference']}, arrival stall (ms per "
-               f"request arriving during a step) {f.get('arrival_stall_ms', 'none')}, step noise (measured - stall / "
-               f"modelled) {f.get('step_noise', 'none')}" if f["coeffs"] else
-               f"not fitted ({f['fit']['error']}): the isolated profile stands in")
+        c = m["calibration"]
+        fit = "; ".join(fit_summary(m["in_server_fit"], f) for f in m["in_server_fit"].get("per_rate", []))
         lines.append(f"- {m['mode']}: SLO TTFT {m['slo']['ttft'] * 1e3:.0f} ms / TPOT {m['slo']['tpot'] * 1e3:.0f} ms "
                      f"({doc['slo_scale']} x unloaded {c['ttft_s'] * 1e3:.0f} / {c['tpot_s'] * 1e3:.1f} ms). "
                      f"In-server model: {fit}, front end "

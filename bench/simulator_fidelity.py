@@ -15,8 +15,9 @@ Per mode (disagg: prefill cpu:C0 + decode cpu:C1; colocated and chunked: one ins
    few requests one at a time (unloaded): their TTFT/TPOT set the SLOs (x --slo-scale); the time each TTFT
    spends outside the engine's traced prefill iteration is the front end's share (HTTP, tokenizing, delivery);
 3. the in-server model: other requests (seed + 1, ...) at the --fit-load loads, run in every round
-   beside the measured rates (the machine's speed drifts over minutes: fit and test see the same drift); the latency
-   model is fitted to the steps the server traced while serving them (scheduler/planner/trace_fit.py: iteration
+   beside the measured rates (the machine's speed drifts over minutes: fit and test see the same drift); each
+   rate's latency model is fitted to the steps the server traced while serving them and the other rates' runs,
+   never that rate's own (bench/fidelity_mode.py held_out; scheduler/planner/trace_fit.py: iteration
    times with the event loop and the other instance competing, interference and the stall each arriving
    request's front-end work adds to the steps in flight split out), and the fitted
    model's error on each of those steps (measured / modelled) becomes its step noise: the simulator
