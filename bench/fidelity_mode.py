@@ -138,6 +138,8 @@ def held_out(fit_records: list[StepRecord], traces: dict[str, list[StepRecord]],
     the steps of the runs it is judged against. The other rates' runs add the batch shapes and the machine's
     state of the same rounds (offline on band5 / band6's saved traces: 7 + 9 of 20 rates within the bar,
     against 6 + 8 fitted on the fit runs alone)."""
+    if rate not in traces:  # a key that matched nothing would let the judged runs into their own fit
+        raise KeyError(f"no traces for rate {rate!r} (have {sorted(traces)})")
     return fit_records + [r for key, steps in traces.items() if key != rate for r in steps]
 
 

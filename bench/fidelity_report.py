@@ -58,7 +58,8 @@ def markdown(doc: dict) -> str:
     lines.append("")
     for m in doc["modes"]:
         c = m["calibration"]
-        fit = "; ".join(fit_summary(m["in_server_fit"], f) for f in m["in_server_fit"].get("per_rate", []))
+        fit = ("; ".join(fit_summary(m["in_server_fit"], f) for f in m["in_server_fit"]["per_rate"])
+               if "per_rate" in m["in_server_fit"] else "one model fitted to the fit runs (a run from before held_out)")
         lines.append(f"- {m['mode']}: SLO TTFT {m['slo']['ttft'] * 1e3:.0f} ms / TPOT {m['slo']['tpot'] * 1e3:.0f} ms "
                      f"({doc['slo_scale']} x unloaded {c['ttft_s'] * 1e3:.0f} / {c['tpot_s'] * 1e3:.1f} ms). "
                      f"In-server model: {fit}, front end "

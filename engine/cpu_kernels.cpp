@@ -427,6 +427,9 @@ at::Tensor fp32_packed_linear(const at::Tensor& x, const at::Tensor& w, const st
                               const at::Tensor& wr) {
   const int64_t M = x.dim() == 2 ? x.size(0) : 0;
   if (M < MKL_PACK_MIN_ROWS || M > MKL_PACK_MAX_ROWS) return at::linear(x, wr, b);
+  // MKL reads the pack by these sizes without checking them: a mismatch must fail here, as F.linear's would
+  TORCH_CHECK(w.is_mkldnn() && wr.dim() == 2 && x.size(1) == wr.size(1), "x [M, K] and a pack of wr [N, K]");
+  TORCH_CHECK(!b.has_value() || b->numel() == wr.size(0), "bias must have N values");
   static const c10::OperatorHandle op = c10::Dispatcher::singleton().findSchemaOrThrow("mkl::_mkl_linear", "");
   torch::jit::Stack stack{x, w, wr, b, c10::IValue(M)};
   op.callBoxed(&stack);

@@ -137,6 +137,6 @@ def _register_fakes() -> None:
 
     @torch.library.register_fake("distserve::packed_linear")
     def _(x, w, b, wr=None):  # an MKL pack's own shape is its buffer's, not [N, K]: N from the row-major copy
-        return x.new_empty((x.shape[0], (wr if wr is not None else w).shape[0]))
+        return x.new_empty((*x.shape[:-1], (wr if wr is not None else w).shape[0]))
 
     _state["fakes"] = True

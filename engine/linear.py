@@ -59,7 +59,8 @@ class DenseLinear:
         if self.packed is not None:
             if kernels.load():  # one opaque op (torch.compile keeps it) that picks the kernel by the row count
                 return torch.ops.distserve.packed_linear(x, self.packed, self.bias, self.weight)
-            return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")  # bf16 only
+            if self.weight is None:  # a bf16 weight that only oneDNN's pack holds
+                return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
         return F.linear(x, self.weight, self.bias)
 
     def dense(self) -> torch.Tensor:
@@ -123,13 +124,16 @@ MKL_PACK_ROWS = 32
 
 
 def _prepack(w: torch.Tensor) -> torch.Tensor | None:
-    """w [N, K] in an opaque layout for the CPU's GEMM library, or None where none applies."""
+    """w [N, K] in an opaque layout for the CPU's GEMM library, or None where none applies. A pack is its own
+    copy and must stay where it was made (MKL's packs hold address-dependent metadata: never cloned, pickled or
+    moved; Ray actors load their own weights and pack them there)."""
     if w.device.type != "cpu":
         return None
     if w.dtype == torch.bfloat16 and _mkldnn_bf16():
         return torch.ops.mkldnn._reorder_linear_weight(w, 1)  # oneDNN
     if w.dtype == torch.float32 and mkl_pack_serves_any_rows():
-        return torch.ops.mkl._mkl_reorder_linear_weight(w, MKL_PACK_ROWS)
+        pack = torch.ops.mkl._mkl_reorder_linear_weight(w, MKL_PACK_ROWS)
+        return pack if _pack_multiplies_right(pack, w, (3, 64)) else None
     return None
 
 
@@ -142,22 +146,33 @@ def mkl_pack_serves_any_rows() -> bool:
     """MKL's float32 pack is usable by the engine: torch has MKL, the engine's kernels (which call it as one
     opaque op) built, and a pack made for MKL_PACK_ROWS rows multiplies any other row count right. torch calls
     MKL's packed sgemm only at the count the pack was made for; MKL's documentation does not say whether a pack
-    is tied to it (measured here: it is not), so this checks it once per process, against F.linear, on the row
-    counts decode uses, and the engine keeps F.linear where the check fails."""
+    is tied to it (measured here: it is not), so this checks it once per process, against F.linear, at every row
+    count up to twice the packed one on two shapes (and _prepack each pack at 3 and 64 rows), and the engine keeps
+    F.linear where a check fails."""
     if not (torch.backends.mkl.is_available() and hasattr(torch.ops.mkl, "_mkl_reorder_linear_weight")
             and kernels.load()):
         return False
     g = torch.Generator().manual_seed(0)
-    w, x = torch.randn(96, 320, generator=g), torch.randn(64, 320, generator=g)
+    for n, k in ((96, 320), (97, 321)):
+        w = torch.randn(n, k, generator=g)
+        try:
+            pack = torch.ops.mkl._mkl_reorder_linear_weight(w, MKL_PACK_ROWS)
+        except RuntimeError:
+            return False
+        if not _pack_multiplies_right(pack, w, range(1, 2 * MKL_PACK_ROWS + 2)):  # past the kernels' 64 rows too
+            return False
+    return True
+
+
+def _pack_multiplies_right(pack: torch.Tensor, w: torch.Tensor, rows) -> bool:
+    """packed_linear on `pack` gives F.linear's product (to float32 rounding) at each row count in `rows`."""
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(max(rows), w.shape[1], generator=g)
     try:
-        pack = torch.ops.mkl._mkl_reorder_linear_weight(w, MKL_PACK_ROWS)
-        for m in (2, 3, 5, 8, 17, 31, 32, 33, 64):
-            got = torch.ops.distserve.packed_linear(x[:m], pack, None, w)
-            if not torch.allclose(got, F.linear(x[:m], w), rtol=1e-4, atol=1e-4):
-                return False
+        return all(torch.allclose(torch.ops.distserve.packed_linear(x[:m], pack, None, w), F.linear(x[:m], w),
+                                  rtol=1e-4, atol=1e-4) for m in rows)
     except RuntimeError:
         return False
-    return True
 
 
 def native_available() -> bool:

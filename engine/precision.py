@@ -13,7 +13,8 @@ bf16 beats native at prefill (3,179 vs 873 tok/s) and decode batch 8 / 32 (380 /
 only batch 1 (84 vs 58); against dense float32 (no bf16 in hardware) native wins batch 1 / 8 (84 / 314 vs
 43 / 140), ties batch 32, and reads a fifth of the bytes. With float32 decode on MKL's packed sgemm (emulated
 AVX2, RESULTS 2026-12-02 05:36-05:45) dense float32 wins batch 32 (372 vs 284) but native wins batch 1 (115 vs 40) and
-batch 8 (235 vs 188), in a fifth of the memory: native stays the default there.
+batch 8 (235 vs 188) and holds a tenth of the bytes (float32 keeps MKL's pack beside each matrix): native stays the
+default there.
 """
 from __future__ import annotations
 

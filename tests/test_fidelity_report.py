@@ -53,3 +53,5 @@ def test_a_rates_model_is_fitted_without_that_rates_own_runs():
     picked = held_out(fit, {"1.0": low, "2.0": high}, "1.0")
     assert picked == fit + high  # the fit runs and the other rate's, never the judged rate's own steps
     assert held_out(fit, {"1.0": low, "2.0": high}, "2.0") == fit + low
+    with pytest.raises(KeyError):  # a rate without traces would otherwise be fitted to its own runs unnoticed
+        held_out(fit, {"1.0": low}, "1")

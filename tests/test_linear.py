@@ -113,3 +113,20 @@ def test_a_float32_weight_packed_for_mkl_multiplies_any_row_count(bias):
         else:
             torch.testing.assert_close(y, want, rtol=1e-5, atol=1e-4)  # float32, summed in another order
     assert DenseLinear(w, b, prepack=False).packed is None
+
+
+@needs_gemv
+def test_bf16_layers_stack_their_row_major_copies_and_keep_their_own_packs():
+    """Where the GEMV keeps each bf16 matrix row-major beside oneDNN's pack, the row-major copies are stacked
+    (one input of a compiled step) and each layer keeps its own pack: every batch size multiplies as before."""
+    from engine.linear import stack_layers
+
+    g = torch.Generator().manual_seed(3)
+    ops = [DenseLinear(torch.randn(96, 64, generator=g).bfloat16()) for _ in range(3)]
+    stacked = stack_layers(ops)
+    assert stacked is not ops and stacked[0]._w is stacked[2]._w and stacked[0]._w.shape == (3, 96, 64)
+    for op, st in zip(ops, stacked):
+        assert st.packed is op.packed and torch.equal(st.weight, op.weight)
+        for m in (1, 4, 5, 8):  # the GEMV, then oneDNN
+            x = torch.randn(m, 64, generator=g).bfloat16()
+            assert torch.equal(st(x), op(x))
