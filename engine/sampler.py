@@ -50,7 +50,7 @@ class Sampler:
         too_short = [i for i, r in enumerate(reqs) if len(r.output_ids) < r.params.min_tokens]
         if not penalized and not want_lp and not sampled and not too_short:
             # All greedy: just argmax (in float32: CPU argmax over bf16 is ~8x slower than converting first).
-            return logits.float().argmax(dim=-1).tolist(), [None] * len(reqs)
+            return _argmax(logits.float()).tolist(), [None] * len(reqs)
 
         x = logits.to(torch.float32, copy=True)  # [B, V]; a copy because everything below is in place
         for i in too_short:
@@ -59,12 +59,12 @@ class Sampler:
         if penalized:
             _apply_penalties(x, [reqs[i] for i in penalized], penalized)
         if not sampled:
-            tokens = x.argmax(dim=-1)  # [B]
+            tokens = _argmax(x)  # [B]
         else:
             tokens = torch.empty(len(reqs), dtype=torch.long, device=self.device)
             if len(sampled) < len(reqs):
                 greedy = self._index([i for i, p in enumerate(ps) if p.greedy])
-                tokens[greedy] = x[greedy].argmax(dim=-1)
+                tokens[greedy] = _argmax(x[greedy])
         lp_rows = None
         if want_lp:
             lp_rows = torch.log_softmax(x[self._index(want_lp)], dim=-1)  # [L, V], before temperature
@@ -153,7 +153,13 @@ def _exponential_race(probs: torch.Tensor, reqs: list[Request]) -> torch.Tensor:
     q = torch.empty_like(probs)
     for i, r in enumerate(reqs):
         q[i].uniform_(generator=_generator(r, probs.device))  # a view: fills row i in place
-    return probs.div_(q.log_().neg_()).argmax(dim=-1)
+    return _argmax(probs.div_(q.log_().neg_()))
+
+
+def _argmax(x: torch.Tensor) -> torch.Tensor:
+    """[B, V] -> [B]: the first index of each row's maximum, as torch.argmax gives it; torch.max's reduction is
+    ~2.7x faster on CPU (32 x 49,152 float32, 2 threads: 0.44 vs 1.17 ms; 1 row: 27 vs 72 us)."""
+    return x.max(dim=-1).indices
 
 
 def _has_penalty(p) -> bool:

@@ -38,6 +38,16 @@ def test_greedy_is_argmax_in_any_dtype():
         assert toks == logits.to(dtype).argmax(-1).tolist() and lps == [None] * 6
 
 
+def test_greedy_ties_go_to_the_lowest_token_id_as_argmax_breaks_them():
+    logits = torch.zeros(3, V)
+    logits[0, [5, 9]] = 2.0  # two equal maxima
+    logits[1, [31, 0]] = 1.0
+    logits[2] = 1.0  # all equal
+    greedy, penalized = [_req(temperature=0.0) for _ in range(3)], [_req(temperature=0.0, presence_penalty=0.0001)]
+    assert Sampler(V)(logits, greedy)[0] == [5, 0, 0]  # the all-greedy path
+    assert Sampler(V)(logits[:1], penalized)[0] == [5]  # the general path
+
+
 def test_padded_vocab_columns_are_never_chosen():
     logits = torch.cat([_logits(64), torch.full((64, 8), 100.0)], dim=1)  # lm_head padded to V + 8
     toks = Sampler(V)(logits, [_req(temperature=0.0)] + [_req() for _ in range(63)])[0]
