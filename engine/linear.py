@@ -173,8 +173,3 @@ def _pack_multiplies_right(pack: torch.Tensor, w: torch.Tensor, rows) -> bool:
                                   rtol=1e-4, atol=1e-4) for m in rows)
     except RuntimeError:
         return False
-
-
-def native_available() -> bool:
-    """The block kernels built and loaded on this machine."""
-    return kernels.load()
