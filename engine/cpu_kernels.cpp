@@ -2,6 +2,7 @@
 // (torch.utils.cpp_extension, -O3 -march=native: the build is specific to the machine it runs on).
 //
 //   distserve::quant_linear(x, qs, d, m, kind, K)  y[M, N] = x[M, K] @ W^T, W in GGUF blocks, float32 out
+//                                                  (x rounded to int16 per block for few rows, below)
 //   distserve::quant_dequant(qs, d, m, kind, K)    W as dense float32 [N, K]
 //   distserve::packed_linear(x, w, b, wr)          a linear on a prepacked weight, as an opaque op
 //                                                  (torch.compile's lowering of the mkldnn / mkl ops
@@ -18,13 +19,16 @@
 //   Q8_0: qs s8 [N, nb, 32], d f16 [N, nb]                      w = d * q
 // byte j of a 4-bit block holds value j (low nibble) and value j + 16 (high nibble), as in GGUF.
 //
-// The product dequantizes each block in registers to exactly those float32 values and multiplies in
-// float32 (FMA), reusing each dequantized block for up to 4 rows of x (a software prefetch runs
-// QUANT_PF_BYTES ahead in each weight row: ~20% off a batch-1 product here): the result equals the dense
-// float32 product on the dequantized weights up to summation order, and a row's sum runs in the same
-// order whatever the batch, so a request's logits do not depend on what it is batched with.
-// (llama.cpp rounds activations to int8 per block instead: measured here, that costs SmolLM2 ~5% of
-// teacher-forced top-1 agreement; int16 rounding was only ~7% faster per decode step than this.)
+// The product at small batch (decode) rounds each row of x to int16 per block of 32 values and sums a
+// block's products in int32 (vpdpwssd / vpmaddwd), scaling each block's sum once in float32: about half
+// the vector instructions of dequantizing the weights to float32 (1-4 rows: 1.1-1.7x faster, measured).
+// With many rows (AVX-512: from 8) each block is dequantized in registers to gguf's float32 values and
+// multiplied in float32 (FMA), reused for 8 rows of x: there the FMAs' two ports beat the integer dot
+// products' one. A software prefetch runs QUANT_PF_BYTES ahead in each weight row (~30% off a batch-1
+// product here). Either way the weights are exact; a row of x is rounded and summed in the same order
+// whatever else is in its batch within each regime (AVX2: one regime at every batch size), and
+// distserve_int16_rows() says where the regimes meet. (llama.cpp rounds x to int8 per block instead:
+// measured here, that costs SmolLM2 ~5% of teacher-forced top-1 agreement.)
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/dispatch/Dispatcher.h>
@@ -35,6 +39,7 @@
 #include <cstdint>
 #include <cstring>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #if defined(__AVX2__) || defined(__F16C__)
@@ -86,8 +91,7 @@ void dequant_row(int64_t kind, const uint8_t* qs, const at::Half* d, const at::H
 }
 
 #ifdef __AVX2__
-// ---- y = x @ W^T in float32: each weight block is dequantized in registers (the values above) and
-// used by MR rows of x; MR x NR accumulators stay in registers ---------------------------------------
+// ---- vector helpers, and a block dequantized in registers (the values above, for quant_dequant) ----
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
 constexpr const char* kIsa = "avx512";
 using Vec = __m512;
@@ -96,6 +100,7 @@ inline Vec vzero() { return _mm512_setzero_ps(); }
 inline Vec vload(const float* p) { return _mm512_loadu_ps(p); }
 inline Vec vbcast(const float* p) { return _mm512_set1_ps(*p); }
 inline Vec vfma(Vec a, Vec b, Vec c) { return _mm512_fmadd_ps(a, b, c); }
+inline Vec vmul(Vec a, Vec b) { return _mm512_mul_ps(a, b); }
 inline float vsum(Vec a) { return _mm512_reduce_add_ps(a); }
 inline void vstore(float* p, Vec a) { _mm512_storeu_ps(p, a); }
 // 16 float16 scales -> float32 (n <= 16 valid)
@@ -127,8 +132,6 @@ inline void dequant_block(const uint8_t* q, const float* d, const float* m, Vec*
     }
   }
 }
-// of 32 registers: 4 x 4 accumulators + 8 weight vectors, or 8 x 3 + 6 (x comes from memory operands)
-constexpr int MR_SMALL = 4, NR_SMALL = 4, MR_BIG = 8, NR_BIG = 3;
 #else
 constexpr const char* kIsa = "avx2";
 using Vec = __m256;
@@ -137,6 +140,7 @@ inline Vec vzero() { return _mm256_setzero_ps(); }
 inline Vec vload(const float* p) { return _mm256_loadu_ps(p); }
 inline Vec vbcast(const float* p) { return _mm256_broadcast_ss(p); }
 inline Vec vfma(Vec a, Vec b, Vec c) { return _mm256_fmadd_ps(a, b, c); }
+inline Vec vmul(Vec a, Vec b) { return _mm256_mul_ps(a, b); }
 inline float vsum(Vec a) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
   s = _mm_add_ps(s, _mm_movehl_ps(s, s));
@@ -179,15 +183,168 @@ inline void dequant_block(const uint8_t* q, const float* d, const float* m, Vec*
     }
   }
 }
-// of 16 registers: 2 x 2 accumulators + 8 weight vectors, or 6 x 1 + 4 (a block serves 6 rows of x)
-constexpr int MR_SMALL = 2, NR_SMALL = 2, MR_BIG = 6, NR_BIG = 1;
 #endif
 constexpr int NV = QK / VL;  // vectors per block
 
+// ---- y = x @ W^T on integer dot products: x rounded to int16 per block ----------------------------
+// Each row of x is rounded per block of 32 values to int16 (scale s = max|x| / 32767: an error of at
+// most half a step, ~1.5e-5 of the block's largest value); the 4- or 8-bit weights widen to int16 and
+// vpdpwssd / vpmaddwd sum a block's products in int32 (exact); each block's sum is scaled once in float32
+// by d * s, and the weights' offset (Q4_1's m, Q4_0's -8 d) multiplies the block's exact float32 sum of x.
+// Per 32 weights that is ~half the vector instructions of dequantizing to float32 and multiplying there
+// (bench/RESULTS.md). Weights stay exact; a row of x is rounded and summed the same way whatever else is
+// in the batch.
+struct XBlocks {            // x [M, K] rounded per block, nb blocks per row (zero blocks pad K)
+  std::vector<int16_t> q;   // [M, nb * 32], in round_x's order
+  std::vector<float> s;     // [M * nb + 16] each block's scale (0 for padding; 16 spare zeros for vector reads)
+  std::vector<float> t;     // [M * nb + 16] each block's exact sum of x
+};
+
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+// One zmm widens a pair of 4-bit blocks (32 bytes): the low nibbles are values 0-15 of both blocks, the
+// high nibbles values 16-31; x is stored in that order (per pair: b[0:16], b'[0:16], b[16:32], b'[16:32]),
+// so each int32 lane of the dot product belongs to one block (lanes 0-7: b, 8-15: b').
+constexpr bool kPairOrder = true;
+inline __m512i dot16(__m512i acc, __m512i w, __m512i x) {
+#ifdef __AVX512VNNI__
+  return _mm512_dpwssd_epi32(acc, w, x);
+#else
+  return _mm512_add_epi32(acc, _mm512_madd_epi16(w, x));
+#endif
+}
+
+template <int KIND>
+inline void load_pair(const uint8_t* q, __m512i* w) {  // blocks g, g + 1 as int16
+  if constexpr (KIND == Q8_0) {
+    w[0] = _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(q)));
+    w[1] = _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + 32)));
+  } else {
+    const __m512i v = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(q)));
+    w[0] = _mm512_and_si512(v, _mm512_set1_epi16(15));
+    w[1] = _mm512_srli_epi16(v, 4);
+  }
+}
+
+// acc += the pair's dot products, each block's scaled by its sc (d * s)
+template <int KIND>
+inline __m512 pair_fma(const __m512i* w, const int16_t* x, const float* sc, __m512 acc) {
+  const __m512i x0 = _mm512_loadu_si512(x), x1 = _mm512_loadu_si512(x + 32);
+  if constexpr (KIND == Q8_0) {
+    acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_madd_epi16(w[0], x0)), _mm512_set1_ps(sc[0]), acc);
+    return _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_madd_epi16(w[1], x1)), _mm512_set1_ps(sc[1]), acc);
+  } else {
+    const __m512i dot = dot16(_mm512_madd_epi16(w[0], x0), w[1], x1);
+    const __m512 sv = _mm512_mask_blend_ps(0xFF00, _mm512_set1_ps(sc[0]), _mm512_set1_ps(sc[1]));
+    return _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), sv, acc);
+  }
+}
+constexpr int PAIR_REGS = 2;
+
+// one block of 32 floats -> int16 (values 0-15 to lo, 16-31 to hi), its scale and exact sum
+inline void round_block(const float* v, int16_t* lo, int16_t* hi, float* s, float* t) {
+  const __m512 a = _mm512_loadu_ps(v), b = _mm512_loadu_ps(v + 16);
+  const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(a), _mm512_abs_ps(b)));
+  const __m512 inv = _mm512_set1_ps(amax > 0.f ? 32767.f / amax : 0.f);
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(lo), _mm512_cvtsepi32_epi16(_mm512_cvtps_epi32(_mm512_mul_ps(a, inv))));
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(hi), _mm512_cvtsepi32_epi16(_mm512_cvtps_epi32(_mm512_mul_ps(b, inv))));
+  *s = amax / 32767.f;
+  *t = _mm512_reduce_add_ps(_mm512_add_ps(a, b));
+}
+// int16 tiles for fewer than 8 rows of x (4 x 4 accumulators + 8 weight vectors of 32 registers); from 8
+// rows the float32 tile (8 x 3 + 6): vpmaddwd / vpdpwssd issue on one port where FMAs have two, so with
+// many rows to share each widened block the float32 products win (model-shaped layers, 2 threads: 32 rows
+// 36.7 vs 42.0 ms; 8 rows alike; 1-4 rows 1.1-1.7x faster in int16, bench/RESULTS.md)
+constexpr int MR_SMALL = 4, NR_SMALL = 4, MR_BIG = 8, NR_BIG = 3;
+constexpr bool kFloatBig = true;
+#else
+constexpr bool kPairOrder = false;  // x in its own order: a block's 16 low nibbles meet x[0:16], high x[16:32]
+
+template <int KIND>
+inline void load_pair(const uint8_t* q, __m256i* w) {  // blocks g, g + 1 as int16, 16 values per register
+  for (int b = 0; b < 2; ++b) {
+    if constexpr (KIND == Q8_0) {
+      w[2 * b] = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + 32 * b)));
+      w[2 * b + 1] = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + 32 * b + 16)));
+    } else {
+      const __m256i v = _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + 16 * b)));
+      w[2 * b] = _mm256_and_si256(v, _mm256_set1_epi16(15));
+      w[2 * b + 1] = _mm256_srli_epi16(v, 4);
+    }
+  }
+}
+
+template <int KIND>
+inline __m256 pair_fma(const __m256i* w, const int16_t* x, const float* sc, __m256 acc) {
+  for (int b = 0; b < 2; ++b) {
+    const __m256i* xv = reinterpret_cast<const __m256i*>(x + 32 * b);
+    const __m256i dot = _mm256_add_epi32(_mm256_madd_epi16(w[2 * b], _mm256_loadu_si256(xv)),
+                                         _mm256_madd_epi16(w[2 * b + 1], _mm256_loadu_si256(xv + 1)));
+    acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_broadcast_ss(sc + b), acc);
+  }
+  return acc;
+}
+constexpr int PAIR_REGS = 4;
+
+inline void round_block(const float* v, int16_t* lo, int16_t* hi, float* s, float* t) {
+  const __m256 sign = _mm256_set1_ps(-0.f);
+  __m256 a[4], m = _mm256_setzero_ps();
+  for (int i = 0; i < 4; ++i) {
+    a[i] = _mm256_loadu_ps(v + 8 * i);
+    m = _mm256_max_ps(m, _mm256_andnot_ps(sign, a[i]));
+  }
+  __m128 h = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
+  h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+  const float amax = _mm_cvtss_f32(_mm_max_ss(h, _mm_movehdup_ps(h)));
+  const __m256 inv = _mm256_set1_ps(amax > 0.f ? 32767.f / amax : 0.f);
+  int16_t* out[2] = {lo, hi};
+  for (int i = 0; i < 2; ++i) {  // packs interleaves 128-bit lanes; the permute puts them back in order
+    const __m256i p = _mm256_packs_epi32(_mm256_cvtps_epi32(_mm256_mul_ps(a[2 * i], inv)),
+                                         _mm256_cvtps_epi32(_mm256_mul_ps(a[2 * i + 1], inv)));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out[i]), _mm256_permute4x64_epi64(p, 0xD8));
+  }
+  *s = amax / 32767.f;
+  *t = vsum(_mm256_add_ps(_mm256_add_ps(a[0], a[1]), _mm256_add_ps(a[2], a[3])));
+}
+// of 16 registers: 2 x 2 accumulators + 8 weight vectors, or 6 x 1 + 4; int16 at every batch size
+// (model-shaped layers, 2 threads: 1.2-1.35x the float32 tile at 1-32 rows, bench/RESULTS.md)
+constexpr int MR_SMALL = 2, NR_SMALL = 2, MR_BIG = 6, NR_BIG = 1;
+constexpr bool kFloatBig = false;
+#endif
+using WVec = std::conditional_t<VL == 16, __m512i, __m256i>;
+
+// x [M, K] -> XBlocks with nb blocks a row (rows in parallel when there are many); pair_order: the
+// layout kPairOrder's 4-bit weights meet (8-bit weights widen a block to one register in order)
+void round_x(const float* x, int64_t M, int64_t K, int64_t nb, bool pair_order, XBlocks& X) {
+  X.q.assign(M * nb * QK, 0);
+  X.s.assign(M * nb + 16, 0.f);
+  X.t.assign(M * nb + 16, 0.f);
+  at::parallel_for(0, M, 16, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i)
+      for (int64_t g = 0; g < K / QK; ++g) {
+        int16_t* lo = X.q.data() + i * nb * QK + g * QK;  // values 0-15 of block g, then 16-31
+        int16_t* hi = lo + 16;
+        if (pair_order) {  // per pair: b[0:16] b'[0:16] b[16:32] b'[16:32]
+          lo = X.q.data() + i * nb * QK + (g / 2) * 2 * QK + (g % 2) * 16;
+          hi = lo + 32;
+        }
+        round_block(x + i * K + g * QK, lo, hi, &X.s[i * nb + g], &X.t[i * nb + g]);
+      }
+  });
+}
+
+// x as float32 rows, for the float32 tile
+struct FloatRows {
+  const float* x;
+  int64_t K;
+};
+
+// each weight block dequantized in registers to gguf's float32 values, used by MR rows of x (FMA)
 template <int KIND, int MR, int NR>
-inline void tile(const float* x, int64_t ldx, int64_t kb, const uint8_t* qs, const at::Half* d, const at::Half* mn,
-                 int64_t ldq, int64_t lds, float* y, int64_t ldy) {
+inline void tile(const FloatRows& X, int64_t i0, int64_t nb, const uint8_t* qs, const at::Half* d,
+                 const at::Half* mn, int64_t ldq, int64_t lds, float* y, int64_t ldy) {
   constexpr int64_t QB = KIND == Q8_0 ? 32 : 16;
+  const float* x = X.x + i0 * X.K;
+  const int64_t kb = X.K / QK;
   Vec acc[MR][NR];
   for (int i = 0; i < MR; ++i)
     for (int r = 0; r < NR; ++r) acc[i][r] = vzero();
@@ -206,7 +363,7 @@ inline void tile(const float* x, int64_t ldx, int64_t kb, const uint8_t* qs, con
           _mm_prefetch(reinterpret_cast<const char*>(qs + r * ldq + (c + g) * QB) + QUANT_PF_BYTES, _MM_HINT_T0);
       for (int r = 0; r < NR; ++r) dequant_block<KIND>(qs + r * ldq + (c + g) * QB, &dbuf[r][g], &mbuf[r][g], wv[r]);
       for (int i = 0; i < MR; ++i) {
-        const float* xg = x + i * ldx + (c + g) * QK;
+        const float* xg = x + i * X.K + (c + g) * QK;
         for (int v = 0; v < NV; ++v) {
           const Vec xv = vload(xg + v * VL);
           for (int r = 0; r < NR; ++r) acc[i][r] = vfma(wv[r][v], xv, acc[i][r]);
@@ -217,61 +374,111 @@ inline void tile(const float* x, int64_t ldx, int64_t kb, const uint8_t* qs, con
   for (int i = 0; i < MR; ++i)
     for (int r = 0; r < NR; ++r) y[i * ldy + r] = vsum(acc[i][r]);
 }
-#else
-constexpr const char* kIsa = "scalar";
-constexpr int MR_SMALL = 1, NR_SMALL = 1, MR_BIG = 1, NR_BIG = 1;
 
+// the int16 tile: a pair of blocks at a time
 template <int KIND, int MR, int NR>
-inline void tile(const float* x, int64_t ldx, int64_t kb, const uint8_t* qs, const at::Half* d, const at::Half* mn,
+inline void tile(const XBlocks& X, int64_t i0, int64_t nb, const uint8_t* qs, const at::Half* d, const at::Half* mn,
                  int64_t ldq, int64_t lds, float* y, int64_t ldy) {
-  float w[QK];
-  for (int r = 0; r < NR; ++r)
-    for (int i = 0; i < MR; ++i) {
-      float acc = 0.f;
-      for (int64_t g = 0; g < kb; ++g) {
-        dequant_row(KIND, qs + r * ldq + g * (KIND == Q8_0 ? 32 : 16), d + r * lds + g, mn ? mn + r * lds + g : nullptr,
-                    1, w);
-        for (int j = 0; j < QK; ++j) acc += w[j] * x[i * ldx + g * QK + j];
-      }
-      y[i * ldy + r] = acc;
+  constexpr int64_t QB = KIND == Q8_0 ? 32 : 16;  // weight bytes per block
+  const int16_t* xq = X.q.data() + i0 * nb * QK;
+  const float* xs = X.s.data() + i0 * nb;
+  const float* xt = X.t.data() + i0 * nb;
+  Vec acc[MR][NR];
+  for (int i = 0; i < MR; ++i)
+    for (int r = 0; r < NR; ++r) acc[i][r] = vzero();
+  alignas(64) float sc[MR][NR][16];  // d * s of each block of the chunk
+  for (int64_t c = 0; c < nb; c += 16) {  // 16 blocks' scales at a time
+    const int64_t nc = std::min<int64_t>(16, nb - c);
+    for (int r = 0; r < NR; ++r) {
+      alignas(64) float dbuf[16] = {}, obuf[16] = {};
+      halves_to_floats(d + r * lds + c, nc, dbuf);
+      if constexpr (KIND == Q4_1) halves_to_floats(mn + r * lds + c, nc, obuf);
+      if constexpr (KIND == Q4_0)
+        for (int j = 0; j < 16; ++j) obuf[j] = -8.f * dbuf[j];
+      for (int i = 0; i < MR; ++i)
+        for (int j = 0; j < 16; j += VL) {  // (reads past the chunk meet zero scales)
+          vstore(&sc[i][r][j], vmul(vload(dbuf + j), vload(xs + i * nb + c + j)));
+          if constexpr (KIND != Q8_0) acc[i][r] = vfma(vload(obuf + j), vload(xt + i * nb + c + j), acc[i][r]);
+        }
     }
+    for (int64_t g = 0; g < nc; g += 2) {
+      WVec w[NR][PAIR_REGS];
+      for (int r = 0; r < NR; ++r) {
+        const uint8_t* q = qs + r * ldq + (c + g) * QB;
+        _mm_prefetch(reinterpret_cast<const char*>(q) + QUANT_PF_BYTES, _MM_HINT_T0);
+        if constexpr (QB == 32) _mm_prefetch(reinterpret_cast<const char*>(q) + QUANT_PF_BYTES + 32, _MM_HINT_T0);
+        load_pair<KIND>(q, w[r]);
+      }
+      for (int i = 0; i < MR; ++i) {
+        const int16_t* xp = xq + (i * nb + c + g) * QK;
+        for (int r = 0; r < NR; ++r) acc[i][r] = pair_fma<KIND>(w[r], xp, &sc[i][r][g], acc[i][r]);
+      }
+    }
+  }
+  for (int i = 0; i < MR; ++i)
+    for (int r = 0; r < NR; ++r) y[i * ldy + r] = vsum(acc[i][r]);
 }
-#endif
 
-template <int KIND, int MR, int NR>
-void rows(const float* x, int64_t M, int64_t K, const uint8_t* qs, const at::Half* d, const at::Half* mn, int64_t ldq,
-          int64_t lds, float* y, int64_t N) {
+// MR rows of x at a time, then MR / 2, then one
+template <int KIND, int MR, int NR, class Src>
+void rows(const Src& X, int64_t M, int64_t nb, const uint8_t* qs, const at::Half* d, const at::Half* mn,
+          int64_t ldq, int64_t lds, float* y, int64_t N) {
   int64_t i = 0;
-  for (; i + MR <= M; i += MR) tile<KIND, MR, NR>(x + i * K, K, K / QK, qs, d, mn, ldq, lds, y + i * N, N);
-  if constexpr (MR > MR_SMALL)
-    for (; i + MR_SMALL <= M; i += MR_SMALL)
-      tile<KIND, MR_SMALL, NR>(x + i * K, K, K / QK, qs, d, mn, ldq, lds, y + i * N, N);
-  for (; i < M; ++i) tile<KIND, 1, NR>(x + i * K, K, K / QK, qs, d, mn, ldq, lds, y + i * N, N);
+  for (; i + MR <= M; i += MR) tile<KIND, MR, NR>(X, i, nb, qs, d, mn, ldq, lds, y + i * N, N);
+  if constexpr (MR >= 4)
+    for (; i + MR / 2 <= M; i += MR / 2) tile<KIND, MR / 2, NR>(X, i, nb, qs, d, mn, ldq, lds, y + i * N, N);
+  for (; i < M; ++i) tile<KIND, 1, NR>(X, i, nb, qs, d, mn, ldq, lds, y + i * N, N);
 }
 
-template <int KIND, int MR, int NR>
-void quant_gemm_tiles(const float* x, int64_t M, int64_t K, const uint8_t* qs, const at::Half* d, const at::Half* mn,
+template <int KIND, int MR, int NR, class Src>
+void quant_gemm_tiles(const Src& X, int64_t M, const uint8_t* qs, const at::Half* d, const at::Half* mn,
                       int64_t nb, int64_t N, float* y) {
   const int64_t ldq = nb * (KIND == Q8_0 ? 32 : 16), lds = nb;
   const int64_t tiles = N / NR;
   at::parallel_for(0, tiles, std::max<int64_t>(1, 64 / NR), [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t n = t * NR;
-      rows<KIND, MR, NR>(x, M, K, qs + n * ldq, d + n * lds, mn ? mn + n * lds : nullptr, ldq, lds, y + n, N);
+      rows<KIND, MR, NR>(X, M, nb, qs + n * ldq, d + n * lds, mn ? mn + n * lds : nullptr, ldq, lds, y + n, N);
     }
   });
   for (int64_t n = tiles * NR; n < N; ++n)
-    rows<KIND, MR, 1>(x, M, K, qs + n * ldq, d + n * lds, mn ? mn + n * lds : nullptr, ldq, lds, y + n, N);
+    rows<KIND, MR, 1>(X, M, nb, qs + n * ldq, d + n * lds, mn ? mn + n * lds : nullptr, ldq, lds, y + n, N);
 }
 
 // Few rows of x (decode at small batch): many weight rows per tile, the weights are the traffic.
-// Many rows: many x rows per dequantized block, so the FMAs outnumber the dequantization.
+// Many rows: many x rows per widened block, so the products outnumber the widening.
 template <int KIND>
 void quant_gemm(const float* x, int64_t M, int64_t K, const uint8_t* qs, const at::Half* d, const at::Half* mn,
                 int64_t nb, int64_t N, float* y) {
-  if (M >= MR_BIG) quant_gemm_tiles<KIND, MR_BIG, NR_BIG>(x, M, K, qs, d, mn, nb, N, y);
-  else quant_gemm_tiles<KIND, MR_SMALL, NR_SMALL>(x, M, K, qs, d, mn, nb, N, y);
+  if constexpr (kFloatBig)
+    if (M >= MR_BIG) return quant_gemm_tiles<KIND, MR_BIG, NR_BIG>(FloatRows{x, K}, M, qs, d, mn, nb, N, y);
+  XBlocks X;
+  round_x(x, M, K, nb, kPairOrder && KIND != Q8_0, X);
+  if constexpr (!kFloatBig)
+    if (M >= MR_BIG) return quant_gemm_tiles<KIND, MR_BIG, NR_BIG>(X, M, qs, d, mn, nb, N, y);
+  quant_gemm_tiles<KIND, MR_SMALL, NR_SMALL>(X, M, qs, d, mn, nb, N, y);
 }
+#else
+constexpr const char* kIsa = "scalar";
+
+// no vector unit: each weight row dequantized to float32 (dequant_row) and multiplied there
+template <int KIND>
+void quant_gemm(const float* x, int64_t M, int64_t K, const uint8_t* qs, const at::Half* d, const at::Half* mn,
+                int64_t nb, int64_t N, float* y) {
+  const int64_t ldq = nb * (KIND == Q8_0 ? 32 : 16);
+  at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
+    std::vector<float> w(nb * QK);
+    for (int64_t n = n0; n < n1; ++n) {
+      dequant_row(KIND, qs + n * ldq, d + n * nb, mn ? mn + n * nb : nullptr, nb, w.data());
+      for (int64_t i = 0; i < M; ++i) {
+        float acc = 0.f;
+        for (int64_t k = 0; k < K; ++k) acc += w[k] * x[i * K + k];
+        y[i * N + n] = acc;
+      }
+    }
+  });
+}
+#endif
 
 void check_packed(const at::Tensor& qs, const at::Tensor& d, const at::Tensor& m, int64_t kind, int64_t K) {
   TORCH_CHECK(kind == Q4_0 || kind == Q4_1 || kind == Q8_0, "kind must be 0 (Q4_0), 1 (Q4_1) or 2 (Q8_0)");
@@ -472,6 +679,15 @@ TORCH_LIBRARY_IMPL(distserve, CPU, m) {
 TORCH_LIBRARY_IMPL(distserve, MkldnnCPU, m) { m.impl("packed_linear", &packed_linear); }
 
 // which vector path was compiled in, for logs and the bench
+// the most rows of x quant_linear rounds to int16 (more rows: float32 products); 0 where it never does
+extern "C" int64_t distserve_int16_rows() {
+#ifdef __AVX2__
+  return kFloatBig ? MR_BIG - 1 : INT64_MAX;
+#else
+  return 0;
+#endif
+}
+
 extern "C" const char* distserve_kernels_isa() {
   static const std::string s = std::string(kIsa) + (kBf16Dot ? "+bf16" : "");
   return s.c_str();

@@ -85,6 +85,11 @@ def isa() -> str:
     return _state.get("isa", "")
 
 
+def int16_rows() -> int:
+    """quant_linear rounds x to int16 per block up to this many rows (above: float32 products); 0 when never."""
+    return _state.get("int16_rows", 0) if load() else 0
+
+
 def bf16_gemv() -> bool:
     """The streaming bf16 GEMV for batches of 1-4 rows is built in (AVX-512 BF16)."""
     return load() and isa().endswith("+bf16")
@@ -108,6 +113,7 @@ def _build() -> bool:
         else:
             torch.ops.load_library(str(lib))
         _state["isa"] = _isa_of(lib)
+        _state["int16_rows"] = _int16_rows_of(lib)
         _register_fakes()
         return True
     except Exception as e:  # no compiler, no ninja, a failed build: the torch fallbacks still run
@@ -120,6 +126,12 @@ def _isa_of(lib: Path) -> str:
     fn = ctypes.CDLL(str(lib)).distserve_kernels_isa
     fn.restype = ctypes.c_char_p
     return fn().decode()
+
+
+def _int16_rows_of(lib: Path) -> int:
+    fn = ctypes.CDLL(str(lib)).distserve_int16_rows
+    fn.restype = ctypes.c_int64
+    return fn()
 
 
 def _register_fakes() -> None:
