@@ -150,17 +150,13 @@ class Fault(Exception):
 
 async def _perform(work: Coroutine[object, object, T], seconds: float, what: str) -> T:
     """Await a worker's step or pull; Fault if it raises or is not done within `seconds` (0: no deadline).
-    A hung thread cannot be stopped: past the deadline it is left to itself and its result is dropped."""
-    task = asyncio.ensure_future(work)
+    A hung thread cannot be stopped: past the deadline it is left to itself and its result is dropped.
+    (A deadline on the awaiting task itself, not a task per step to wait on: one event-loop hop less per step.)"""
+    deadline = asyncio.timeout(seconds or None)
     try:
-        done, _ = await asyncio.wait({task}, timeout=seconds or None)
-    except asyncio.CancelledError:
-        task.cancel()
-        raise
-    if not done:
-        task.cancel()
-        raise Fault(f"{what} did not finish within {seconds:g} s", hung=True)
-    try:
-        return task.result()
+        async with deadline:
+            return await work
     except Exception as e:
+        if deadline.expired():
+            raise Fault(f"{what} did not finish within {seconds:g} s", hung=True) from None
         raise Fault(f"{what} raised {e!r}") from e
