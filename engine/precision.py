@@ -8,13 +8,13 @@
     dtype    auto    native: float32; dense: bfloat16 where the CPU has AVX-512 BF16 / AMX (or on CUDA),
                      float32 elsewhere (emulated bf16 matmuls run 16-100x slower than float32)
 
-Why auto is so (bench/RESULTS.md, "Engine vs llama.cpp and transformers", Sapphire Rapids, 2 threads): dense
-bf16 beats native at prefill (3,179 vs 873 tok/s) and decode batch 8 / 32 (380 / 898 vs 314 / 403), native wins
-only batch 1 (84 vs 58); against dense float32 (no bf16 in hardware) native wins batch 1 / 8 (84 / 314 vs
-43 / 140), ties batch 32, and reads a fifth of the bytes. With float32 decode on MKL's packed sgemm (emulated
-AVX2, RESULTS 2026-12-02 05:36-05:45) dense float32 wins batch 32 (372 vs 284) but native wins batch 1 (115 vs 40) and
-batch 8 (235 vs 188) and holds a tenth of the bytes (float32 keeps MKL's pack beside each matrix): native stays the
-default there.
+Why auto is so (bench/RESULTS.md, Sapphire Rapids, 2 threads): on a CPU with AVX-512 BF16 / AMX dense bf16 wins
+prefill (3,161 vs 1,102 tok/s, AMX) and decode batch 32 (835 vs 591); native wins decode batch 1 and 8 (~200 / 517
+vs 67 / 355 tok/s since its decode batches run on int16 dot products, 2026-12-02 08:28), so auto keeps bf16 there,
+the choice for a loaded server, and `weights="native"` serves few concurrent sequences faster. Without bf16 in
+hardware (emulated AVX2, 08:32 and 05:36) native beats dense float32 everywhere but batch 32 (1.56x llama.cpp at
+batch 1 against float32's 1.07x; 398 vs 372 tok/s at batch 32) and holds a tenth of the bytes (float32 keeps MKL's
+pack beside each matrix): native is the default there.
 """
 from __future__ import annotations
 
