@@ -50,9 +50,8 @@ def main(argv: list[str] | None = None) -> None:
     layers, head = matrices(model)
     copy = copy_bandwidth()
     layer_bytes = sum(q.nbytes for q in layers)
-    n16 = kernels.int16_rows()
-    int16 = f"int16 up to {n16} rows" if n16 < 2**31 else "int16 at every batch size"
-    print(f"kernels {kernels.isa()} ({int16}), {args.threads} threads; "
+    products = "int16" if kernels.int16_products() else "float32"
+    print(f"kernels {kernels.isa()} ({products} products), {args.threads} threads; "
           f"copy bandwidth {copy / 1e9:.1f} GB/s; weights: layers {layer_bytes / 1e6:.1f} MB, "
           f"LM head {head.nbytes / 1e6:.1f} MB")
     for rows in (int(r) for r in args.rows.split(",")):

@@ -2,8 +2,9 @@
 // (torch.utils.cpp_extension, -O3 -march=native: the build is specific to the machine it runs on).
 //
 //   distserve::quant_linear(x, qs, d, m, kind, K)  y[M, N] = x[M, K] @ W^T, W in GGUF blocks, float32 out
-//                                                  (x rounded to int16 per block for few rows, below)
+//                                                  (x rounded to int16 per block, below)
 //   distserve::quant_dequant(qs, d, m, kind, K)    W as dense float32 [N, K]
+//   distserve::round_int16(x)                      x [M, K] as quant_linear rounds it, float32
 //   distserve::packed_linear(x, w, b, wr)          a linear on a prepacked weight, as an opaque op
 //                                                  (torch.compile's lowering of the mkldnn / mkl ops
 //                                                  wants the weight frozen into the graph). bf16: oneDNN's,
@@ -19,16 +20,15 @@
 //   Q8_0: qs s8 [N, nb, 32], d f16 [N, nb]                      w = d * q
 // byte j of a 4-bit block holds value j (low nibble) and value j + 16 (high nibble), as in GGUF.
 //
-// The product at small batch (decode) rounds each row of x to int16 per block of 32 values and sums a
-// block's products in int32 (vpdpwssd / vpmaddwd), scaling each block's sum once in float32: about half
-// the vector instructions of dequantizing the weights to float32 (1-4 rows: 1.1-1.7x faster, measured).
-// With many rows (AVX-512: from 8) each block is dequantized in registers to gguf's float32 values and
-// multiplied in float32 (FMA), reused for 8 rows of x: there the FMAs' two ports beat the integer dot
-// products' one. A software prefetch runs QUANT_PF_BYTES ahead in each weight row (~30% off a batch-1
-// product here). Either way the weights are exact; a row of x is rounded and summed in the same order
-// whatever else is in its batch within each regime (AVX2: one regime at every batch size), and
-// distserve_int16_rows() says where the regimes meet. (llama.cpp rounds x to int8 per block instead:
-// measured here, that costs SmolLM2 ~5% of teacher-forced top-1 agreement.)
+// The product rounds each row of x to int16 per block of 32 values and sums a block's products in int32
+// (vpdpwssd / vpmaddwd), converting and scaling the sums once per block in float32: about half the vector
+// instructions of dequantizing the weights to float32 and multiplying there (1-2 rows ~1.4-2x faster,
+// measured; AVX-512 at 32-64 rows ~15% slower, where the FMAs' two ports would beat the integer dot
+// products' one, kept for one arithmetic at every batch size). A software prefetch runs QUANT_PF_BYTES
+// ahead in each weight row (~30% off a batch-1 product here). The weights are exact, and a row of x is
+// rounded and summed the same way whatever else is in its batch: a request's logits do not depend on what
+// it is batched with. (llama.cpp rounds x to int8 per block instead: measured here, that costs SmolLM2 ~5% of
+// teacher-forced top-1 agreement.)
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/dispatch/Dispatcher.h>
@@ -189,15 +189,16 @@ constexpr int NV = QK / VL;  // vectors per block
 // ---- y = x @ W^T on integer dot products: x rounded to int16 per block ----------------------------
 // Each row of x is rounded per block of 32 values to int16 (scale s = max|x| / 32767: an error of at
 // most half a step, ~1.5e-5 of the block's largest value); the 4- or 8-bit weights widen to int16 and
-// vpdpwssd / vpmaddwd sum a block's products in int32 (exact); each block's sum is scaled once in float32
-// by d * s, and the weights' offset (Q4_1's m, Q4_0's -8 d) multiplies the block's exact float32 sum of x.
-// Per 32 weights that is ~half the vector instructions of dequantizing to float32 and multiplying there
-// (bench/RESULTS.md). Weights stay exact; a row of x is rounded and summed the same way whatever else is
-// in the batch.
+// vpdpwssd / vpmaddwd sum a block's products in int32 lanes (exact); each lane's sum is converted and
+// scaled by d * s in float32, and the weights' offset (Q4_1's m, Q4_0's -8 d) multiplies the rounded block's
+// sum (s * the sum of its int16 values): the product of the weights with x as rounded, nothing else. Weights
+// stay exact. round_int16 returns x so rounded, for the dense product of many rows (engine/quant.py).
 struct XBlocks {            // x [M, K] rounded per block, nb blocks per row (zero blocks pad K)
+  int64_t lds = 0;          // stride of a row of s and t: nb rounded up to 16, the tail zero, so that the
+                            // 16-block vector reads of a row's last chunk never meet the next row's values
   std::vector<int16_t> q;   // [M, nb * 32], in round_x's order
-  std::vector<float> s;     // [M * nb + 16] each block's scale (0 for padding; 16 spare zeros for vector reads)
-  std::vector<float> t;     // [M * nb + 16] each block's exact sum of x
+  std::vector<float> s;     // [M, lds] each block's scale (0 for padding)
+  std::vector<float> t;     // [M, lds] each rounded block's sum, s * sum(q)
 };
 
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
@@ -240,22 +241,21 @@ inline __m512 pair_fma(const __m512i* w, const int16_t* x, const float* sc, __m5
 }
 constexpr int PAIR_REGS = 2;
 
-// one block of 32 floats -> int16 (values 0-15 to lo, 16-31 to hi), its scale and exact sum
+// one block of 32 floats -> int16 (values 0-15 to lo, 16-31 to hi), its scale s and the rounded block's
+// sum s * sum(q) (what the offset term multiplies: the same x as the products see)
 inline void round_block(const float* v, int16_t* lo, int16_t* hi, float* s, float* t) {
   const __m512 a = _mm512_loadu_ps(v), b = _mm512_loadu_ps(v + 16);
   const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(a), _mm512_abs_ps(b)));
   const __m512 inv = _mm512_set1_ps(amax > 0.f ? 32767.f / amax : 0.f);
-  _mm256_storeu_si256(reinterpret_cast<__m256i*>(lo), _mm512_cvtsepi32_epi16(_mm512_cvtps_epi32(_mm512_mul_ps(a, inv))));
-  _mm256_storeu_si256(reinterpret_cast<__m256i*>(hi), _mm512_cvtsepi32_epi16(_mm512_cvtps_epi32(_mm512_mul_ps(b, inv))));
+  const __m512i qa = _mm512_cvtps_epi32(_mm512_mul_ps(a, inv)), qb = _mm512_cvtps_epi32(_mm512_mul_ps(b, inv));
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(lo), _mm512_cvtsepi32_epi16(qa));
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(hi), _mm512_cvtsepi32_epi16(qb));
   *s = amax / 32767.f;
-  *t = _mm512_reduce_add_ps(_mm512_add_ps(a, b));
+  *t = *s * static_cast<float>(_mm512_reduce_add_epi32(_mm512_add_epi32(qa, qb)));
 }
-// int16 tiles for fewer than 8 rows of x (4 x 4 accumulators + 8 weight vectors of 32 registers); from 8
-// rows the float32 tile (8 x 3 + 6): vpmaddwd / vpdpwssd issue on one port where FMAs have two, so with
-// many rows to share each widened block the float32 products win (model-shaped layers, 2 threads: 32 rows
-// 36.7 vs 42.0 ms; 8 rows alike; 1-4 rows 1.1-1.7x faster in int16, bench/RESULTS.md)
-constexpr int MR_SMALL = 4, NR_SMALL = 4, MR_BIG = 8, NR_BIG = 3;
-constexpr bool kFloatBig = true;
+// of 32 registers: 4 x 4 accumulators + 8 weight vectors, or (from 16 rows) 8 x 2 + 4 (measured on the
+// model's matrices: 8 rows 8.6 vs 9.8 ms, 64 rows 69.5 vs 65.7)
+constexpr int MR_SMALL = 4, NR_SMALL = 4, MR_BIG = 8, NR_BIG = 2, BIG_FROM = 16;
 #else
 constexpr bool kPairOrder = false;  // x in its own order: a block's 16 low nibbles meet x[0:16], high x[16:32]
 
@@ -297,27 +297,31 @@ inline void round_block(const float* v, int16_t* lo, int16_t* hi, float* s, floa
   const float amax = _mm_cvtss_f32(_mm_max_ss(h, _mm_movehdup_ps(h)));
   const __m256 inv = _mm256_set1_ps(amax > 0.f ? 32767.f / amax : 0.f);
   int16_t* out[2] = {lo, hi};
+  __m256i sum = _mm256_setzero_si256();
   for (int i = 0; i < 2; ++i) {  // packs interleaves 128-bit lanes; the permute puts them back in order
-    const __m256i p = _mm256_packs_epi32(_mm256_cvtps_epi32(_mm256_mul_ps(a[2 * i], inv)),
-                                         _mm256_cvtps_epi32(_mm256_mul_ps(a[2 * i + 1], inv)));
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out[i]), _mm256_permute4x64_epi64(p, 0xD8));
+    const __m256i q0 = _mm256_cvtps_epi32(_mm256_mul_ps(a[2 * i], inv));
+    const __m256i q1 = _mm256_cvtps_epi32(_mm256_mul_ps(a[2 * i + 1], inv));
+    sum = _mm256_add_epi32(sum, _mm256_add_epi32(q0, q1));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out[i]), _mm256_permute4x64_epi64(_mm256_packs_epi32(q0, q1), 0xD8));
   }
+  __m128i h4 = _mm_add_epi32(_mm256_castsi256_si128(sum), _mm256_extracti128_si256(sum, 1));
+  h4 = _mm_add_epi32(h4, _mm_shuffle_epi32(h4, 0x4E));
+  h4 = _mm_add_epi32(h4, _mm_shuffle_epi32(h4, 0xB1));
   *s = amax / 32767.f;
-  *t = vsum(_mm256_add_ps(_mm256_add_ps(a[0], a[1]), _mm256_add_ps(a[2], a[3])));
+  *t = *s * static_cast<float>(_mm_cvtsi128_si32(h4));
 }
-// of 16 registers: 2 x 2 accumulators + 8 weight vectors, or 6 x 1 + 4; int16 at every batch size
-// (model-shaped layers, 2 threads: 1.2-1.35x the float32 tile at 1-32 rows, bench/RESULTS.md)
-constexpr int MR_SMALL = 2, NR_SMALL = 2, MR_BIG = 6, NR_BIG = 1;
-constexpr bool kFloatBig = false;
+// of 16 registers: 2 x 2 accumulators + 8 weight vectors, or 6 x 1 + 4
+constexpr int MR_SMALL = 2, NR_SMALL = 2, MR_BIG = 6, NR_BIG = 1, BIG_FROM = 6;
 #endif
 using WVec = std::conditional_t<VL == 16, __m512i, __m256i>;
 
 // x [M, K] -> XBlocks with nb blocks a row (rows in parallel when there are many); pair_order: the
 // layout kPairOrder's 4-bit weights meet (8-bit weights widen a block to one register in order)
 void round_x(const float* x, int64_t M, int64_t K, int64_t nb, bool pair_order, XBlocks& X) {
+  X.lds = (nb + 15) / 16 * 16;
   X.q.assign(M * nb * QK, 0);
-  X.s.assign(M * nb + 16, 0.f);
-  X.t.assign(M * nb + 16, 0.f);
+  X.s.assign(M * X.lds, 0.f);
+  X.t.assign(M * X.lds, 0.f);
   at::parallel_for(0, M, 16, [&](int64_t i0, int64_t i1) {
     for (int64_t i = i0; i < i1; ++i)
       for (int64_t g = 0; g < K / QK; ++g) {
@@ -327,62 +331,19 @@ void round_x(const float* x, int64_t M, int64_t K, int64_t nb, bool pair_order, 
           lo = X.q.data() + i * nb * QK + (g / 2) * 2 * QK + (g % 2) * 16;
           hi = lo + 32;
         }
-        round_block(x + i * K + g * QK, lo, hi, &X.s[i * nb + g], &X.t[i * nb + g]);
+        round_block(x + i * K + g * QK, lo, hi, &X.s[i * X.lds + g], &X.t[i * X.lds + g]);
       }
   });
 }
 
-// x as float32 rows, for the float32 tile
-struct FloatRows {
-  const float* x;
-  int64_t K;
-};
-
-// each weight block dequantized in registers to gguf's float32 values, used by MR rows of x (FMA)
-template <int KIND, int MR, int NR>
-inline void tile(const FloatRows& X, int64_t i0, int64_t nb, const uint8_t* qs, const at::Half* d,
-                 const at::Half* mn, int64_t ldq, int64_t lds, float* y, int64_t ldy) {
-  constexpr int64_t QB = KIND == Q8_0 ? 32 : 16;
-  const float* x = X.x + i0 * X.K;
-  const int64_t kb = X.K / QK;
-  Vec acc[MR][NR];
-  for (int i = 0; i < MR; ++i)
-    for (int r = 0; r < NR; ++r) acc[i][r] = vzero();
-  alignas(64) float dbuf[NR][16];
-  alignas(64) float mbuf[NR][16];
-  for (int64_t c = 0; c < kb; c += 16) {  // scales of 16 blocks at a time, float16 -> float32
-    const int64_t nc = std::min<int64_t>(16, kb - c);
-    for (int r = 0; r < NR; ++r) {
-      halves_to_floats(d + r * lds + c, nc, dbuf[r]);
-      if constexpr (KIND == Q4_1) halves_to_floats(mn + r * lds + c, nc, mbuf[r]);
-    }
-    for (int64_t g = 0; g < nc; ++g) {
-      Vec wv[NR][NV];
-      if (g % (64 / QB) == 0)  // once per cache line of each weight row: prefetch QUANT_PF_BYTES ahead
-        for (int r = 0; r < NR; ++r)
-          _mm_prefetch(reinterpret_cast<const char*>(qs + r * ldq + (c + g) * QB) + QUANT_PF_BYTES, _MM_HINT_T0);
-      for (int r = 0; r < NR; ++r) dequant_block<KIND>(qs + r * ldq + (c + g) * QB, &dbuf[r][g], &mbuf[r][g], wv[r]);
-      for (int i = 0; i < MR; ++i) {
-        const float* xg = x + i * X.K + (c + g) * QK;
-        for (int v = 0; v < NV; ++v) {
-          const Vec xv = vload(xg + v * VL);
-          for (int r = 0; r < NR; ++r) acc[i][r] = vfma(wv[r][v], xv, acc[i][r]);
-        }
-      }
-    }
-  }
-  for (int i = 0; i < MR; ++i)
-    for (int r = 0; r < NR; ++r) y[i * ldy + r] = vsum(acc[i][r]);
-}
-
-// the int16 tile: a pair of blocks at a time
+// MR rows of x by NR weight rows, a pair of blocks at a time
 template <int KIND, int MR, int NR>
 inline void tile(const XBlocks& X, int64_t i0, int64_t nb, const uint8_t* qs, const at::Half* d, const at::Half* mn,
                  int64_t ldq, int64_t lds, float* y, int64_t ldy) {
   constexpr int64_t QB = KIND == Q8_0 ? 32 : 16;  // weight bytes per block
   const int16_t* xq = X.q.data() + i0 * nb * QK;
-  const float* xs = X.s.data() + i0 * nb;
-  const float* xt = X.t.data() + i0 * nb;
+  const float* xs = X.s.data() + i0 * X.lds;
+  const float* xt = X.t.data() + i0 * X.lds;
   Vec acc[MR][NR];
   for (int i = 0; i < MR; ++i)
     for (int r = 0; r < NR; ++r) acc[i][r] = vzero();
@@ -396,9 +357,9 @@ inline void tile(const XBlocks& X, int64_t i0, int64_t nb, const uint8_t* qs, co
       if constexpr (KIND == Q4_0)
         for (int j = 0; j < 16; ++j) obuf[j] = -8.f * dbuf[j];
       for (int i = 0; i < MR; ++i)
-        for (int j = 0; j < 16; j += VL) {  // (reads past the chunk meet zero scales)
-          vstore(&sc[i][r][j], vmul(vload(dbuf + j), vload(xs + i * nb + c + j)));
-          if constexpr (KIND != Q8_0) acc[i][r] = vfma(vload(obuf + j), vload(xt + i * nb + c + j), acc[i][r]);
+        for (int j = 0; j < 16; j += VL) {  // (past the row's last block: zeros on both sides)
+          vstore(&sc[i][r][j], vmul(vload(dbuf + j), vload(xs + i * X.lds + c + j)));
+          if constexpr (KIND != Q8_0) acc[i][r] = vfma(vload(obuf + j), vload(xt + i * X.lds + c + j), acc[i][r]);
         }
     }
     for (int64_t g = 0; g < nc; g += 2) {
@@ -420,8 +381,8 @@ inline void tile(const XBlocks& X, int64_t i0, int64_t nb, const uint8_t* qs, co
 }
 
 // MR rows of x at a time, then MR / 2, then one
-template <int KIND, int MR, int NR, class Src>
-void rows(const Src& X, int64_t M, int64_t nb, const uint8_t* qs, const at::Half* d, const at::Half* mn,
+template <int KIND, int MR, int NR>
+void rows(const XBlocks& X, int64_t M, int64_t nb, const uint8_t* qs, const at::Half* d, const at::Half* mn,
           int64_t ldq, int64_t lds, float* y, int64_t N) {
   int64_t i = 0;
   for (; i + MR <= M; i += MR) tile<KIND, MR, NR>(X, i, nb, qs, d, mn, ldq, lds, y + i * N, N);
@@ -438,8 +399,8 @@ inline void prefetch_span(const void* p, int64_t bytes) {
 // the first QUANT_PF_BYTES of a range, before its loop's own prefetches (which run that far ahead) start
 inline void prefetch_head(const void* p, int64_t bytes) { prefetch_span(p, std::min(bytes, QUANT_PF_BYTES)); }
 
-template <int KIND, int MR, int NR, class Src>
-void quant_gemm_tiles(const Src& X, int64_t M, const uint8_t* qs, const at::Half* d, const at::Half* mn,
+template <int KIND, int MR, int NR>
+void quant_gemm_tiles(const XBlocks& X, int64_t M, const uint8_t* qs, const at::Half* d, const at::Half* mn,
                       int64_t nb, int64_t N, float* y) {
   const int64_t ldq = nb * (KIND == Q8_0 ? 32 : 16), lds = nb;
   const int64_t tiles = N / NR;
@@ -462,16 +423,13 @@ void quant_gemm_tiles(const Src& X, int64_t M, const uint8_t* qs, const at::Half
 }
 
 // Few rows of x (decode at small batch): many weight rows per tile, the weights are the traffic.
-// Many rows: many x rows per widened block, so the products outnumber the widening.
+// Many rows: many x rows per widened block, so the dot products outnumber the widening.
 template <int KIND>
 void quant_gemm(const float* x, int64_t M, int64_t K, const uint8_t* qs, const at::Half* d, const at::Half* mn,
                 int64_t nb, int64_t N, float* y) {
-  if constexpr (kFloatBig)
-    if (M >= MR_BIG) return quant_gemm_tiles<KIND, MR_BIG, NR_BIG>(FloatRows{x, K}, M, qs, d, mn, nb, N, y);
   XBlocks X;
   round_x(x, M, K, nb, kPairOrder && KIND != Q8_0, X);
-  if constexpr (!kFloatBig)
-    if (M >= MR_BIG) return quant_gemm_tiles<KIND, MR_BIG, NR_BIG>(X, M, qs, d, mn, nb, N, y);
+  if (M >= BIG_FROM) return quant_gemm_tiles<KIND, MR_BIG, NR_BIG>(X, M, qs, d, mn, nb, N, y);
   quant_gemm_tiles<KIND, MR_SMALL, NR_SMALL>(X, M, qs, d, mn, nb, N, y);
 }
 #else
@@ -495,6 +453,29 @@ void quant_gemm(const float* x, int64_t M, int64_t K, const uint8_t* qs, const a
   });
 }
 #endif
+
+// x [M, K] as quant_linear rounds it: each block of 32 values s * round(x / s), float32 (the scalar build,
+// which multiplies in float32, returns x)
+at::Tensor round_int16(const at::Tensor& x_in) {
+  TORCH_CHECK(x_in.dim() == 2 && x_in.size(1) % QK == 0, "x must be [M, K] with K a multiple of 32");
+  const at::Tensor x = x_in.to(at::kFloat).contiguous();
+  at::Tensor out = at::empty_like(x);
+#ifdef __AVX2__
+  const float* xp = x.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  at::parallel_for(0, x.numel() / QK, 256, [&](int64_t b0, int64_t b1) {
+    alignas(64) int16_t q[QK];
+    float s, t;
+    for (int64_t b = b0; b < b1; ++b) {
+      round_block(xp + b * QK, q, q + 16, &s, &t);
+      for (int j = 0; j < QK; ++j) op[b * QK + j] = s * static_cast<float>(q[j]);
+    }
+  });
+#else
+  out.copy_(x);
+#endif
+  return out;
+}
 
 void check_packed(const at::Tensor& qs, const at::Tensor& d, const at::Tensor& m, int64_t kind, int64_t K) {
   TORCH_CHECK(kind == Q4_0 || kind == Q4_1 || kind == Q8_0, "kind must be 0 (Q4_0), 1 (Q4_1) or 2 (Q8_0)");
@@ -682,12 +663,14 @@ at::Tensor packed_linear(const at::Tensor& x, const at::Tensor& w, const std::op
 TORCH_LIBRARY(distserve, m) {
   m.def("quant_linear(Tensor x, Tensor qs, Tensor d, Tensor? m, int kind, int K) -> Tensor");
   m.def("quant_dequant(Tensor qs, Tensor d, Tensor? m, int kind, int K) -> Tensor");
+  m.def("round_int16(Tensor x) -> Tensor");
   m.def("packed_linear(Tensor x, Tensor w, Tensor? b, Tensor? wr=None) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(distserve, CPU, m) {
   m.impl("quant_linear", &quant_linear);
   m.impl("quant_dequant", &quant_dequant);
+  m.impl("round_int16", &round_int16);
   m.impl("packed_linear", &packed_linear);
 }
 
@@ -695,10 +678,10 @@ TORCH_LIBRARY_IMPL(distserve, CPU, m) {
 TORCH_LIBRARY_IMPL(distserve, MkldnnCPU, m) { m.impl("packed_linear", &packed_linear); }
 
 // which vector path was compiled in, for logs and the bench
-// the most rows of x quant_linear rounds to int16 (more rows: float32 products); 0 where it never does
-extern "C" int64_t distserve_int16_rows() {
+// 1 where quant_linear rounds x to int16 (the vector builds), 0 where it multiplies in float32 (scalar)
+extern "C" int distserve_int16_products() {
 #ifdef __AVX2__
-  return kFloatBig ? MR_BIG - 1 : INT64_MAX;
+  return 1;
 #else
   return 0;
 #endif

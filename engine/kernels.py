@@ -85,9 +85,9 @@ def isa() -> str:
     return _state.get("isa", "")
 
 
-def int16_rows() -> int:
-    """quant_linear rounds x to int16 per block up to this many rows (above: float32 products); 0 when never."""
-    return _state.get("int16_rows", 0) if load() else 0
+def int16_products() -> bool:
+    """quant_linear rounds x to int16 per block (the vector builds); False: float32 products (scalar build)."""
+    return load() and _state.get("int16", False)
 
 
 def bf16_gemv() -> bool:
@@ -113,7 +113,7 @@ def _build() -> bool:
         else:
             torch.ops.load_library(str(lib))
         _state["isa"] = _isa_of(lib)
-        _state["int16_rows"] = _int16_rows_of(lib)
+        _state["int16"] = bool(ctypes.CDLL(str(lib)).distserve_int16_products())
         _register_fakes()
         return True
     except Exception as e:  # no compiler, no ninja, a failed build: the torch fallbacks still run
@@ -128,12 +128,6 @@ def _isa_of(lib: Path) -> str:
     return fn().decode()
 
 
-def _int16_rows_of(lib: Path) -> int:
-    fn = ctypes.CDLL(str(lib)).distserve_int16_rows
-    fn.restype = ctypes.c_int64
-    return fn()
-
-
 def _register_fakes() -> None:
     """Shapes for torch.compile's tracing (the ops are opaque calls inside a compiled graph)."""
     if _state.get("fakes"):
@@ -142,6 +136,10 @@ def _register_fakes() -> None:
     @torch.library.register_fake("distserve::quant_linear")
     def _(x, qs, d, m, kind, K):
         return x.new_empty((x.shape[0], qs.shape[0]), dtype=torch.float32)
+
+    @torch.library.register_fake("distserve::round_int16")
+    def _(x):
+        return x.new_empty(x.shape, dtype=torch.float32)
 
     @torch.library.register_fake("distserve::quant_dequant")
     def _(qs, d, m, kind, K):

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from engine import kernels
-from engine.quant import QuantStack, QuantTensor
+from engine.quant import QuantStack, QuantTensor, round_like_kernels
 
 # Rows of x at or below which QuantLinear uses the block kernel; above, dequantize + dense GEMM.
 # Decode batches sit below it, prefill chunks above (measured in bench/engine_bench.py).
@@ -96,7 +96,7 @@ class QuantLinear:
         if x.shape[0] <= QUANT_KERNEL_MAX_ROWS:
             y = self.q.matmul(x).to(x.dtype)
             return y + self.bias if self.bias is not None else y
-        return F.linear(x, self.q.dequantize().to(x.dtype), self.bias)
+        return F.linear(round_like_kernels(x), self.q.dequantize().to(x.dtype), self.bias)
 
 
 def stack_layers(ops: list[DenseLinear | QuantLinear]) -> list[DenseLinear | QuantLinear]:

@@ -86,8 +86,16 @@ class QuantTensor:
         return w.reshape(w.shape[0], -1)[:, : self.k].contiguous()
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
-        """x [M, K] @ W^T -> float32 [M, N] with the kernels (float32 products on the exact weight values)."""
+        """x [M, K] @ W^T -> float32 [M, N] with the kernels (the exact weight values; x rounded to int16 per
+        block of 32 on the vector builds, engine/cpu_kernels.cpp)."""
         return torch.ops.distserve.quant_linear(x, self.qs, self.d, self.m, KINDS[self.kind], self.k)
+
+
+def round_like_kernels(x: torch.Tensor) -> torch.Tensor:
+    """x [M, K] as QuantTensor.matmul's kernels round it (int16 per block of 32 on the vector builds), in x's
+    dtype: the dense product of many rows on it matches the kernels' up to float32 summation order, so a
+    prompt's logits do not depend on whether its chunk went through the kernels or the dense product."""
+    return torch.ops.distserve.round_int16(x).to(x.dtype) if kernels.int16_products() else x
 
 
 @dataclass

@@ -50,9 +50,9 @@ def test_row_reordering_and_fusing_are_lossless():
 
 
 def int16_product(x: torch.Tensor, q: QuantTensor) -> torch.Tensor:
-    """The kernels' small-batch arithmetic, in float64: each block of 32 values of x rounded to int16
-    (scale max|x| / 32767, ties to even), integer dot products with the block's 4- or 8-bit values, each
-    scaled by d * scale, plus the weights' offset (Q4_1 m, Q4_0 -8 d) times the block's sum of x."""
+    """The kernels' arithmetic, in float64: each block of 32 values of x rounded to int16 (scale max|x| / 32767,
+    ties to even), integer dot products with the block's 4- or 8-bit values, each scaled by d * scale, plus the
+    weights' offset (Q4_1 m, Q4_0 -8 d) times the rounded block's sum (scale * the sum of its int16 values)."""
     m, k = x.shape
     nb = q.qs.shape[1]
     xb = torch.nn.functional.pad(x, (0, nb * 32 - k)).view(m, nb, 32)
@@ -68,7 +68,7 @@ def int16_product(x: torch.Tensor, q: QuantTensor) -> torch.Tensor:
     d = q.d.double()
     off = q.m.double() if q.kind == "Q4_1" else -8 * d if q.kind == "Q4_0" else torch.zeros_like(d)
     dots = torch.einsum("nbj,ibj->inb", qv, xq)  # exact integers
-    return (dots * d * scale.double()[:, None, :]).sum(-1) + xb.double().sum(-1) @ off.T
+    return (dots * d * scale.double()[:, None, :]).sum(-1) + (scale.double() * xq.sum(-1)) @ off.T
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -77,27 +77,60 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 @needs_kernels
 @pytest.mark.parametrize("kind", sorted(KINDS))
-@pytest.mark.parametrize("m", [1, 2, 3, 4, 7, 9, 13])  # every tile height and tail, both regimes
+@pytest.mark.parametrize("m", [1, 2, 3, 4, 7, 9, 13, 17])  # every tile height and tail
 @pytest.mark.parametrize("k", [96, 576])  # 576 (the model's width): a full run of 16 blocks' scales, then 2
-def test_kernel_product_is_the_dense_float32_product_or_its_int16_rounding(kind, m, k):
+def test_kernel_product_is_the_int16_rounded_product(kind, m, k):
     raw, ref = blocks(kind, 45, k)
     q = QuantTensor.from_blocks(raw, kind, k)
     x = torch.randn(m, k, generator=torch.Generator().manual_seed(m))
     got = torch.ops.distserve.quant_linear(x, q.qs, q.d, q.m, KINDS[kind], k)
     dense = x @ torch.from_numpy(ref).T
-    int16 = m <= kernels.int16_rows()
-    if int16:  # exactly the int16 arithmetic (float32 sums), within ~1e-4 of the float32 product
+    if kernels.int16_products():  # exactly the int16 arithmetic (float32 sums), within ~1e-4 of the float32 product
         assert rel(got, int16_product(x, q)) < 1e-6
         assert rel(got, dense) < 2e-4
-    else:  # dequantized to gguf's float32 values: the dense product up to summation order
+    else:  # the scalar build: dequantized to gguf's float32 values, the dense product up to summation order
         assert rel(got, dense) < 1e-6
-    # a row is rounded and summed the same way whatever else is in the batch (within a regime): a
-    # request's logits do not depend on what it is batched with
-    if int16 == (1 <= kernels.int16_rows()):
-        assert torch.equal(torch.ops.distserve.quant_linear(x[:1], q.qs, q.d, q.m, KINDS[kind], k), got[:1])
+    # a row is rounded and summed the same way whatever else is in the batch: a request's logits do not
+    # depend on what it is batched with
+    for i in {0, m - 1}:
+        one = torch.ops.distserve.quant_linear(x[i:i + 1], q.qs, q.d, q.m, KINDS[kind], k)
+        assert torch.equal(one, got[i:i + 1])
     # the op the model calls: any activation dtype in, the same dtype out
     lin = QuantLinear(q, None, torch.bfloat16)
     assert lin(x.bfloat16()).dtype == torch.bfloat16 and lin(x).shape == (m, 45)
+
+
+@needs_kernels
+def test_many_rows_take_the_dense_product_on_x_rounded_as_the_kernels_round_it():
+    """Past QUANT_KERNEL_MAX_ROWS (prefill chunks) QuantLinear multiplies the dequantized matrix by x rounded
+    like the kernels' (round_int16): a row's result is the kernels' up to float32 summation order, whichever
+    path its batch took."""
+    from engine.linear import QUANT_KERNEL_MAX_ROWS
+
+    raw, _ = blocks("Q4_1", 45, 576)
+    q = QuantTensor.from_blocks(raw, "Q4_1", 576)
+    x = torch.randn(QUANT_KERNEL_MAX_ROWS + 3, 576)
+    lin = QuantLinear(q, None, torch.float32)
+    many = lin(x)  # the dense product
+    few = lin(x[:3])  # the kernels
+    assert rel(many[:3], few) < 1e-6
+    if kernels.int16_products():  # round_int16 is idempotent and moves x by at most half a step per block
+        r = torch.ops.distserve.round_int16(x)
+        assert torch.equal(torch.ops.distserve.round_int16(r), r)
+        step = x.view(-1, 32).abs().amax(-1, keepdim=True) / 32767
+        assert ((r - x).view(-1, 32).abs() <= step * 0.51).all()  # (+ float32 rounding of x / s and s * q)
+
+
+@needs_kernels
+def test_a_non_finite_row_stays_in_its_own_row():
+    """A row of x with an inf (a broken request) must not turn its neighbours' outputs to NaN."""
+    raw, _ = blocks("Q4_1", 45, 576)
+    q = QuantTensor.from_blocks(raw, "Q4_1", 576)
+    x = torch.randn(3, 576)
+    x[1, :40] = float("inf")
+    got = torch.ops.distserve.quant_linear(x, q.qs, q.d, q.m, KINDS["Q4_1"], 576)
+    assert torch.isfinite(got[0]).all() and torch.isfinite(got[2]).all()
+    assert torch.equal(got[0], torch.ops.distserve.quant_linear(x[:1], q.qs, q.d, q.m, KINDS["Q4_1"], 576)[0])
 
 
 def test_the_avx2_kernels_are_correct_too():
@@ -116,7 +149,7 @@ def test_the_avx2_kernels_are_correct_too():
             "assert kernels.isa() == 'avx2', kernels.isa()")
     subprocess.run([sys.executable, "-c", code], env=env, check=True)
     proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", __file__, "-m", "not slow", "-k",
-                           "unpacking or kernel_product"], env=env, capture_output=True, text=True)
+                           "unpacking or kernel_product or non_finite or many_rows"], env=env, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
 
 
