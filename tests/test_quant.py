@@ -148,8 +148,9 @@ def test_the_avx2_kernels_are_correct_too():
     code = ("from engine import kernels; assert kernels.load(), kernels.load_error(); "
             "assert kernels.isa() == 'avx2', kernels.isa()")
     subprocess.run([sys.executable, "-c", code], env=env, check=True)
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", __file__, "-m", "not slow", "-k",
-                           "unpacking or kernel_product or non_finite or many_rows"], env=env, capture_output=True, text=True)
+    tests = "unpacking or kernel_product or non_finite or many_rows"
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", __file__, "-m", "not slow", "-k", tests],
+                          env=env, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
 
 
