@@ -26,8 +26,8 @@
 // measured; AVX-512 at 32-64 rows ~15% slower, where the FMAs' two ports would beat the integer dot
 // products' one, kept for one arithmetic at every batch size). A software prefetch runs QUANT_PF_BYTES
 // ahead in each weight row (~30% off a batch-1 product here). The weights are exact, and a row of x is
-// rounded and summed the same way whatever else is in its batch: a request's logits do not depend on what
-// it is batched with. (llama.cpp rounds x to int8 per block instead: measured here, that costs SmolLM2 ~5% of
+// rounded and summed the same way whatever else is in its batch (up to 64 rows: more go through the dense
+// product on x rounded alike, engine/quant.py round_like_kernels, equal up to float32 summation order). (llama.cpp rounds x to int8 per block instead: measured here, that costs SmolLM2 ~5% of
 // teacher-forced top-1 agreement.)
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -38,6 +38,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <limits>
 #include <string>
 #include <type_traits>
 #include <vector>
@@ -201,6 +202,23 @@ struct XBlocks {            // x [M, K] rounded per block, nb blocks per row (ze
   std::vector<float> t;     // [M, lds] each rounded block's sum, s * sum(q)
 };
 
+// A block's scale s and 1 / s from its largest magnitude. A block holding a NaN or an inf gets s = NaN, so
+// its row's products come out NaN as a float32 product's would (and no other row's: each row has its own
+// blocks); a block too small for 32767 / amax (below ~1e-34) rounds to zeros.
+inline float block_scale(float amax, bool finite, float* s) {
+  const float inv = 32767.f / amax;
+  if (!finite || !std::isfinite(amax)) {
+    *s = std::numeric_limits<float>::quiet_NaN();
+    return 0.f;
+  }
+  if (amax > 0.f && std::isfinite(inv)) {
+    *s = amax / 32767.f;
+    return inv;
+  }
+  *s = 0.f;
+  return 0.f;
+}
+
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
 // One zmm widens a pair of 4-bit blocks (32 bytes): the low nibbles are values 0-15 of both blocks, the
 // high nibbles values 16-31; x is stored in that order (per pair: b[0:16], b'[0:16], b[16:32], b'[16:32]),
@@ -246,11 +264,11 @@ constexpr int PAIR_REGS = 2;
 inline void round_block(const float* v, int16_t* lo, int16_t* hi, float* s, float* t) {
   const __m512 a = _mm512_loadu_ps(v), b = _mm512_loadu_ps(v + 16);
   const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(a), _mm512_abs_ps(b)));
-  const __m512 inv = _mm512_set1_ps(amax > 0.f ? 32767.f / amax : 0.f);
+  const bool finite = (_mm512_cmp_ps_mask(a, a, _CMP_UNORD_Q) | _mm512_cmp_ps_mask(b, b, _CMP_UNORD_Q)) == 0;
+  const __m512 inv = _mm512_set1_ps(block_scale(amax, finite, s));
   const __m512i qa = _mm512_cvtps_epi32(_mm512_mul_ps(a, inv)), qb = _mm512_cvtps_epi32(_mm512_mul_ps(b, inv));
   _mm256_storeu_si256(reinterpret_cast<__m256i*>(lo), _mm512_cvtsepi32_epi16(qa));
   _mm256_storeu_si256(reinterpret_cast<__m256i*>(hi), _mm512_cvtsepi32_epi16(qb));
-  *s = amax / 32767.f;
   *t = *s * static_cast<float>(_mm512_reduce_add_epi32(_mm512_add_epi32(qa, qb)));
 }
 // of 32 registers: 4 x 4 accumulators + 8 weight vectors, or (from 16 rows) 8 x 2 + 4 (measured on the
@@ -288,14 +306,16 @@ constexpr int PAIR_REGS = 4;
 inline void round_block(const float* v, int16_t* lo, int16_t* hi, float* s, float* t) {
   const __m256 sign = _mm256_set1_ps(-0.f);
   __m256 a[4], m = _mm256_setzero_ps();
+  int unordered = 0;
   for (int i = 0; i < 4; ++i) {
     a[i] = _mm256_loadu_ps(v + 8 * i);
     m = _mm256_max_ps(m, _mm256_andnot_ps(sign, a[i]));
+    unordered |= _mm256_movemask_ps(_mm256_cmp_ps(a[i], a[i], _CMP_UNORD_Q));
   }
   __m128 h = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
   h = _mm_max_ps(h, _mm_movehl_ps(h, h));
   const float amax = _mm_cvtss_f32(_mm_max_ss(h, _mm_movehdup_ps(h)));
-  const __m256 inv = _mm256_set1_ps(amax > 0.f ? 32767.f / amax : 0.f);
+  const __m256 inv = _mm256_set1_ps(block_scale(amax, unordered == 0, s));
   int16_t* out[2] = {lo, hi};
   __m256i sum = _mm256_setzero_si256();
   for (int i = 0; i < 2; ++i) {  // packs interleaves 128-bit lanes; the permute puts them back in order
@@ -307,7 +327,6 @@ inline void round_block(const float* v, int16_t* lo, int16_t* hi, float* s, floa
   __m128i h4 = _mm_add_epi32(_mm256_castsi256_si128(sum), _mm256_extracti128_si256(sum, 1));
   h4 = _mm_add_epi32(h4, _mm_shuffle_epi32(h4, 0x4E));
   h4 = _mm_add_epi32(h4, _mm_shuffle_epi32(h4, 0xB1));
-  *s = amax / 32767.f;
   *t = *s * static_cast<float>(_mm_cvtsi128_si32(h4));
 }
 // of 16 registers: 2 x 2 accumulators + 8 weight vectors, or 6 x 1 + 4

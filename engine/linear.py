@@ -8,8 +8,9 @@
                   (~1.3-1.5x F.linear there, which repacks the weight on every call); 1 row and prefill
                   chunks run F.linear on the row-major copy, kept beside the pack
     QuantLinear   a GGUF Q4_0 / Q4_1 / Q8_0 matrix in its own blocks (engine/quant.py): small batches
-                  run the block kernels of engine/cpu_kernels.cpp; large ones (prefill) dequantize the
-                  matrix into the activation dtype and run the dense GEMM, which is compute-bound there
+                  run the block kernels of engine/cpu_kernels.cpp (x rounded to int16 per block); large
+                  ones (prefill) dequantize the matrix into the activation dtype and run the dense GEMM,
+                  which is compute-bound there, on x rounded the same way
 
 Every op maps x [M, K] -> [M, N] in x's dtype and reports the bytes one call reads.
 """

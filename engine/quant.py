@@ -92,10 +92,11 @@ class QuantTensor:
 
 
 def round_like_kernels(x: torch.Tensor) -> torch.Tensor:
-    """x [M, K] as QuantTensor.matmul's kernels round it (int16 per block of 32 on the vector builds), in x's
-    dtype: the dense product of many rows on it matches the kernels' up to float32 summation order, so a
-    prompt's logits do not depend on whether its chunk went through the kernels or the dense product."""
-    return torch.ops.distserve.round_int16(x).to(x.dtype) if kernels.int16_products() else x
+    """float32 x [M, K] as QuantTensor.matmul's kernels round it (int16 per block of 32 on the vector builds):
+    the dense product of many rows on it matches the kernels' up to float32 summation order, so a prompt's
+    logits barely depend on whether its chunk went through the kernels or the dense product. (bf16 x is
+    returned as is: bf16 products part from the kernels' far more than the rounding.)"""
+    return torch.ops.distserve.round_int16(x) if x.dtype == torch.float32 and kernels.int16_products() else x
 
 
 @dataclass

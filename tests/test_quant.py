@@ -77,7 +77,7 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 @needs_kernels
 @pytest.mark.parametrize("kind", sorted(KINDS))
-@pytest.mark.parametrize("m", [1, 2, 3, 4, 7, 9, 13, 17])  # every tile height and tail
+@pytest.mark.parametrize("m", [1, 2, 3, 4, 7, 9, 13, 17, 23, 28])  # every tile height and tail
 @pytest.mark.parametrize("k", [96, 576])  # 576 (the model's width): a full run of 16 blocks' scales, then 2
 def test_kernel_product_is_the_int16_rounded_product(kind, m, k):
     raw, ref = blocks(kind, 45, k)
@@ -122,15 +122,21 @@ def test_many_rows_take_the_dense_product_on_x_rounded_as_the_kernels_round_it()
 
 
 @needs_kernels
-def test_a_non_finite_row_stays_in_its_own_row():
-    """A row of x with an inf (a broken request) must not turn its neighbours' outputs to NaN."""
+@pytest.mark.parametrize("bad", [float("inf"), float("nan")])
+def test_a_non_finite_row_stays_in_its_own_row(bad):
+    """A row of x with an inf or a NaN (a broken request) comes out non-finite, as a float32 product would (NaN
+    on the int16 path), and does not touch its neighbours' outputs."""
     raw, _ = blocks("Q4_1", 45, 576)
     q = QuantTensor.from_blocks(raw, "Q4_1", 576)
     x = torch.randn(3, 576)
-    x[1, :40] = float("inf")
+    x[1, 3] = bad
     got = torch.ops.distserve.quant_linear(x, q.qs, q.d, q.m, KINDS["Q4_1"], 576)
+    assert not torch.isfinite(got[1]).any()
     assert torch.isfinite(got[0]).all() and torch.isfinite(got[2]).all()
     assert torch.equal(got[0], torch.ops.distserve.quant_linear(x[:1], q.qs, q.d, q.m, KINDS["Q4_1"], 576)[0])
+    if kernels.int16_products():  # the dense path's rounding: the broken block NaN, the rest of x rounded
+        r = torch.ops.distserve.round_int16(x)
+        assert torch.isnan(r[1, :32]).all() and torch.isfinite(r[1, 32:]).all() and torch.isfinite(r[0]).all()
 
 
 def test_the_avx2_kernels_are_correct_too():
