@@ -27,8 +27,9 @@
 // products' one, kept for one arithmetic at every batch size). A software prefetch runs QUANT_PF_BYTES
 // ahead in each weight row (~30% off a batch-1 product here). The weights are exact, and a row of x is
 // rounded and summed the same way whatever else is in its batch (up to 64 rows: more go through the dense
-// product on x rounded alike, engine/quant.py round_like_kernels, equal up to float32 summation order). (llama.cpp rounds x to int8 per block instead: measured here, that costs SmolLM2 ~5% of
-// teacher-forced top-1 agreement.)
+// product on x rounded alike, engine/quant.py round_like_kernels, equal up to float32 summation order).
+// The scalar build (no AVX2) multiplies in float32 instead. (llama.cpp rounds x to int8 per block: measured
+// here, that costs SmolLM2 ~5% of teacher-forced top-1 agreement.)
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/dispatch/Dispatcher.h>
@@ -697,15 +698,6 @@ TORCH_LIBRARY_IMPL(distserve, CPU, m) {
 TORCH_LIBRARY_IMPL(distserve, MkldnnCPU, m) { m.impl("packed_linear", &packed_linear); }
 
 // which vector path was compiled in, for logs and the bench
-// 1 where quant_linear rounds x to int16 (the vector builds), 0 where it multiplies in float32 (scalar)
-extern "C" int distserve_int16_products() {
-#ifdef __AVX2__
-  return 1;
-#else
-  return 0;
-#endif
-}
-
 extern "C" const char* distserve_kernels_isa() {
   static const std::string s = std::string(kIsa) + (kBf16Dot ? "+bf16" : "");
   return s.c_str();

@@ -87,7 +87,7 @@ def isa() -> str:
 
 def int16_products() -> bool:
     """quant_linear rounds x to int16 per block (the vector builds); False: float32 products (scalar build)."""
-    return load() and _state.get("int16", False)
+    return load() and isa() != "scalar"
 
 
 def bf16_gemv() -> bool:
@@ -113,7 +113,6 @@ def _build() -> bool:
         else:
             torch.ops.load_library(str(lib))
         _state["isa"] = _isa_of(lib)
-        _state["int16"] = bool(ctypes.CDLL(str(lib)).distserve_int16_products())
         _register_fakes()
         return True
     except Exception as e:  # no compiler, no ninja, a failed build: the torch fallbacks still run
