@@ -136,6 +136,10 @@ def _register_fakes() -> None:
     def _(x, qs, d, m, kind, K):
         return x.new_empty((x.shape[0], qs.shape[0]), dtype=torch.float32)
 
+    @torch.library.register_fake("distserve::quant_linear_rows")
+    def _(x, qs, d, m, kind, K, N):
+        return x.new_empty((x.shape[0], N), dtype=torch.float32)
+
     @torch.library.register_fake("distserve::round_int16")
     def _(x):
         return x.new_empty(x.shape, dtype=torch.float32)

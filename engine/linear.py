@@ -7,7 +7,8 @@
                   In float32 it is prepacked once for MKL's sgemm, which then runs batches of 2-64 rows
                   (~1.3-1.5x F.linear there, which repacks the weight on every call); 1 row and prefill
                   chunks run F.linear on the row-major copy, kept beside the pack
-    QuantLinear   a GGUF Q4_0 / Q4_1 / Q8_0 matrix in its own blocks (engine/quant.py): small batches
+    QuantLinear   a GGUF Q4_0 / Q4_1 / Q8_0 matrix in its own blocks (engine/quant.py; interleaved by rows on
+                  the vector builds): small batches
                   run the block kernels of engine/cpu_kernels.cpp (x rounded to int16 per block); large
                   ones (prefill) dequantize the matrix into the activation dtype and run the dense GEMM,
                   which is compute-bound there, on x rounded the same way
@@ -80,6 +81,8 @@ class QuantLinear:
                  layer: int | None = None) -> None:
         if (layer is None) != isinstance(weight, QuantTensor):
             raise ValueError("a QuantStack needs the layer it serves; a QuantTensor takes none")
+        if isinstance(weight, QuantTensor) and kernels.int16_products():
+            weight = weight.interleave()  # the vector kernels' layout (a stack is made of interleaved ones)
         self.weight, self.layer = weight, layer
         self._view = weight.layer(layer) if layer is not None else None  # eager calls reuse these views
         self.out_features, self.in_features = self.q.shape

@@ -6,6 +6,9 @@ returns (tests/test_quant.py checks it bit for bit). Per row n of the [N, K] mat
 32 values (nb = K / 32 blocks, padded to an even count with zero blocks):
     qs [N, nb, 16] nibbles (Q4_x) or [N, nb, 32] int8 (Q8_0); d [N, nb] float16; m [N, nb] float16 (Q4_1)
     Q4_0: w = d * (q - 8)      Q4_1: w = d * q + m      Q8_0: w = d * q
+On the vector builds the kernels read the blocks interleaved by rows (`interleave()`, once at load: 16 rows'
+bytes side by side, so a vector's lanes are output rows; engine/cpu_kernels.cpp quant_pack_rows gives the
+layout), which `deinterleave()` undoes exactly.
 """
 from __future__ import annotations
 
@@ -28,10 +31,15 @@ class QuantTensor:
     d: torch.Tensor
     m: torch.Tensor | None
     k: int  # columns: the matrix is [N, k]
+    n_rows: int | None = None  # interleaved by rows: N (qs [ceil(N / 16), nb, chunks, 32], d / m [ceil(N / 16), nb, 16])
+
+    @property
+    def interleaved(self) -> bool:
+        return self.n_rows is not None
 
     @property
     def shape(self) -> tuple[int, int]:
-        return (self.qs.shape[0], self.k)
+        return (self.n_rows if self.interleaved else self.qs.shape[0], self.k)
 
     @property
     def nbytes(self) -> int:
@@ -57,8 +65,28 @@ class QuantTensor:
             m = torch.cat([m, m.new_zeros(n, 1)], 1) if m is not None else None
         return cls(kind, qs.contiguous(), d.contiguous(), m.contiguous() if m is not None else None, k)
 
+    def interleave(self) -> QuantTensor:
+        """The same blocks interleaved by rows, as the vector kernels read them (lossless: `deinterleave()`)."""
+        if self.interleaved:
+            return self
+        qs, d, m = torch.ops.distserve.quant_pack_rows(self.qs, self.d, self.m, KINDS[self.kind], self.k)
+        return QuantTensor(self.kind, qs, d, m, self.k, n_rows=self.qs.shape[0])
+
+    def deinterleave(self) -> QuantTensor:
+        """The blocks in GGUF's order, one row of blocks per output row."""
+        if not self.interleaved:
+            return self
+        qs, d, m = torch.ops.distserve.quant_unpack_rows(self.qs, self.d, self.m, KINDS[self.kind], self.k,
+                                                         self.n_rows)
+        return QuantTensor(self.kind, qs, d, m, self.k)
+
+    def _gguf_order(self, what: str) -> None:
+        if self.interleaved:
+            raise ValueError(f"{what} needs the blocks in GGUF's order (deinterleave() first)")
+
     def rows(self, index: torch.Tensor | np.ndarray) -> QuantTensor:
         """The matrix with its rows reordered (rows are independent blocks: lossless)."""
+        self._gguf_order("reordering rows")
         idx = torch.as_tensor(index, dtype=torch.long)
         pick = lambda t: t[idx].contiguous() if t is not None else None  # noqa: E731
         return QuantTensor(self.kind, pick(self.qs), pick(self.d), pick(self.m), self.k)
@@ -66,6 +94,8 @@ class QuantTensor:
     @staticmethod
     def cat(parts: list[QuantTensor]) -> QuantTensor:
         """Rows of several matrices of one kind and width stacked (fused qkv, gate/up)."""
+        for p in parts:
+            p._gguf_order("fusing matrices")
         kinds, ks = {p.kind for p in parts}, {p.k for p in parts}
         if len(kinds) != 1 or len(ks) != 1:
             raise ValueError(f"cannot fuse {sorted(kinds)} matrices of widths {sorted(ks)}")
@@ -75,6 +105,8 @@ class QuantTensor:
 
     def dequantize(self) -> torch.Tensor:
         """float32 [N, K], bit for bit gguf-py's dequantization of the original blocks."""
+        if self.interleaved:
+            return self.deinterleave().dequantize()
         if kernels.load():
             return torch.ops.distserve.quant_dequant(self.qs, self.d, self.m, KINDS[self.kind], self.k)
         d = self.d.float()[:, :, None]
@@ -88,6 +120,9 @@ class QuantTensor:
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         """x [M, K] @ W^T -> float32 [M, N] with the kernels (the exact weight values; x rounded to int16 per
         block of 32 on the vector builds, engine/cpu_kernels.cpp)."""
+        if self.interleaved:
+            return torch.ops.distserve.quant_linear_rows(x, self.qs, self.d, self.m, KINDS[self.kind], self.k,
+                                                         self.n_rows)
         return torch.ops.distserve.quant_linear(x, self.qs, self.d, self.m, KINDS[self.kind], self.k)
 
 
@@ -101,7 +136,7 @@ def round_like_kernels(x: torch.Tensor) -> torch.Tensor:
 
 @dataclass
 class QuantStack:
-    """Matrices of one kind and shape, one per layer, stacked: qs [L, N, nb, 16 | 32], d / m [L, N, nb].
+    """Matrices of one kind, shape and layout, one per layer, stacked: qs [L, *qs.shape], d / m [L, *d.shape].
     Read through it, a compiled step has two or three inputs per fused matrix, not that many per layer
     (engine/linear.py stack_layers says why)."""
     kind: str
@@ -109,19 +144,21 @@ class QuantStack:
     d: torch.Tensor
     m: torch.Tensor | None
     k: int
+    n_rows: int | None = None  # as QuantTensor's
 
     @classmethod
     def of(cls, parts: list[QuantTensor]) -> QuantStack | None:
-        """The stack of parts, or None where they differ in kind or shape (then each stays on its own)."""
-        if not parts or len({(p.kind, p.qs.shape, p.k, p.m is None) for p in parts}) != 1:
+        """The stack of parts, or None where they differ in kind, shape or layout (then each stays on its own)."""
+        if not parts or len({(p.kind, p.qs.shape, p.k, p.m is None, p.n_rows) for p in parts}) != 1:
             return None
         m = torch.stack([p.m for p in parts]) if parts[0].m is not None else None
         return cls(parts[0].kind, torch.stack([p.qs for p in parts]), torch.stack([p.d for p in parts]), m,
-                   parts[0].k)
+                   parts[0].k, parts[0].n_rows)
 
     def __len__(self) -> int:
         return self.qs.shape[0]
 
     def layer(self, i: int) -> QuantTensor:
         """Layer i's matrix, as views of the stack."""
-        return QuantTensor(self.kind, self.qs[i], self.d[i], self.m[i] if self.m is not None else None, self.k)
+        return QuantTensor(self.kind, self.qs[i], self.d[i], self.m[i] if self.m is not None else None, self.k,
+                           self.n_rows)

@@ -39,6 +39,24 @@ def test_unpacking_reproduces_gguf_dequantization_bit_for_bit(kind, k, monkeypat
     assert torch.equal(q.dequantize(), torch.from_numpy(ref))  # the torch fallback
 
 
+@needs_kernels
+@pytest.mark.parametrize("kind", sorted(KINDS))
+@pytest.mark.parametrize("n", [16, 37])  # 37: two groups of 16 rows and a last one padded
+def test_interleaving_by_rows_is_lossless(kind, n):
+    """The vector kernels' layout (16 rows' bytes side by side) holds the same blocks: back in GGUF's order bit
+    for bit, and dequantized to gguf-py's values."""
+    raw, ref = blocks(kind, n, 96)
+    q = QuantTensor.from_blocks(raw, kind, 96)
+    rows = q.interleave()
+    assert rows.interleaved and rows.shape == (n, 96) and rows.qs.shape[0] == -(-n // 16)
+    back = rows.deinterleave()
+    assert torch.equal(back.qs, q.qs) and torch.equal(back.d, q.d)
+    assert (back.m is None) == (q.m is None) and (q.m is None or torch.equal(back.m, q.m))
+    assert torch.equal(rows.dequantize(), torch.from_numpy(ref))
+    with pytest.raises(ValueError, match="GGUF"):
+        QuantTensor.cat([rows, rows])
+
+
 def test_row_reordering_and_fusing_are_lossless():
     (ra, da), (rb, db) = blocks("Q4_1", 8, 64, 1), blocks("Q4_1", 5, 64, 2)
     a, b = QuantTensor.from_blocks(ra, "Q4_1", 64), QuantTensor.from_blocks(rb, "Q4_1", 64)
@@ -79,25 +97,27 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
 @pytest.mark.parametrize("kind", sorted(KINDS))
 @pytest.mark.parametrize("m", [1, 2, 3, 4, 7, 9, 13, 17, 23, 28])  # every tile height and tail
 @pytest.mark.parametrize("k", [96, 576])  # 576 (the model's width): a full run of 16 blocks' scales, then 2
-def test_kernel_product_is_the_int16_rounded_product(kind, m, k):
-    raw, ref = blocks(kind, 45, k)
+@pytest.mark.parametrize("layout", ["gguf", "rows"])  # rows: 61 = 3 groups of 16 (a pair and an odd one) + 13
+def test_kernel_product_is_the_int16_rounded_product(kind, m, k, layout):
+    raw, ref = blocks(kind, 61, k)
     q = QuantTensor.from_blocks(raw, kind, k)
+    if layout == "rows":
+        q = q.interleave()
     x = torch.randn(m, k, generator=torch.Generator().manual_seed(m))
-    got = torch.ops.distserve.quant_linear(x, q.qs, q.d, q.m, KINDS[kind], k)
+    got = q.matmul(x)
     dense = x @ torch.from_numpy(ref).T
     if kernels.int16_products():  # exactly the int16 arithmetic (float32 sums), within ~1e-4 of the float32 product
-        assert rel(got, int16_product(x, q)) < 1e-6
+        assert rel(got, int16_product(x, q.deinterleave())) < 1e-6
         assert rel(got, dense) < 2e-4
     else:  # the scalar build: dequantized to gguf's float32 values, the dense product up to summation order
         assert rel(got, dense) < 1e-6
     # a row is rounded and summed the same way whatever else is in the batch: a request's logits do not
     # depend on what it is batched with
     for i in {0, m - 1}:
-        one = torch.ops.distserve.quant_linear(x[i:i + 1], q.qs, q.d, q.m, KINDS[kind], k)
-        assert torch.equal(one, got[i:i + 1])
+        assert torch.equal(q.matmul(x[i:i + 1]), got[i:i + 1])
     # the op the model calls: any activation dtype in, the same dtype out
     lin = QuantLinear(q, None, torch.bfloat16)
-    assert lin(x.bfloat16()).dtype == torch.bfloat16 and lin(x).shape == (m, 45)
+    assert lin(x.bfloat16()).dtype == torch.bfloat16 and lin(x).shape == (m, 61)
 
 
 @needs_kernels
@@ -123,17 +143,20 @@ def test_many_rows_take_the_dense_product_on_x_rounded_as_the_kernels_round_it()
 
 @needs_kernels
 @pytest.mark.parametrize("bad", [float("inf"), float("nan")])
-def test_a_non_finite_row_stays_in_its_own_row(bad):
+@pytest.mark.parametrize("layout", ["gguf", "rows"])
+def test_a_non_finite_row_stays_in_its_own_row(bad, layout):
     """A row of x with an inf or a NaN (a broken request) comes out non-finite, as a float32 product would (NaN
     on the int16 path), and does not touch its neighbours' outputs."""
     raw, _ = blocks("Q4_1", 45, 576)
     q = QuantTensor.from_blocks(raw, "Q4_1", 576)
+    if layout == "rows":
+        q = q.interleave()
     x = torch.randn(3, 576)
     x[1, 3] = bad
-    got = torch.ops.distserve.quant_linear(x, q.qs, q.d, q.m, KINDS["Q4_1"], 576)
+    got = q.matmul(x)
     assert not torch.isfinite(got[1]).any()
     assert torch.isfinite(got[0]).all() and torch.isfinite(got[2]).all()
-    assert torch.equal(got[0], torch.ops.distserve.quant_linear(x[:1], q.qs, q.d, q.m, KINDS["Q4_1"], 576)[0])
+    assert torch.equal(got[0], q.matmul(x[:1])[0])
     if kernels.int16_products():  # the dense path's rounding: the broken block NaN, the rest of x rounded
         r = torch.ops.distserve.round_int16(x)
         assert torch.isnan(r[1, :32]).all() and torch.isfinite(r[1, 32:]).all() and torch.isfinite(r[0]).all()
@@ -154,7 +177,7 @@ def test_the_avx2_kernels_are_correct_too():
     code = ("from engine import kernels; assert kernels.load(), kernels.load_error(); "
             "assert kernels.isa() == 'avx2', kernels.isa()")
     subprocess.run([sys.executable, "-c", code], env=env, check=True)
-    tests = "unpacking or kernel_product or non_finite or many_rows"
+    tests = "unpacking or interleaving or kernel_product or non_finite or many_rows or stack"
     proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", __file__, "-m", "not slow", "-k", tests],
                           env=env, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
@@ -227,6 +250,8 @@ def test_a_stack_of_layers_serves_each_layers_own_matrix():
     """QuantStack: every layer's matrix read back as views of the stack multiplies as the matrix alone, and
     matrices that differ in kind or shape are not stacked."""
     parts = [QuantTensor.from_blocks(blocks("Q4_1", 24, 64, seed=s)[0], "Q4_1", 64) for s in range(3)]
+    if kernels.load():  # the layout a QuantLinear holds (what the model stacks)
+        parts = [QuantLinear(p, None, torch.float32).weight for p in parts]
     stack = QuantStack.of(parts)
     assert stack is not None and len(stack) == 3
     x = torch.randn(2, 64)
@@ -238,5 +263,6 @@ def test_a_stack_of_layers_serves_each_layers_own_matrix():
     q8 = QuantTensor.from_blocks(blocks("Q8_0", 24, 64)[0], "Q8_0", 64)
     wider = QuantTensor.from_blocks(blocks("Q4_1", 24, 96)[0], "Q4_1", 96)
     assert QuantStack.of(parts + [q8]) is None and QuantStack.of(parts + [wider]) is None
+    assert QuantStack.of([parts[0], parts[1].deinterleave()]) is None or not parts[0].interleaved
     with pytest.raises(ValueError, match="layer"):
         QuantLinear(stack, None, torch.float32)
