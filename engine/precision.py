@@ -9,12 +9,12 @@
                      float32 elsewhere (emulated bf16 matmuls run 16-100x slower than float32)
 
 Why auto is so (bench/RESULTS.md, Sapphire Rapids, 2 threads): on a CPU with AVX-512 BF16 / AMX dense bf16 wins
-prefill (3,161 vs 1,024-1,116 tok/s, AMX) and decode batch 32 (835 vs 468-599); native wins decode batch 1 and 8
-(162-203 / 441-517 vs 67 / 355 tok/s on int16 dot products, 2026-12-02 08:28-09:17), so auto keeps bf16 there, the
-choice for a loaded server, and `weights="native"` serves few concurrent sequences faster. Without bf16 in
-hardware (emulated AVX2, 08:32 and 05:36) native beats dense float32 everywhere but batch 32 (1.56x llama.cpp at
-batch 1 against float32's 1.07x; 398 vs 372 tok/s at batch 32) and holds a tenth of the bytes (float32 keeps MKL's
-pack beside each matrix): native is the default there.
+prefill (3,161 vs 1,001 tok/s, AMX) and ties decode batch 32 (835 vs 812); native wins decode batch 1 and 8 (185 /
+600 vs 67 / 355 tok/s, weights interleaved by rows, 2026-12-02 10:55), so auto keeps bf16 there, which keeps the
+prompts' time-to-first-token low, and `weights="native"` serves a mostly-decoding load faster. Without bf16 in
+hardware (emulated AVX2, 10:44 and 05:36) native beats dense float32 everywhere (1.78x llama.cpp at batch 1
+against float32's 1.07x; 528 vs 372 tok/s at batch 32) and holds a tenth of the bytes (float32 keeps MKL's pack
+beside each matrix): native is the default there.
 """
 from __future__ import annotations
 
