@@ -31,7 +31,8 @@ class QuantTensor:
     d: torch.Tensor
     m: torch.Tensor | None
     k: int  # columns: the matrix is [N, k]
-    n_rows: int | None = None  # interleaved by rows: N (qs [ceil(N / 16), nb, chunks, 32], d / m [ceil(N / 16), nb, 16])
+    # interleaved by rows: N (then qs [ceil(N / 16), nb, chunks, 32], d / m [ceil(N / 16), nb, 16]); None: GGUF order
+    n_rows: int | None = None
 
     @property
     def interleaved(self) -> bool:
