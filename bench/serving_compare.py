@@ -72,7 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--attainment", type=float, default=0.9)
     a("--seed", type=int, default=0)
     a("--modes", help="comma-separated mode names, run in that order (colocated first for derived SLOs); the Ray "
-      "variants (disagg-1p1d-ray: --cluster ray) run only when named")
+      "variants (disagg-1p1d-ray: --cluster ray) and the native-decode ones (disagg-1p1d-native-decode: "
+      "--decode-weights native) run only when named")
     a("--disagg-splits", type=lambda t: [int(x) for x in t.split(",")], help="prefill core counts (default: all)")
     a("--kv-total-mib", type=int, default=1024, help="KV budget per mode, split across its instances")
     a("--max-num-seqs", type=int, default=64)
@@ -191,7 +192,8 @@ async def amain(args: argparse.Namespace, cmd: str) -> int:
             "probe_output": probes[0].output_len}  # fmt: skip
     keep = args.modes.split(",") if args.modes else None
     modes = layouts(sorted(os.sched_getaffinity(0)), args.kv_total_mib, args.disagg_splits,
-                    ray=any(m.endswith("-ray") for m in keep or ()))
+                    ray=any(m.endswith("-ray") for m in keep or ()),
+                    native_decode=any(m.endswith("-native-decode") for m in keep or ()))
     if keep:  # in the order given
         modes = [m for name in keep for m in modes if m.name == name]
     slos = None

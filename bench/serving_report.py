@@ -28,9 +28,11 @@ def _cpu(cores: list[int]) -> str:
     return "cpu:" + ",".join(map(str, cores))
 
 
-def layouts(cores: list[int], kv_total_mib: int, splits: list[int] | None = None, ray: bool = False) -> list[Mode]:
+def layouts(cores: list[int], kv_total_mib: int, splits: list[int] | None = None, ray: bool = False,
+            native_decode: bool = False) -> list[Mode]:
     """Colocated, colocated + chunked prefill, then one disagg layout per prefill/decode core split (with `ray`,
-    each followed by the same layout as Ray actors: --cluster ray, "disagg-1p1d-ray").
+    each followed by the same layout as Ray actors: --cluster ray, "disagg-1p1d-ray"; with `native_decode`, by the
+    same layout with its decode instance on native weights: "disagg-1p1d-native-decode").
 
     `splits` lists prefill core counts (default: every split, 1..n-1); on 2 cores that is 1p + 1d.
     Every mode gets the same total KV budget, split evenly across its instances, so memory is no
@@ -54,6 +56,9 @@ def layouts(cores: list[int], kv_total_mib: int, splits: list[int] | None = None
         if ray:  # each instance a Ray actor (its own process) instead of a thread of the server
             modes.append(Mode(f"disagg-{p}p{n - p}d-ray", (*args, "--cluster", "ray"),
                               f"prefill {pre}, decode {dec}, Ray actors", n))
+        if native_decode:  # the decode instance on the GGUF's own blocks, the prefill at --dtype
+            modes.append(Mode(f"disagg-{p}p{n - p}d-native-decode", (*args, "--decode-weights", "native"),
+                              f"prefill {pre}, decode {dec} on native weights", n))
     return modes
 
 

@@ -44,6 +44,12 @@ class EngineArgs:
     weights: Literal["auto", "dense", "native"] = _h(
         "native: the GGUF's own Q4_0/Q4_1/Q8_0 blocks through the CPU kernels; dense: dequantized to --dtype "
         "(auto: native where the checkpoint has such blocks and the kernels build)", "auto")
+    decode_dtype: Literal["auto", "bfloat16", "float32", "float16"] | None = _h(
+        "disagg: the decode instances' dtype (default: --dtype; auto with --decode-weights)", None)
+    decode_weights: Literal["auto", "dense", "native"] | None = _h(
+        "disagg: the decode instances' weights (default: --weights). With bf16 prefill on a CPU with AVX-512 "
+        "BF16 / AMX, --decode-weights native decodes 1-8 sequences ~2-3x faster; the KV hand-off converts the "
+        "prefill pool's dtype", None)
     compile: bool = _h("compiled decode steps (torch.compile; the first start on a machine compiles for minutes, "
                        "later starts load them from the disk cache)", False)
     mode: Literal["colocated", "disagg"] = _h("prefill/decode layout", "colocated")
@@ -104,6 +110,7 @@ class EngineArgs:
                                 max_waiting=self.max_waiting, max_waiting_tokens=self.max_waiting_tokens)
         faults = FaultConfig(self.step_timeout, self.transfer_timeout, self.max_instance_faults)
         return EngineConfig(model=self.model, dtype=self.dtype, weights=self.weights, compile=self.compile,
+                            decode_dtype=self.decode_dtype, decode_weights=self.decode_weights,
                             mode=self.mode, transfer=self.transfer,
                             swap_space_bytes=self.swap_space, cache=cache, decode_cache=decode_cache,
                             scheduler=sched, step_trace=self.step_trace, faults=faults,

@@ -188,6 +188,11 @@ class EngineConfig:
     model: str | None = None  # GGUF file or HF directory; None: the default model
     dtype: str = "auto"  # auto | bfloat16 | float32 | float16
     weights: str = "auto"  # auto | dense | native (the checkpoint's GGUF blocks; engine/precision.py)
+    # disagg: the decode instances' own dtype / weights (None: as above; decode_weights alone: dtype auto for them).
+    # The KV hand-off converts the prefill pool's dtype to the decode pool's (bf16 prefill on AMX beside native
+    # decode: each phase at its fastest)
+    decode_dtype: str | None = None
+    decode_weights: str | None = None
     compile: bool = False  # decode steps through torch.compile (engine/compile.py; minutes the first time)
     mode: Mode = "colocated"
     chunked_prefill: bool = False  # colocated only: Sarathi-style token budget per step
@@ -217,10 +222,14 @@ class EngineConfig:
             raise ValueError(f"max_stream_lag must be positive, got {self.max_stream_lag}")
         if self.mode not in ("colocated", "disagg"):
             raise ValueError(f"mode must be 'colocated' or 'disagg', got {self.mode!r}")
-        if self.dtype not in ("auto", "bfloat16", "float32", "float16"):
-            raise ValueError(f"dtype must be auto, bfloat16, float32 or float16, got {self.dtype!r}")
-        if self.weights not in ("auto", "dense", "native"):
-            raise ValueError(f"weights must be auto, dense or native, got {self.weights!r}")
+        for name, value in (("dtype", self.dtype), ("decode_dtype", self.decode_dtype or "auto")):
+            if value not in ("auto", "bfloat16", "float32", "float16"):
+                raise ValueError(f"{name} must be auto, bfloat16, float32 or float16, got {value!r}")
+        for name, value in (("weights", self.weights), ("decode_weights", self.decode_weights or "auto")):
+            if value not in ("auto", "dense", "native"):
+                raise ValueError(f"{name} must be auto, dense or native, got {value!r}")
+        if self.mode != "disagg" and (self.decode_dtype or self.decode_weights):
+            raise ValueError("decode_dtype and decode_weights apply to mode disagg only")
         if self.transfer not in ("auto", "torch", "cupy"):
             raise ValueError(f"transfer must be auto, torch or cupy, got {self.transfer!r}")
         if self.mode == "disagg":
@@ -237,6 +246,13 @@ class EngineConfig:
                                  "[--ray-address ADDR]")
             parse_device(local)
         self.swap_space_bytes = parse_size(self.swap_space_bytes)
+
+    def precision(self, role: str) -> tuple[str, str]:
+        """(dtype, weights) of an instance of this role (prefill | decode | colocated)."""
+        if role == "decode":  # decode_weights alone: the dtype those weights run in (native: float32)
+            return (self.decode_dtype or ("auto" if self.decode_weights else self.dtype),
+                    self.decode_weights or self.weights)
+        return self.dtype, self.weights
 
 
 def split_node(spec: str) -> tuple[int | None, str]:

@@ -188,18 +188,19 @@ def layout(config: EngineConfig) -> list[tuple[str, str, str, CacheConfig]]:
 
 
 def build_instances(config: EngineConfig, ckpt: Checkpoint) -> list[Instance]:
-    """The layout's instances as threads of this process, one copy of the weights per physical device (built off
-    the main thread: see off_main_thread)."""
+    """The layout's instances as threads of this process, one copy of the weights per physical device and precision
+    (built off the main thread: see off_main_thread)."""
     return off_main_thread(lambda: _build_instances(config, ckpt))
 
 
 def _build_instances(config: EngineConfig, ckpt: Checkpoint) -> list[Instance]:
-    models: dict[str, LlamaModel] = {}
+    models: dict[tuple[str, str, str], LlamaModel] = {}
     out = []
     for name, role, dev, cache in layout(config):
         kind, idx = parse_device(dev)
-        key = "cpu" if kind == "cpu" else f"cuda:{idx}"
+        device = "cpu" if kind == "cpu" else f"cuda:{idx}"
+        key = (device, *config.precision(role))  # one copy per device and precision
         if key not in models:
-            models[key] = build_model(ckpt, config.dtype, config.weights, torch.device(key), config.compile)
+            models[key] = build_model(ckpt, key[1], key[2], torch.device(device), config.compile)
         out.append(Instance(name, role, dev, models[key], cache))
     return out

@@ -52,7 +52,7 @@ class InstanceActor:
         self.swapped: dict[str, torch.Tensor] = {}  # request id -> host copy of its KV
         self.generators: dict[str, torch.Generator] = {}  # seeded request id -> its generator, as advanced here
         self.peers: dict[str, KVPool] = {}  # same-node prefill pools, mapped
-        self.remote: dict[str, object] = {}  # prefill instances on other nodes: their actor handles
+        self.remote: dict[str, tuple] = {}  # prefill instances on other nodes: (actor handle, pool dtype)
         self.pinned: set[int] = set()
 
     def info(self) -> dict:
@@ -68,9 +68,9 @@ class InstanceActor:
         self.peers[src] = open_pool(handle, self.inst.pool.block_size, src)
         self.remote.pop(src, None)
 
-    def link(self, src: str, actor) -> None:
-        """An instance on another node: pulls from it travel as Ray objects."""
-        self.remote[src] = actor
+    def link(self, src: str, actor, dtype: torch.dtype) -> None:
+        """An instance on another node (its pool in `dtype`): pulls from it travel as Ray objects."""
+        self.remote[src] = (actor, dtype)
         self.peers.pop(src, None)
 
     # ---------------- the instance's work, in order ----------------
@@ -110,10 +110,11 @@ class InstanceActor:
         if peer is None:
             import ray
 
-            data = ray.get(self.remote[src].read_blocks.remote(src_blocks))  # read-only, in the object store
+            actor, dtype = self.remote[src]
+            data = ray.get(actor.read_blocks.remote(src_blocks))  # read-only, in the object store
             with warnings.catch_warnings():  # only read: torch would warn that it cannot write to it
                 warnings.simplefilter("ignore", UserWarning)
-                buf = torch.from_numpy(data).view(pool.dtype)
+                buf = torch.from_numpy(data).view(dtype)
             peer, src_blocks = KVPool.over(buf, pool.block_size, src), list(range(len(src_blocks)))
         return self.inst.on_device(self.transfer.pull, peer, src_blocks, pool, dst_blocks).bytes
 

@@ -182,12 +182,12 @@ class RayCluster:
         env = {"PYTHONPATH": os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")])),
                "RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES": "1"}  # CUDA IPC needs one GPU numbering
         cls = ray.remote(concurrency_groups={"io": 1})(InstanceActor)
+        dtype, weights = self.config.precision(role)
         return cls.options(
             name=f"distserve-{name}-{os.getpid()}", num_cpus=res["CPU"], num_gpus=res.get("GPU", 0),
             max_restarts=self.config.ray_max_restarts, runtime_env={"env_vars": env},
             scheduling_strategy=PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=bundle),
-        ).remote(name, role, device, self.config.model, self.config.dtype, cache, self.config.weights,
-                  self.config.compile)
+        ).remote(name, role, device, self.config.model, dtype, cache, weights, self.config.compile)
 
     def _connect(self, changed: list[RayWorker]) -> None:
         """Decode actors map the pools of same-node prefill actors and link to the others."""
@@ -200,7 +200,7 @@ class RayCluster:
             for p in prefill:
                 if d in changed or p in changed:
                     calls.append(d.actor.attach.remote(p.name, p.handle) if d.node_id == p.node_id
-                                 else d.actor.link.remote(p.name, p.actor))
+                                 else d.actor.link.remote(p.name, p.actor, p.pool.cache.dtype))
         ray.get(calls)
 
     async def pull(self, pull: Pull) -> int:

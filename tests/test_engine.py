@@ -10,6 +10,7 @@ import random
 from collections import deque
 
 import pytest
+import torch
 
 from engine.config import CacheConfig, EngineConfig, SamplingParams, SchedulerConfig, parse_size
 from engine.instance import WorkerDied
@@ -76,6 +77,32 @@ def test_layouts_give_the_tokens_of_a_request_alone(ckpt, prompts, reference, la
         if layout.startswith("disagg"):
             assert all(o.metrics.transfer_bytes > 0 and o.metrics.transfer_end >= o.metrics.transfer_start
                        for o in outs)
+
+
+def test_phases_in_different_precisions_hand_off_and_free_everything(ckpt, prompts):
+    """disagg with bf16 dense prefill and native decode (float32 activations): the hand-off widens the bf16 KV into
+    the float32 pool, the first token is the bf16 prefill's, every request runs to its length and no block leaks."""
+    from engine import kernels
+
+    if not kernels.load():
+        pytest.skip(f"native weights need the CPU kernels: {kernels.load_error()}")
+    few = prompts[:5]
+    sp = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
+    with LLM(dtype="bfloat16", weights="dense", checkpoint=ckpt) as bf16:
+        firsts = [bf16.generate([p], SamplingParams(max_tokens=1, temperature=0.0))[0].token_ids[0] for p in few]
+    with LLM(checkpoint=ckpt, dtype="bfloat16", weights="dense", decode_weights="native",  # decode dtype: auto
+             **LAYOUTS["disagg-1p1d"]) as llm:
+        pre, dec = (next(i for i in llm.engine.instances if i.role == r) for r in ("prefill", "decode"))
+        assert (pre.model.native, pre.pool.cache.dtype) == (False, torch.bfloat16)
+        assert (dec.model.native, dec.pool.cache.dtype) == (True, torch.float32)
+        outs = llm.generate(few, sp)
+        assert [o.token_ids[0] for o in outs] == firsts
+        assert all(len(o.token_ids) == 8 and o.finish_reason == "length" for o in outs)
+        assert all(o.metrics.transfer_bytes == -(-len(p) // pre.pool.block_size) * pre.pool.block_bytes
+                   for o, p in zip(outs, few))
+        assert_all_free(llm.engine)
+    with pytest.raises(ValueError, match="disagg"):
+        EngineConfig(decode_weights="native")
 
 
 def run_engine(ckpt, config: EngineConfig, body):

@@ -75,6 +75,20 @@ def test_torch_transfer_is_bit_exact_between_pools_of_different_sizes(dtype):
     assert stats.bytes == 6 * src.block_bytes and stats.copies == 5  # (3,4) (5) (17) (30) (31)
 
 
+@pytest.mark.parametrize("src_blocks", [[3, 4, 5], [9, 2, 30, 7, 11, 21]])  # slab copies; the gather (> 4 runs)
+def test_torch_transfer_widens_a_bf16_pool_into_a_float32_pool_exactly(src_blocks):
+    """Phases in different precisions (bf16 prefill, native decode on float32): every bf16 value is a float32
+    one, so the decode pool holds exactly what the prefill pool held."""
+    cfg = tiny_config()
+    src = KVPool(cfg, CacheConfig(num_blocks=32, block_size=4), torch.bfloat16, name="prefill")
+    dst = KVPool(cfg, CacheConfig(num_blocks=32, block_size=4), torch.float32, name="decode")
+    src.cache.copy_(torch.randn(src.cache.shape).bfloat16())
+    dst_blocks = list(range(len(src_blocks)))
+    stats = TorchTransfer().pull(src, src_blocks, dst, dst_blocks)
+    assert torch.equal(dst.cache[dst_blocks], src.cache[src_blocks].float())
+    assert stats.bytes == len(src_blocks) * src.block_bytes
+
+
 def test_transfer_refuses_incompatible_pools():
     a = KVPool(tiny_config(), CacheConfig(num_blocks=4), torch.float32)
     b = KVPool(tiny_config(num_layers=3), CacheConfig(num_blocks=4), torch.float32)

@@ -3,7 +3,9 @@
 Pull-based as in DistServe: the decode side allocates its blocks, copies the prompt's blocks out of
 the prefill pool, and only then does the prefill side free them. Both pools share the block layout
 [blocks, layers, 2, block_size, kv_heads, head_dim] (they may differ in block count), so a block is
-one contiguous slab and a run of consecutive block ids on both sides moves as one copy.
+one contiguous slab and a run of consecutive block ids on both sides moves as one copy. Torch copies also
+convert between dtypes (a bf16 prefill pool into a float32 decode pool, when the phases run different
+precisions); CuPy's peer-to-peer copies move bytes and need one dtype.
 """
 from __future__ import annotations
 
@@ -45,8 +47,9 @@ def runs(src_blocks: list[int], dst_blocks: list[int]) -> list[tuple[int, int, i
     return out
 
 
-def check_compatible(src: KVPool, dst: KVPool) -> None:
-    if src.block_shape != dst.block_shape or src.cache.dtype != dst.cache.dtype:
+def check_compatible(src: KVPool, dst: KVPool, converts: bool = False) -> None:
+    """Pools a transfer can move blocks between: one block shape; one dtype unless the transfer converts."""
+    if src.block_shape != dst.block_shape or (src.cache.dtype != dst.cache.dtype and not converts):
         raise ValueError(f"incompatible KV pools: {src.name} {src.block_shape}/{src.cache.dtype} vs "
                          f"{dst.name} {dst.block_shape}/{dst.cache.dtype}")
 
