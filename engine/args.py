@@ -45,7 +45,7 @@ class EngineArgs:
         "native: the GGUF's own Q4_0/Q4_1/Q8_0 blocks through the CPU kernels; dense: dequantized to --dtype "
         "(auto: native where the checkpoint has such blocks and the kernels build)", "auto")
     decode_dtype: Literal["auto", "bfloat16", "float32", "float16"] | None = _h(
-        "disagg: the decode instances' dtype (default: --dtype; auto with --decode-weights)", None)
+        "disagg: the decode instances' dtype (default: --dtype; auto with --decode-weights native)", None)
     decode_weights: Literal["auto", "dense", "native"] | None = _h(
         "disagg: the decode instances' weights (default: --weights). With bf16 prefill on a CPU with AVX-512 "
         "BF16 / AMX, --decode-weights native decodes 1-8 sequences ~2-3x faster; the KV hand-off converts the "
@@ -134,6 +134,8 @@ class EngineArgs:
                 kw["nargs"] = "+"
             elif typing.get_origin(tp) is Literal:
                 kw["choices"] = typing.get_args(tp)
+            elif typing.get_origin(base) is Literal:  # an optional one: None (unset) is its default
+                kw["choices"] = typing.get_args(base)
             elif base in (int, float):
                 kw["type"] = base
             if default not in (None, False) and "action" not in kw:

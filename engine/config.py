@@ -188,7 +188,7 @@ class EngineConfig:
     model: str | None = None  # GGUF file or HF directory; None: the default model
     dtype: str = "auto"  # auto | bfloat16 | float32 | float16
     weights: str = "auto"  # auto | dense | native (the checkpoint's GGUF blocks; engine/precision.py)
-    # disagg: the decode instances' own dtype / weights (None: as above; decode_weights alone: dtype auto for them).
+    # disagg: the decode instances' own dtype / weights (None: as above; decode_weights native alone: dtype auto).
     # The KV hand-off converts the prefill pool's dtype to the decode pool's (bf16 prefill on AMX beside native
     # decode: each phase at its fastest)
     decode_dtype: str | None = None
@@ -222,13 +222,14 @@ class EngineConfig:
             raise ValueError(f"max_stream_lag must be positive, got {self.max_stream_lag}")
         if self.mode not in ("colocated", "disagg"):
             raise ValueError(f"mode must be 'colocated' or 'disagg', got {self.mode!r}")
-        for name, value in (("dtype", self.dtype), ("decode_dtype", self.decode_dtype or "auto")):
+        dd, dw = ("auto" if v is None else v for v in (self.decode_dtype, self.decode_weights))
+        for name, value in (("dtype", self.dtype), ("decode_dtype", dd)):
             if value not in ("auto", "bfloat16", "float32", "float16"):
                 raise ValueError(f"{name} must be auto, bfloat16, float32 or float16, got {value!r}")
-        for name, value in (("weights", self.weights), ("decode_weights", self.decode_weights or "auto")):
+        for name, value in (("weights", self.weights), ("decode_weights", dw)):
             if value not in ("auto", "dense", "native"):
                 raise ValueError(f"{name} must be auto, dense or native, got {value!r}")
-        if self.mode != "disagg" and (self.decode_dtype or self.decode_weights):
+        if self.mode != "disagg" and (self.decode_dtype is not None or self.decode_weights is not None):
             raise ValueError("decode_dtype and decode_weights apply to mode disagg only")
         if self.transfer not in ("auto", "torch", "cupy"):
             raise ValueError(f"transfer must be auto, torch or cupy, got {self.transfer!r}")
@@ -249,9 +250,9 @@ class EngineConfig:
 
     def precision(self, role: str) -> tuple[str, str]:
         """(dtype, weights) of an instance of this role (prefill | decode | colocated)."""
-        if role == "decode":  # decode_weights alone: the dtype those weights run in (native: float32)
-            return (self.decode_dtype or ("auto" if self.decode_weights else self.dtype),
-                    self.decode_weights or self.weights)
+        if role == "decode":  # decode_weights native alone: the dtype native weights run in (float32)
+            dtype = self.decode_dtype or ("auto" if self.decode_weights == "native" else self.dtype)
+            return dtype, self.decode_weights or self.weights
         return self.dtype, self.weights
 
 

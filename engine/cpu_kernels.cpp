@@ -6,6 +6,7 @@
 //                                                  rows (quant_pack_rows), float32 out (x rounded to int16
 //                                                  per block, below)
 //   distserve::quant_pack_rows / quant_unpack_rows  GGUF's order <-> interleaved by rows, losslessly
+//   distserve::quant_dequant_rows(qp, dp, mp, kind, K, N)  W as dense float32 [N, K] from the interleaved blocks
 //   distserve::quant_linear(x, qs, d, m, kind, K)  the same product on W in GGUF's order (tools, tests)
 //   distserve::quant_dequant(qs, d, m, kind, K)    W as dense float32 [N, K]
 //   distserve::round_int16(x)                      x [M, K] as the products round it, float32
@@ -71,29 +72,26 @@ inline float h2f(const at::Half* p) {
 inline int64_t qs_bytes(int64_t kind) { return kind == Q8_0 ? 32 : 16; }
 
 // ---- dequantization: the float32 values gguf-py computes, bit for bit ---------------------------
-// (d * q is exact in float32; Q4_1's "+ m" rounds once)
-void dequant_row(int64_t kind, const uint8_t* qs, const at::Half* d, const at::Half* m, int64_t nb, float* out) {
-  for (int64_t g = 0; g < nb; ++g, out += QK) {
-    const float dg = h2f(d + g);
-    if (kind == Q8_0) {
-      const int8_t* q = reinterpret_cast<const int8_t*>(qs + g * 32);
-      for (int j = 0; j < QK; ++j) out[j] = dg * static_cast<float>(q[j]);
-    } else {
-      const uint8_t* q = qs + g * 16;
-      if (kind == Q4_1) {
-        const float mg = h2f(m + g);
-        for (int j = 0; j < 16; ++j) {
-          out[j] = dg * static_cast<float>(q[j] & 15) + mg;
-          out[j + 16] = dg * static_cast<float>(q[j] >> 4) + mg;
-        }
-      } else {
-        for (int j = 0; j < 16; ++j) {
-          out[j] = dg * static_cast<float>((q[j] & 15) - 8);
-          out[j + 16] = dg * static_cast<float>((q[j] >> 4) - 8);
-        }
-      }
+// (d * q is exact in float32; Q4_1's "+ m" rounds once). One block of 32 values:
+inline void dequant_block_scalar(int64_t kind, const uint8_t* q, float dg, float mg, float* out) {
+  if (kind == Q8_0) {
+    for (int j = 0; j < QK; ++j) out[j] = dg * static_cast<float>(static_cast<int8_t>(q[j]));
+  } else if (kind == Q4_1) {
+    for (int j = 0; j < 16; ++j) {
+      out[j] = dg * static_cast<float>(q[j] & 15) + mg;
+      out[j + 16] = dg * static_cast<float>(q[j] >> 4) + mg;
+    }
+  } else {
+    for (int j = 0; j < 16; ++j) {
+      out[j] = dg * static_cast<float>((q[j] & 15) - 8);
+      out[j + 16] = dg * static_cast<float>((q[j] >> 4) - 8);
     }
   }
+}
+
+void dequant_row(int64_t kind, const uint8_t* qs, const at::Half* d, const at::Half* m, int64_t nb, float* out) {
+  for (int64_t g = 0; g < nb; ++g, out += QK)
+    dequant_block_scalar(kind, qs + g * qs_bytes(kind), h2f(d + g), m ? h2f(m + g) : 0.f, out);
 }
 
 #ifdef __AVX2__
@@ -107,13 +105,7 @@ inline Vec vload(const float* p) { return _mm512_loadu_ps(p); }
 inline Vec vbcast(const float* p) { return _mm512_set1_ps(*p); }
 inline Vec vfma(Vec a, Vec b, Vec c) { return _mm512_fmadd_ps(a, b, c); }
 inline Vec vmul(Vec a, Vec b) { return _mm512_mul_ps(a, b); }
-inline float vsum(Vec a) { return _mm512_reduce_add_ps(a); }
 inline void vstore(float* p, Vec a) { _mm512_storeu_ps(p, a); }
-// 16 float16 scales -> float32 (n <= 16 valid)
-inline void halves_to_floats(const at::Half* h, int64_t n, float* out) {
-  const __mmask16 mask = static_cast<__mmask16>((1u << n) - 1);
-  _mm512_store_ps(out, _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mask, h)));
-}
 
 template <int KIND>
 inline void dequant_block(const uint8_t* q, const float* d, const float* m, Vec* w) {  // w[0..1]: values 0-15, 16-31
@@ -147,23 +139,6 @@ inline Vec vload(const float* p) { return _mm256_loadu_ps(p); }
 inline Vec vbcast(const float* p) { return _mm256_broadcast_ss(p); }
 inline Vec vfma(Vec a, Vec b, Vec c) { return _mm256_fmadd_ps(a, b, c); }
 inline Vec vmul(Vec a, Vec b) { return _mm256_mul_ps(a, b); }
-inline float vsum(Vec a) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
-}
-inline void halves_to_floats(const at::Half* h, int64_t n, float* out) {  // out: 32-byte aligned
-#ifdef __F16C__
-  if (n == 16) {  // a row's 16 scales in two conversions (one by one: ~5% slower batch-1 decode, measured)
-    const __m128i* p = reinterpret_cast<const __m128i*>(h);
-    _mm256_store_ps(out, _mm256_cvtph_ps(_mm_loadu_si128(p)));
-    _mm256_store_ps(out + 8, _mm256_cvtph_ps(_mm_loadu_si128(p + 1)));
-    return;
-  }
-#endif
-  for (int64_t i = 0; i < n; ++i) out[i] = h2f(h + i);
-}
 inline void vstore(float* p, Vec a) { _mm256_storeu_ps(p, a); }
 
 template <int KIND>
@@ -512,6 +487,19 @@ void check_packed(const at::Tensor& qs, const at::Tensor& d, const at::Tensor& m
               "Q4_1 needs m: contiguous float16 [N, nb]");
 }
 
+// one block of 32 values, on the vector unit where there is one (the same values as dequant_block_scalar)
+inline void dequant_one(int64_t kind, const uint8_t* q, float dg, float mg, float* out) {
+#ifdef __AVX2__
+  Vec w[NV];
+  if (kind == Q4_0) dequant_block<Q4_0>(q, &dg, &mg, w);
+  else if (kind == Q4_1) dequant_block<Q4_1>(q, &dg, &mg, w);
+  else dequant_block<Q8_0>(q, &dg, &mg, w);
+  for (int v = 0; v < NV; ++v) vstore(out + v * VL, w[v]);
+#else
+  dequant_block_scalar(kind, q, dg, mg, out);
+#endif
+}
+
 at::Tensor quant_dequant(const at::Tensor& qs, const at::Tensor& d, const c10::optional<at::Tensor>& m_opt,
                          int64_t kind, int64_t K) {
   const at::Tensor m = m_opt.has_value() ? *m_opt : at::Tensor();
@@ -528,19 +516,8 @@ at::Tensor quant_dequant(const at::Tensor& qs, const at::Tensor& d, const c10::o
       const uint8_t* q = qp + n * ldq;
       const at::Half* dn = dp + n * nb;
       const at::Half* mrow = mp ? mp + n * nb : nullptr;
-#ifdef __AVX2__  // the kernels' own vector dequantization (same values as dequant_row, ~10x faster)
-      float* o = op + n * nb * QK;
-      for (int64_t g = 0; g < nb; ++g, o += QK) {
-        const float dg = h2f(dn + g), mg = mrow ? h2f(mrow + g) : 0.f;
-        Vec w[NV];
-        if (kind == Q4_0) dequant_block<Q4_0>(q + g * 16, &dg, &mg, w);
-        else if (kind == Q4_1) dequant_block<Q4_1>(q + g * 16, &dg, &mg, w);
-        else dequant_block<Q8_0>(q + g * 32, &dg, &mg, w);
-        for (int v = 0; v < NV; ++v) vstore(o + v * VL, w[v]);
-      }
-#else
-      dequant_row(kind, q, dn, mrow, nb, op + n * nb * QK);
-#endif
+      for (int64_t g = 0; g < nb; ++g)
+        dequant_one(kind, q + g * qs_bytes(kind), h2f(dn + g), mrow ? h2f(mrow + g) : 0.f, op + (n * nb + g) * QK);
     }
   });
   return nb * QK == K ? out : out.narrow(1, 0, K).contiguous();
@@ -628,6 +605,35 @@ Blocks quant_unpack_rows(const at::Tensor& qp, const at::Tensor& dp, const c10::
   at::Tensor d = dp.permute({0, 2, 1}).reshape({-1, nb}).narrow(0, 0, N).contiguous();
   at::Tensor m = mp.defined() ? mp.permute({0, 2, 1}).reshape({-1, nb}).narrow(0, 0, N).contiguous() : at::Tensor();
   return {qs.contiguous(), d, m.defined() ? c10::optional<at::Tensor>(m) : c10::nullopt};
+}
+
+// W as dense float32 [N, K] from the interleaved blocks (QuantLinear's dense product for prefill chunks)
+at::Tensor quant_dequant_rows(const at::Tensor& qp, const at::Tensor& dp, const c10::optional<at::Tensor>& mp_opt,
+                              int64_t kind, int64_t K, int64_t N) {
+  const at::Tensor mp = mp_opt.has_value() ? *mp_opt : at::Tensor();
+  check_rows(qp, dp, mp, kind, K, N);
+  const int64_t nb = qp.size(1), QB = qs_bytes(kind);
+  at::Tensor out = at::empty({N, nb * QK}, dp.options().dtype(at::kFloat));
+  const uint8_t* q = static_cast<const uint8_t*>(qp.data_ptr());
+  const at::Half* d = dp.data_ptr<at::Half>();
+  const at::Half* m = kind == Q4_1 ? mp.data_ptr<at::Half>() : nullptr;
+  float* o = out.data_ptr<float>();
+  at::parallel_for(0, N, 64, [&](int64_t n0, int64_t n1) {
+    alignas(64) uint8_t block[32];
+    for (int64_t n = n0; n < n1; ++n) {
+      const int64_t g = n / GR, r = n % GR;
+      for (int64_t b = 0; b < nb; ++b) {
+        const uint8_t* chunks = q + (g * nb + b) * QB * GR;
+        for (int64_t c = 0; c < QB / 2; ++c) {  // the row's bytes 2c, 2c + 1 (see quant_pack_rows)
+          block[2 * c] = chunks[c * 2 * GR + 2 * r];
+          block[2 * c + 1] = chunks[c * 2 * GR + 2 * r + 1];
+        }
+        const int64_t s = (g * nb + b) * GR + r;
+        dequant_one(kind, block, h2f(d + s), m ? h2f(m + s) : 0.f, o + (n * nb + b) * QK);
+      }
+    }
+  });
+  return nb * QK == K ? out : out.narrow(1, 0, K).contiguous();
 }
 
 at::Tensor quant_linear_rows(const at::Tensor& x_in, const at::Tensor& qp, const at::Tensor& dp,
@@ -791,6 +797,7 @@ TORCH_LIBRARY(distserve, m) {
   m.def("quant_pack_rows(Tensor qs, Tensor d, Tensor? m, int kind, int K) -> (Tensor, Tensor, Tensor?)");
   m.def("quant_unpack_rows(Tensor qp, Tensor dp, Tensor? mp, int kind, int K, int N) -> (Tensor, Tensor, Tensor?)");
   m.def("quant_linear_rows(Tensor x, Tensor qp, Tensor dp, Tensor? mp, int kind, int K, int N) -> Tensor");
+  m.def("quant_dequant_rows(Tensor qp, Tensor dp, Tensor? mp, int kind, int K, int N) -> Tensor");
   m.def("packed_linear(Tensor x, Tensor w, Tensor? b, Tensor? wr=None) -> Tensor");
 }
 
@@ -801,6 +808,7 @@ TORCH_LIBRARY_IMPL(distserve, CPU, m) {
   m.impl("quant_pack_rows", &quant_pack_rows);
   m.impl("quant_unpack_rows", &quant_unpack_rows);
   m.impl("quant_linear_rows", &quant_linear_rows);
+  m.impl("quant_dequant_rows", &quant_dequant_rows);
   m.impl("packed_linear", &packed_linear);
 }
 

@@ -24,7 +24,7 @@ from engine.kv_cache import KVPool
 from engine.loader import Checkpoint
 from engine.model import LlamaModel
 from engine.omp import off_main_thread
-from engine.precision import build_model
+from engine.precision import build_model, resolve
 from engine.sampler import Sampler
 from engine.step import Sampled, Step, StepBatch, TokenLogprobs, pack
 
@@ -194,13 +194,14 @@ def build_instances(config: EngineConfig, ckpt: Checkpoint) -> list[Instance]:
 
 
 def _build_instances(config: EngineConfig, ckpt: Checkpoint) -> list[Instance]:
-    models: dict[tuple[str, str, str], LlamaModel] = {}
+    models: dict[tuple[str, torch.dtype, bool], LlamaModel] = {}
     out = []
     for name, role, dev, cache in layout(config):
         kind, idx = parse_device(dev)
         device = "cpu" if kind == "cpu" else f"cuda:{idx}"
-        key = (device, *config.precision(role))  # one copy per device and precision
+        dtype, weights = config.precision(role)
+        key = (device, *resolve(ckpt, dtype, weights, device))  # one copy per device and precision
         if key not in models:
-            models[key] = build_model(ckpt, key[1], key[2], torch.device(device), config.compile)
+            models[key] = build_model(ckpt, dtype, weights, torch.device(device), config.compile)
         out.append(Instance(name, role, dev, models[key], cache))
     return out

@@ -1,10 +1,10 @@
 """The engine's own CPU kernels (engine/cpu_kernels.cpp): GGUF Q4_0 / Q4_1 / Q8_0 matmuls on the file's
-blocks (engine/quant.py packs them), and a streaming bf16 GEMV for batches of 1-4 rows. Built once per
-machine with the system C++ compiler (-march=native), cached on disk; where no compiler is found,
-`available()` is False and the engine uses torch's own kernels instead.
+blocks (engine/quant.py reads them and interleaves them by rows for the vector kernels), and a streaming bf16
+GEMV for batches of 1-4 rows. Built once per machine with the system C++ compiler (-march=native), cached on
+disk; where no compiler is found, `available()` is False and the engine uses torch's own kernels instead.
 
-    ops = kernels.load()          # None if the build failed (the reason is in kernels.load_error())
-    y = torch.ops.distserve.quant_linear(x, qs, d, m, kind, K)    # x [M, K] -> float32 [M, N]
+    ok = kernels.load()           # False if the build failed (the reason is in kernels.load_error())
+    y = QuantTensor.from_blocks(raw, "Q4_1", K).interleave().matmul(x)   # x [M, K] -> float32 [M, N]
 """
 from __future__ import annotations
 
@@ -139,6 +139,22 @@ def _register_fakes() -> None:
     @torch.library.register_fake("distserve::quant_linear_rows")
     def _(x, qs, d, m, kind, K, N):
         return x.new_empty((x.shape[0], N), dtype=torch.float32)
+
+    @torch.library.register_fake("distserve::quant_dequant_rows")
+    def _(qs, d, m, kind, K, N):
+        return d.new_empty((N, K), dtype=torch.float32)
+
+    @torch.library.register_fake("distserve::quant_pack_rows")
+    def _(qs, d, m, kind, K):
+        groups, nb = -(-qs.shape[0] // 16), qs.shape[1]
+        scales = lambda t: t.new_empty((groups, nb, 16)) if t is not None else None  # noqa: E731
+        return qs.new_empty((groups, nb, qs.shape[2] // 2, 32)), scales(d), scales(m)
+
+    @torch.library.register_fake("distserve::quant_unpack_rows")
+    def _(qs, d, m, kind, K, N):
+        nb = qs.shape[1]
+        scales = lambda t: t.new_empty((N, nb)) if t is not None else None  # noqa: E731
+        return qs.new_empty((N, nb, qs.shape[2] * 2)), scales(d), scales(m)
 
     @torch.library.register_fake("distserve::round_int16")
     def _(x):

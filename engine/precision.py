@@ -58,14 +58,20 @@ def resolve_weights(name: str, ckpt: Checkpoint, device: torch.device, dtype: st
     return why is None
 
 
+def resolve(ckpt: Checkpoint, dtype: str, weights: str, device: torch.device | str) -> tuple[torch.dtype, bool]:
+    """(the activation dtype, native weights?) that dtype / weights ('auto' or explicit) come to on device."""
+    device = torch.device(device)
+    native = resolve_weights(weights, ckpt, device, dtype)
+    return resolve_dtype(dtype, device, native), native
+
+
 def build_model(ckpt: Checkpoint, dtype: str = "auto", weights: str = "auto",
                 device: torch.device | str = "cpu", compile: bool = False) -> LlamaModel:
     """compile: decode steps through torch.compile (engine/compile.py); the first start on a machine
     spends minutes compiling, later starts load the result from the disk cache."""
     device = torch.device(device)
-    native = resolve_weights(weights, ckpt, device, dtype)
-    model = LlamaModel(ckpt.config, ckpt.weights, resolve_dtype(dtype, device, native), device,
-                       quantized=ckpt.quantized, native=native)
+    torch_dtype, native = resolve(ckpt, dtype, weights, device)
+    model = LlamaModel(ckpt.config, ckpt.weights, torch_dtype, device, quantized=ckpt.quantized, native=native)
     if compile:
         from engine.compile import CompiledDecode
 

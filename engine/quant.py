@@ -106,8 +106,9 @@ class QuantTensor:
 
     def dequantize(self) -> torch.Tensor:
         """float32 [N, K], bit for bit gguf-py's dequantization of the original blocks."""
-        if self.interleaved:
-            return self.deinterleave().dequantize()
+        if self.interleaved:  # (interleaved only where the kernels are loaded)
+            return torch.ops.distserve.quant_dequant_rows(self.qs, self.d, self.m, KINDS[self.kind], self.k,
+                                                          self.n_rows)
         if kernels.load():
             return torch.ops.distserve.quant_dequant(self.qs, self.d, self.m, KINDS[self.kind], self.k)
         d = self.d.float()[:, :, None]

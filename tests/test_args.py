@@ -38,3 +38,20 @@ def test_llm_keywords_are_the_same_knobs():
 def test_bad_knobs_say_what_is_wrong(kw, words):
     with pytest.raises(ValueError, match=words):
         EngineArgs(**kw).engine_config()
+
+
+def test_the_decode_phase_may_run_its_own_precision():
+    """disagg: decode_dtype / decode_weights default to the server's; native decode weights alone bring their own
+    dtype (auto: float32); prefill instances keep the server's; only disagg layouts take them."""
+    from engine.config import EngineConfig
+
+    base = dict(mode="disagg", prefill_devices=["cpu"], decode_devices=["cpu"], dtype="bfloat16")
+    assert EngineConfig(**base).precision("decode") == ("bfloat16", "auto")
+    assert EngineConfig(**base, decode_weights="native").precision("decode") == ("auto", "native")
+    assert EngineConfig(**base, decode_weights="dense").precision("decode") == ("bfloat16", "dense")
+    both = EngineConfig(**base, decode_dtype="float32", decode_weights="native")
+    assert both.precision("decode") == ("float32", "native") and both.precision("prefill") == ("bfloat16", "auto")
+    with pytest.raises(ValueError, match="decode_weights"):
+        EngineConfig(**base, decode_weights="int8")
+    with pytest.raises(ValueError, match="disagg"):
+        EngineConfig(decode_dtype="float32")

@@ -142,6 +142,20 @@ def test_many_rows_take_the_dense_product_on_x_rounded_as_the_kernels_round_it()
 
 
 @needs_kernels
+def test_a_compiled_step_past_the_kernels_rows_takes_the_dense_product():
+    """A compiled decode step with a symbolic batch meets QUANT_KERNEL_MAX_ROWS: past it, tracing goes through the
+    dense product on the interleaved blocks (every op there has a shape function for torch.compile)."""
+    from engine.linear import QUANT_KERNEL_MAX_ROWS
+
+    raw, _ = blocks("Q4_1", 32, 64)
+    lin = QuantLinear(QuantTensor.from_blocks(raw, "Q4_1", 64), None, torch.float32)
+    step = torch.compile(lambda x: lin(x) * 2, fullgraph=True, dynamic=True)
+    for m in (3, QUANT_KERNEL_MAX_ROWS + 5):
+        x = torch.randn(m, 64)
+        assert rel(step(x), lin(x) * 2) < 1e-6
+
+
+@needs_kernels
 @pytest.mark.parametrize("bad", [float("inf"), float("nan")])
 @pytest.mark.parametrize("layout", ["gguf", "rows"])
 def test_a_non_finite_row_stays_in_its_own_row(bad, layout):

@@ -13,6 +13,7 @@ import torch
 
 from engine.kv_cache import KVPool
 from transfer.base import TransferStats, check_compatible, runs
+from transfer.torch_copy import TorchTransfer
 
 
 class CupyTransfer:
@@ -37,6 +38,8 @@ class CupyTransfer:
         self._peers.add((src_dev, dst_dev))
 
     def pull(self, src: KVPool, src_blocks: list[int], dst: KVPool, dst_blocks: list[int]) -> TransferStats:
+        if src.cache.dtype != dst.cache.dtype:  # phases in two precisions: bytes alone cannot convert
+            return TorchTransfer().pull(src, src_blocks, dst, dst_blocks)
         check_compatible(src, dst)
         s_dev, d_dev = src.cache.device.index, dst.cache.device.index
         self._enable_peer(s_dev, d_dev)
