@@ -154,8 +154,11 @@ async def serve(engine: EngineClient, config: ServerConfig, sock: socket.socket 
     await site.start()
     host, port = runner.addresses[0][:2]
     st = app[STATE]
+    dtypes = {i.role: str(i.pool.dtype).removeprefix("torch.") for i in engine.instances}  # per phase, if it differs
+    dtype = next(iter(dtypes.values())) if len(set(dtypes.values())) == 1 else ", ".join(
+        f"{role} {d}" for role, d in dtypes.items())
     lines = [f"distserve listening on http://{host}:{port} (model {st.model}, {engine.config.mode}, "
-             f"dtype {str(engine.dtype).removeprefix('torch.')}, max context {engine.max_model_len})"]
+             f"dtype {dtype}, max context {engine.max_model_len})"]
     lines += [f"  {s.instance}: {s.role} on {s.device}, {s.kv_blocks_total} KV blocks" for s in engine.stats()]
     sampling = ", ".join(f"{k} {v:g}" for k, v in config.default_sampling.items()) or "OpenAI's (temperature 1)"
     lines += [f"  default sampling: {sampling}{f' ({config.sampling_source})' if config.sampling_source else ''}",
