@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 
 from engine.config import SchedulerConfig
-from scheduler.planner.latency import PhaseCoeffs, Profile
+from scheduler.planner.latency import PhaseCoeffs, Profile, phases
 from scheduler.planner.simulator import Layout, Parallel, Simulation, simulate
 from scheduler.planner.workload import SLO
 
@@ -47,6 +47,23 @@ def test_one_request_disagg():
     assert res.transfer_time == pytest.approx(0.010)
     assert res.tpot == pytest.approx((0.121 + 0.0281 - 0.111) / 4)
     assert res.finished and res.preemptions == 0
+
+
+def test_phases_in_two_precisions_are_priced_each_from_its_own_profile():
+    """A server whose decode instances run another precision (--decode-weights): the planner's --decode-profile
+    prices decode steps, the decode pools' KV capacity and the decode phase's interference from that profile,
+    and prefill, the hand-off and the rest from the prefill's."""
+    pre, dec = profile(), profile(prefill=(99, 9, 0), decode=(2, 0.01, 1), cap={(1, 1): 800, (2, 1): 800})
+    pre.interference, dec.interference = {"prefill": 1.5, "decode": 7.0}, {"prefill": 7.0, "decode": 1.25}
+    both = phases(pre, dec)
+    assert both.interference == {"prefill": 1.5, "decode": 1.25}
+    assert (both.kv_capacity(1, 1), both.kv_capacity(1, 1, "decode")) == (1600, 800)
+    sim = Simulation(both, DISAGG, SchedulerConfig())
+    assert [s.allocator.num_blocks for s in sim.slots] == [100, 50]  # 1600 and 800 tokens of 16-token blocks
+    res = run(both, DISAGG, [0.0], [(100, 5)]).requests[0]
+    # prefill as the prefill profile's (111 ms), pull 10 ms, 4 decode steps at the decode profile's 2 + 0.01*ctx + 1
+    assert res.ttft == pytest.approx(0.111)
+    assert res.tpot == pytest.approx((0.121 + (4.01 + 4.02 + 4.03 + 4.04) / 1e3 - 0.111) / 4)
 
 
 def test_prefill_queue_batches_by_token_budget():

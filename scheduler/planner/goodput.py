@@ -102,7 +102,7 @@ def capacity(profile: Profile, layout: Layout, work: Workload) -> float:
 
     def decode_rate(spec: Parallel) -> float:
         ctx = mean_in + mean_out / 2
-        b = max(1, min(cfg.max_num_seqs, int(profile.kv_capacity(spec.tp, spec.pp) // (ctx + 1))))
+        b = max(1, min(cfg.max_num_seqs, int(profile.kv_capacity(spec.tp, spec.pp, "decode") // (ctx + 1))))
         per = max(1, b // spec.pp)  # one of the pp batches in flight
         round_trip = spec.pp * profile.model_for(spec.tp, spec.pp).decode_ms(round(per * ctx), per) / 1e3
         return b / round_trip / max(mean_out - 1, 1)

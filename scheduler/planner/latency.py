@@ -49,7 +49,7 @@ from __future__ import annotations
 
 import csv
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -103,6 +103,8 @@ class Profile:
     interference: dict[str, float] = field(default_factory=dict)  # phase -> factor (see the file's top)
     step_noise: dict[str, tuple[float, ...]] = field(default_factory=dict)  # phase -> multipliers (file's top)
     arrival_stall_ms: dict[str, float] = field(default_factory=dict)  # phase -> ms per arrival (file's top)
+    # decode instances of another precision than the prefill's (phases()): their own KV capacity; None: as above
+    decode_kv_capacity_tokens: dict[tuple[int, int], int] | int | None = None
 
     def __post_init__(self) -> None:
         if self.device_kind not in ("cuda", "cpu"):
@@ -112,11 +114,14 @@ class Profile:
         if self.kv_bytes_per_token <= 0 or self.transfer_bandwidth_Bps <= 0 or self.swap_bandwidth_Bps <= 0:
             raise ValueError("kv_bytes_per_token and bandwidths must be positive")
 
-    def kv_capacity(self, tp: int, pp: int) -> int | None:
-        """KV tokens one (tp, pp) instance holds; None when the profile does not cover that layout."""
-        if isinstance(self.kv_capacity_tokens, int):
-            return self.kv_capacity_tokens * tp * pp
-        return self.kv_capacity_tokens.get((tp, pp))
+    def kv_capacity(self, tp: int, pp: int, role: str = "prefill") -> int | None:
+        """KV tokens one (tp, pp) instance of `role` holds; None when the profile does not cover that layout."""
+        cap = self.kv_capacity_tokens
+        if role == "decode" and self.decode_kv_capacity_tokens is not None:
+            cap = self.decode_kv_capacity_tokens
+        if isinstance(cap, int):
+            return cap * tp * pp
+        return cap.get((tp, pp))
 
     def layouts(self, max_devices: int) -> list[tuple[int, int]]:
         """(tp, pp) pairs with coefficients and a KV capacity, using at most max_devices devices."""
@@ -141,6 +146,29 @@ class Profile:
                 "scheduler": self.scheduler, "interference": self.interference,
                 **({"step_noise": {k: list(v) for k, v in self.step_noise.items()}} if self.step_noise else {}),
                 **({"arrival_stall_ms": self.arrival_stall_ms} if self.arrival_stall_ms else {})}
+
+
+def phases(prefill: Profile, decode: Profile) -> Profile:
+    """One profile that prices each phase from its own engine: a disaggregated server whose decode instances run
+    another precision than its prefill ones (server.py --decode-weights; profile each with
+    scheduler/planner/profile.py). Prefill coefficients, the hand-off's bytes per token and the links from
+    `prefill`; decode coefficients and the decode instances' KV capacity from `decode`; each phase's
+    interference, step noise and arrival stall from its own profile. (The colocated baselines run one precision:
+    price them with a profile of their own.)"""
+    tps = sorted(set(prefill.tp) & set(decode.tp))
+    if not tps:
+        raise ValueError(f"the profiles share no tensor-parallel degree: {sorted(prefill.tp)} vs {sorted(decode.tp)}")
+    if prefill.device_kind != decode.device_kind or prefill.block_size != decode.block_size:
+        raise ValueError("the prefill and decode profiles must be of one kind of device and KV block size")
+    tp = {t: PhaseCoeffs(prefill.tp[t].prefill, decode.tp[t].decode_small, decode.tp[t].decode_large,
+                         decode.tp[t].threshold) for t in tps}
+
+    def own(name: str) -> dict:  # a per-phase dict: each phase's entry from its own profile
+        ours = {k: v for k, v in getattr(prefill, name).items() if k == "prefill"}
+        return ours | {k: v for k, v in getattr(decode, name).items() if k == "decode"}
+    return replace(prefill, model=f"{prefill.model} (decode: {decode.model})", tp=tp,
+                   decode_kv_capacity_tokens=decode.kv_capacity_tokens, interference=own("interference"),
+                   step_noise=own("step_noise"), arrival_stall_ms=own("arrival_stall_ms"))
 
 
 class LatencyModel:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from engine.config import SchedulerConfig
-from scheduler.planner.latency import Profile, load_profile
+from scheduler.planner.latency import Profile, load_profile, phases
 from scheduler.planner.workload import SLO
 
 SCHEDULER_KNOBS = ("max_num_seqs", "max_prefill_tokens", "max_prefill_seqs", "chunk_budget")
@@ -13,6 +13,8 @@ SCHEDULER_KNOBS = ("max_num_seqs", "max_prefill_tokens", "max_prefill_seqs", "ch
 
 def add_profile_flags(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--profile", required=True, help="profile JSON (ours, or DistServe's with max_num_tokens.csv)")
+    ap.add_argument("--decode-profile", help="price the decode instances with this profile (a server whose decode "
+                    "instances run another precision: --decode-weights); the prefill ones with --profile")
     ap.add_argument("--model", help="model key inside a DistServe profile (e.g. facebook/opt-13b)")
     ap.add_argument("--transfer-bandwidth", type=float, help="KV link bytes/s; default from the profile")
     for name in SCHEDULER_KNOBS:
@@ -28,6 +30,8 @@ def add_slo_flags(ap: argparse.ArgumentParser, attainment: bool = True) -> None:
 
 def profile_of(args: argparse.Namespace) -> Profile:
     profile = load_profile(args.profile, args.model)
+    if getattr(args, "decode_profile", None):
+        profile = phases(profile, load_profile(args.decode_profile, args.model))
     if args.transfer_bandwidth:
         profile.transfer_bandwidth_Bps = args.transfer_bandwidth
     return profile

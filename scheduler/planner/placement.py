@@ -194,7 +194,9 @@ def main(argv: list[str] | None = None) -> int:
     draws = np.stack([unit_arrivals(len(lengths), args.arrival, args.cv, s) for s in seeds])
     work = Workload(lengths, draws, slo, scheduler_config(profile, args))
     cluster = Cluster(args.num_nodes, args.devices_per_node)
-    coloc = load_profile(args.colocated_profile, args.model) if args.colocated_profile else None
+    # the colocated baselines run one precision: --colocated-profile, else --profile when phases are split
+    coloc_path = args.colocated_profile or (args.profile if args.decode_profile else None)
+    coloc = load_profile(coloc_path, args.model) if coloc_path else None
     progress = None if args.quiet else (lambda line: print(line, file=sys.stderr, flush=True))
     if progress:
         progress(f"searching {profile.model} on {cluster.num_nodes}x{cluster.devices_per_node}, {len(seeds)} "

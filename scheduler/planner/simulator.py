@@ -209,7 +209,7 @@ class Simulation:
         for role, spec in (("prefill", lay.prefill), ("decode", lay.decode), ("colocated", lay.colocated)):
             if spec is None:
                 continue
-            cap = prof.kv_capacity(spec.tp, spec.pp)
+            cap = prof.kv_capacity(spec.tp, spec.pp, role)
             if spec.tp not in prof.tp or not cap:
                 raise ValueError(f"profile has no tp={spec.tp} pp={spec.pp} layout")
             for i in range(spec.count):
