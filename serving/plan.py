@@ -4,6 +4,8 @@
      "devices": {"prefill_devices": ["cuda:0"], "decode_devices": ["cuda:1"]}}
     {"mode": "colocated", "colocated": {"tp": 1, "pp": 1, "instances": 2}, "devices": ["cuda:0", "cuda:1"],
      "chunked_prefill": true}
+    optional, the precision the plan was priced with (the profiles' engine settings, as server flags):
+    "precision": {"dtype": "bfloat16", "weights": "dense", "decode_dtype": "float32", "decode_weights": "native"}
 
 A plan across nodes names each instance's node ("node1/cuda:0", "node1/cpu:0", as
 scheduler/planner/placement.py writes them); it runs with --cluster ray, where Ray's placement groups check
@@ -21,8 +23,12 @@ class PlanError(ValueError):
     """The plan cannot run here; the message says why (the CLI exits 2 with it)."""
 
 
+PRECISION_KEYS = ("dtype", "weights", "decode_dtype", "decode_weights")
+
+
 def load_plan(path: str, cluster: str = "local") -> dict:
-    """Plan file -> engine.args.EngineArgs overrides: mode, device lists, and chunked prefill (colocated).
+    """Plan file -> engine.args.EngineArgs overrides: mode, device lists, chunked prefill (colocated), and the
+    precision it was priced with (EngineConfig checks the values).
     cluster: the --cluster it will run under (ray: devices may be on other nodes)."""
     try:
         with open(path, encoding="utf-8") as f:
@@ -68,7 +74,11 @@ def load_plan(path: str, cluster: str = "local") -> dict:
             raise PlanError(f"plan {path}: {role} has {want} instances but {len(devs)} devices")
         for d in devs:
             check_device(d, cluster)
-    return out
+    precision = plan.get("precision", {})
+    allowed = PRECISION_KEYS if mode == "disagg" else PRECISION_KEYS[:2]
+    if not isinstance(precision, dict) or not all(k in allowed and isinstance(v, str) for k, v in precision.items()):
+        raise PlanError(f"plan {path}: 'precision' must map {', '.join(allowed)} to names")
+    return out | precision
 
 
 def check_device(spec: str, cluster: str = "local") -> None:

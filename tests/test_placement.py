@@ -105,6 +105,37 @@ def test_cpu_profile_plan_round_trips_through_the_server(tmp_path, capsys):
         == devices
 
 
+def test_a_plan_priced_with_two_precisions_serves_them(tmp_path):
+    """--decode-profile: the plan carries each phase's engine settings from its profile, and server.py --plan runs
+    them (a bf16 prefill instance beside a native decode one); the colocated baselines stay on --profile's."""
+    import server
+
+    pre, dec = crafted("cpu"), crafted("cpu")
+    pre.precision, dec.precision = {"dtype": "bfloat16", "weights": "dense"}, {"dtype": "float32", "weights": "native"}
+    dec.tp = {t: PhaseCoeffs(c.prefill, (1, 0.0, 0.1), (1, 0.0, 0.1)) for t, c in dec.tp.items()}  # faster decode
+    paths = {}
+    for name, prof in (("pre", pre), ("dec", dec)):
+        paths[name] = tmp_path / f"{name}.json"
+        paths[name].write_text(json.dumps(prof.to_json()))
+    out = tmp_path / "plan.json"
+    assert main(["--profile", str(paths["pre"]), "--decode-profile", str(paths["dec"]), "--devices-per-node", "2",
+                 "--dataset", "fixed:200:20", "--ttft-slo", "0.5", "--tpot-slo", "0.004", "--num-requests", "60",
+                 "--max-tp", "1", "--max-pp", "1", "--seeds", "1", "--quiet", "--out", str(out)]) == 0
+    plan = json.loads(out.read_text())
+    assert plan["mode"] == "disagg"  # only the native decode meets a 4 ms TPOT
+    assert plan["precision"] == {"dtype": "bfloat16", "weights": "dense", "decode_dtype": "float32",
+                                 "decode_weights": "native"}
+    if not {0, 1} <= os.sched_getaffinity(0):
+        pytest.skip("the plan is for cores 0 and 1")
+    config = server.engine_config(server.build_parser().parse_args(["--plan", str(out)]))
+    assert config.precision("prefill") == ("bfloat16", "dense")
+    assert config.precision("decode") == ("float32", "native")
+    plan["precision"]["bogus"] = "x"
+    out.write_text(json.dumps(plan))
+    with pytest.raises(PlanError, match="precision"):
+        load_plan(str(out))
+
+
 def test_a_plan_this_engine_cannot_run_names_the_flags_that_avoid_it(tmp_path, capsys):
     f = tmp_path / "p.json"
     f.write_text(json.dumps(crafted().to_json()))

@@ -41,6 +41,7 @@ def test_profile_file_loads_with_the_planner(profiled):
         assert loaded.kv_capacity(tp, 1) == 32 * 16  # the instance pool's blocks x block size
     assert loaded.kv_bytes_per_token == 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * 4  # float32
     assert loaded.transfer_bandwidth_Bps > 0 and loaded.swap_bandwidth_Bps > 0
+    assert loaded.precision == {"dtype": "float32", "weights": "dense"}  # what a plan from it asks the server for
 
 
 def test_profile_covers_the_grid(profiled):

@@ -27,6 +27,7 @@ published A100 files are read into the same structure (`load_profile`):
                                           # step time of traced steps; the simulator multiplies each
                                           # step by one drawn at random (seeded). Default: none, every
                                           # step exactly as modelled (DistServe's simulator)
+      "precision": {"dtype": "bfloat16", "weights": "dense"},  # optional: the engine settings profiled
       "arrival_stall_ms": {"prefill": 2.5, "decode": 3.5}  # optional: ms a step in flight grows by per
                                           # request that arrives meanwhile (the front end's HTTP work
                                           # on the event loop of the same process competes with the
@@ -105,6 +106,9 @@ class Profile:
     arrival_stall_ms: dict[str, float] = field(default_factory=dict)  # phase -> ms per arrival (file's top)
     # decode instances of another precision than the prefill's (phases()): their own KV capacity; None: as above
     decode_kv_capacity_tokens: dict[tuple[int, int], int] | int | None = None
+    # the engine settings profiled, as server flags ({"dtype": "bfloat16", "weights": "dense"}, and after phases()
+    # decode_dtype / decode_weights): a plan carries them to server.py --plan. Empty: not known (DistServe's files)
+    precision: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.device_kind not in ("cuda", "cpu"):
@@ -145,7 +149,8 @@ class Profile:
                 "swap_bandwidth_Bps": self.swap_bandwidth_Bps, "block_size": self.block_size,
                 "scheduler": self.scheduler, "interference": self.interference,
                 **({"step_noise": {k: list(v) for k, v in self.step_noise.items()}} if self.step_noise else {}),
-                **({"arrival_stall_ms": self.arrival_stall_ms} if self.arrival_stall_ms else {})}
+                **({"arrival_stall_ms": self.arrival_stall_ms} if self.arrival_stall_ms else {}),
+                **({"precision": self.precision} if self.precision else {})}
 
 
 def phases(prefill: Profile, decode: Profile) -> Profile:
@@ -168,7 +173,8 @@ def phases(prefill: Profile, decode: Profile) -> Profile:
         return ours | {k: v for k, v in getattr(decode, name).items() if k == "decode"}
     return replace(prefill, model=f"{prefill.model} (decode: {decode.model})", tp=tp,
                    decode_kv_capacity_tokens=decode.kv_capacity_tokens, interference=own("interference"),
-                   step_noise=own("step_noise"), arrival_stall_ms=own("arrival_stall_ms"))
+                   step_noise=own("step_noise"), arrival_stall_ms=own("arrival_stall_ms"),
+                   precision=prefill.precision | {f"decode_{k}": v for k, v in decode.precision.items()})
 
 
 class LatencyModel:
@@ -287,7 +293,8 @@ def load_profile(path: str | Path, model: str | None = None) -> Profile:
                        block_size=int(data.get("block_size", 16)), scheduler=dict(data.get("scheduler", {})),
                        interference={k: float(v) for k, v in data.get("interference", {}).items()},
                        step_noise={k: tuple(map(float, v)) for k, v in data.get("step_noise", {}).items()},
-                       arrival_stall_ms={k: float(v) for k, v in data.get("arrival_stall_ms", {}).items()})
+                       arrival_stall_ms={k: float(v) for k, v in data.get("arrival_stall_ms", {}).items()},
+                       precision={k: str(v) for k, v in data.get("precision", {}).items()})
     if model is None:
         if len(data) != 1:
             raise ValueError(f"{path} holds several models ({', '.join(data)}); pass --model")

@@ -103,6 +103,9 @@ def plan_json(c: Candidate, profile: Profile, cluster: Cluster, slo: SLO, worklo
             "algorithm": c.algorithm, "method": c.method, "profile_device": profile.device,
             "cluster": {"num_nodes": cluster.num_nodes, "devices_per_node": cluster.devices_per_node},
             "workload": workload}
+    if profile.precision:  # the engine settings the plan was priced with (server.py --plan applies them)
+        plan["precision"] = ({k: v for k, v in profile.precision.items() if not k.startswith("decode_")}
+                             if lay.mode == "colocated" else dict(profile.precision))
     if lay.mode == "colocated":
         plan |= {"prefill": spec(lay.colocated), "decode": spec(lay.colocated), "chunked_prefill": lay.chunked,
                  "devices": {"devices": _device_strings(profile, cluster, [lay.colocated.tp * lay.colocated.pp]
@@ -217,7 +220,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.out:
         workload = {"source": source, "num_requests": len(lengths), "mean_prompt": float(mean_in),
                     "mean_output": float(mean_out), "arrival": args.arrival, "seed": args.seed, "seeds": seeds}
-        plan = plan_json(best, profile, cluster, slo, workload) | {"search_seconds": elapsed}
+        priced = coloc if coloc is not None and best.layout.mode == "colocated" else profile
+        plan = plan_json(best, priced, cluster, slo, workload) | {"search_seconds": elapsed}
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(plan, indent=2) + "\n")
         print(f"wrote {args.out}")

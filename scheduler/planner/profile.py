@@ -168,7 +168,9 @@ def build_profile(model: LlamaModel, name: str, devices: list[str], grid: Grid, 
                    device_kind="cpu", tp=tp, kv_capacity_tokens=caps,
                    kv_bytes_per_token=probe.block_bytes // cache.block_size,
                    transfer_bandwidth_Bps=transfer_bandwidth(model, cache.block_size),
-                   swap_bandwidth_Bps=swap_bps, block_size=cache.block_size, interference=factors)
+                   swap_bandwidth_Bps=swap_bps, block_size=cache.block_size, interference=factors,
+                   precision={"dtype": str(model.dtype).removeprefix("torch."),
+                              "weights": "native" if model.native else "dense"})
     return prof, details
 
 
