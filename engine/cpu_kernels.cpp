@@ -474,13 +474,19 @@ at::Tensor round_int16(const at::Tensor& x_in) {
   return out;
 }
 
-void check_packed(const at::Tensor& qs, const at::Tensor& d, const at::Tensor& m, int64_t kind, int64_t K) {
+// what both layouts share: a known kind, K a multiple of 32, nb blocks a row = K / 32 rounded up to even
+void check_blocks(int64_t kind, int64_t K, int64_t nb) {
   TORCH_CHECK(kind == Q4_0 || kind == Q4_1 || kind == Q8_0, "kind must be 0 (Q4_0), 1 (Q4_1) or 2 (Q8_0)");
   TORCH_CHECK(K % QK == 0, "K must be a multiple of 32");
-  TORCH_CHECK(qs.dim() == 3 && qs.size(2) == qs_bytes(kind) && qs.is_contiguous() && qs.element_size() == 1,
-              "qs must be contiguous [N, nb, 16 or 32] bytes");
-  const int64_t nb = qs.size(1);
   TORCH_CHECK(nb % 2 == 0 && nb * QK >= K && (nb - 1) * QK < K + QK, "nb must be K / 32 rounded up to even");
+}
+
+void check_packed(const at::Tensor& qs, const at::Tensor& d, const at::Tensor& m, int64_t kind, int64_t K) {
+  TORCH_CHECK(qs.dim() == 3 && qs.is_contiguous() && qs.element_size() == 1,
+              "qs must be contiguous [N, nb, 16 or 32] bytes");
+  check_blocks(kind, K, qs.size(1));
+  TORCH_CHECK(qs.size(2) == qs_bytes(kind), "qs must be contiguous [N, nb, 16 or 32] bytes");
+  const int64_t nb = qs.size(1);
   TORCH_CHECK(d.scalar_type() == at::kHalf && d.is_contiguous() && d.size(0) == qs.size(0) && d.size(1) == nb,
               "d must be contiguous float16 [N, nb]");
   TORCH_CHECK(kind != Q4_1 || (m.defined() && m.scalar_type() == at::kHalf && m.is_contiguous() && m.sizes() == d.sizes()),
@@ -550,43 +556,32 @@ at::Tensor gguf_linear(const at::Tensor& x_in, const at::Tensor& qs, const at::T
 // d, m f16 [groups, nb, 16]: [g, b, r] = [16g + r, b]. Rows past N (the last group's padding) are zeros.
 using Blocks = std::tuple<at::Tensor, at::Tensor, c10::optional<at::Tensor>>;
 Blocks quant_pack_rows(const at::Tensor& qs, const at::Tensor& d, const c10::optional<at::Tensor>& m_opt,
-                                        int64_t kind, int64_t K) {
+                       int64_t kind, int64_t K) {
   const at::Tensor m = m_opt.has_value() ? *m_opt : at::Tensor();
   check_packed(qs, d, m, kind, K);
   const int64_t N = qs.size(0), nb = qs.size(1), QB = qs_bytes(kind), groups = (N + GR - 1) / GR;
-  at::Tensor qp = at::zeros({groups, nb, QB / 2, 2 * GR}, qs.options());
-  at::Tensor dp = at::zeros({groups, nb, GR}, d.options());
-  at::Tensor mp = m.defined() ? at::zeros({groups, nb, GR}, m.options()) : at::Tensor();
-  const uint8_t* src = static_cast<const uint8_t*>(qs.data_ptr());
-  uint8_t* dst = static_cast<uint8_t*>(qp.data_ptr());
-  at::parallel_for(0, N, 256, [&](int64_t n0, int64_t n1) {
-    for (int64_t n = n0; n < n1; ++n) {
-      const int64_t g = n / GR, r = n % GR;
-      for (int64_t b = 0; b < nb; ++b) {
-        const uint8_t* in = src + (n * nb + b) * QB;
-        uint8_t* out = dst + (g * nb + b) * QB * GR + 2 * r;
-        for (int64_t c = 0; c < QB / 2; ++c) {
-          out[c * 2 * GR] = in[2 * c];
-          out[c * 2 * GR + 1] = in[2 * c + 1];
-        }
-      }
-    }
-  });
-  const at::Tensor rows = at::arange(N, qs.options().dtype(at::kLong));
-  const at::Tensor gi = rows.div(GR, "floor"), ri = rows.remainder(GR);
-  dp.index_put_({gi, at::indexing::Slice(), ri}, d);
-  if (m.defined()) mp.index_put_({gi, at::indexing::Slice(), ri}, m);
-  return {qp, dp, m.defined() ? c10::optional<at::Tensor>(mp) : c10::nullopt};
+  auto grouped = [&](const at::Tensor& t) {  // rows padded with zeros to whole groups: [groups, 16, ...]
+    std::vector<int64_t> pad(2 * t.dim(), 0);
+    pad.back() = groups * GR - N;  // (constant_pad_nd pads the last dimension first)
+    std::vector<int64_t> shape{groups, GR};
+    shape.insert(shape.end(), t.sizes().begin() + 1, t.sizes().end());
+    return at::constant_pad_nd(t, pad).view(shape);
+  };
+  // [g, r, b, c, j] -> [g, b, c, r, j]: quant_unpack_rows' permutation, inverted
+  at::Tensor qp = grouped(qs.view({N, nb, QB / 2, 2})).permute({0, 2, 3, 1, 4}).contiguous().view({groups, nb, QB / 2, 2 * GR});
+  at::Tensor dp = grouped(d).permute({0, 2, 1}).contiguous();
+  if (!m.defined()) return {qp, dp, c10::nullopt};
+  return {qp, dp, grouped(m).permute({0, 2, 1}).contiguous()};
 }
 
 void check_rows(const at::Tensor& qp, const at::Tensor& dp, const at::Tensor& mp, int64_t kind, int64_t K, int64_t N) {
-  TORCH_CHECK(kind == Q4_0 || kind == Q4_1 || kind == Q8_0, "kind must be 0 (Q4_0), 1 (Q4_1) or 2 (Q8_0)");
-  TORCH_CHECK(K % QK == 0 && N > 0, "K must be a multiple of 32 and N positive");
-  TORCH_CHECK(qp.dim() == 4 && qp.size(0) == (N + GR - 1) / GR && qp.size(2) == qs_bytes(kind) / 2 &&
-                  qp.size(3) == 2 * GR && qp.is_contiguous() && qp.element_size() == 1,
+  TORCH_CHECK(N > 0, "N must be positive");
+  TORCH_CHECK(qp.dim() == 4 && qp.is_contiguous() && qp.element_size() == 1,
+              "qp must be contiguous [ceil(N / 16), nb, 8 or 16, 32] bytes");
+  check_blocks(kind, K, qp.size(1));
+  TORCH_CHECK(qp.size(0) == (N + GR - 1) / GR && qp.size(2) == qs_bytes(kind) / 2 && qp.size(3) == 2 * GR,
               "qp must be contiguous [ceil(N / 16), nb, 8 or 16, 32] bytes");
   const int64_t nb = qp.size(1);
-  TORCH_CHECK(nb % 2 == 0 && nb * QK >= K && (nb - 1) * QK < K + QK, "nb must be K / 32 rounded up to even");
   TORCH_CHECK(dp.scalar_type() == at::kHalf && dp.is_contiguous() && dp.dim() == 3 && dp.size(0) == qp.size(0) &&
                   dp.size(1) == nb && dp.size(2) == GR,
               "dp must be contiguous float16 [groups, nb, 16]");

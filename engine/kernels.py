@@ -144,18 +144,6 @@ def _register_fakes() -> None:
     def _(qs, d, m, kind, K, N):
         return d.new_empty((N, K), dtype=torch.float32)
 
-    @torch.library.register_fake("distserve::quant_pack_rows")
-    def _(qs, d, m, kind, K):
-        groups, nb = -(-qs.shape[0] // 16), qs.shape[1]
-        scales = lambda t: t.new_empty((groups, nb, 16)) if t is not None else None  # noqa: E731
-        return qs.new_empty((groups, nb, qs.shape[2] // 2, 32)), scales(d), scales(m)
-
-    @torch.library.register_fake("distserve::quant_unpack_rows")
-    def _(qs, d, m, kind, K, N):
-        nb = qs.shape[1]
-        scales = lambda t: t.new_empty((N, nb)) if t is not None else None  # noqa: E731
-        return qs.new_empty((N, nb, qs.shape[2] * 2)), scales(d), scales(m)
-
     @torch.library.register_fake("distserve::round_int16")
     def _(x):
         return x.new_empty(x.shape, dtype=torch.float32)
