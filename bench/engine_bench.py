@@ -189,6 +189,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.out:
         doc = {"command": command, "date": date, "machine": info, "workload": results[0]["ours"].get("workload"),
                "results": [{k: v for k, v in r.items() if k != "_rows"} for r in results]}
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(doc, indent=1))
         print(f"\nwrote {args.out}", file=sys.stderr)
 

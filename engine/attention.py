@@ -109,7 +109,7 @@ class TorchAttention:
 
 def paged_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
                            v_cache: torch.Tensor, tables: torch.Tensor, ctx_lens: torch.Tensor,
-                           scale: float) -> torch.Tensor:
+                           scale: float, kernel: bool = False) -> torch.Tensor:
     """Decode attention (one new token per sequence) that reads the cached context from its blocks in
     place and leaves the cache untouched: the new token's own k, v enter the softmax directly, and the
     caller writes every layer's new K/V in one indexed copy after the step. Written as plain indexing,
@@ -119,7 +119,12 @@ def paged_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_
     q: [B, H, D]; k, v: [B, KVH, D]; k_cache, v_cache: [blocks, block_size, KVH, D]; tables: [B, nb] block
     ids (padding past a sequence's blocks: any valid id); ctx_lens: [B] tokens including the new one.
     Returns [B, H, D] in q's dtype; scores and softmax in float32.
+
+    kernel: run the same as one native op instead (engine/cpu_kernels.cpp decode_attention: each sequence's
+    rows read once, in place; kernels.decode_attention(dtype, D) says where it exists).
     """
+    if kernel:
+        return torch.ops.distserve.decode_attention(q, k, v, k_cache, v_cache, tables, ctx_lens, scale)
     B, H, D = q.shape
     kvh = k.shape[1]
     S = tables.shape[1] * k_cache.shape[1]

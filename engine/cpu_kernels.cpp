@@ -10,13 +10,19 @@
 //   distserve::quant_linear(x, qs, d, m, kind, K)  the same product on W in GGUF's order (tools, tests)
 //   distserve::quant_dequant(qs, d, m, kind, K)    W as dense float32 [N, K]
 //   distserve::round_int16(x)                      x [M, K] as the products round it, float32
+//   distserve::panel_linear(x, wp, b)              y = x @ W^T (+ b), float32, on W packed in panels of 16
+//                                                  rows [N/16, K, 16] (register tiles, below)
+//   distserve::decode_attention(q, k, v, k_cache, v_cache, tables, ctx_lens, scale)
+//                                                  one decode step's attention over the paged cache, read in
+//                                                  place (engine/attention.py paged_decode_attention)
+//   distserve::argmax_rows(x)                      [B, V] -> [B] int64, each row's first index of its maximum
 //   distserve::packed_linear(x, w, b, wr)          a linear on a prepacked weight, as an opaque op
-//                                                  (torch.compile's lowering of the mkldnn / mkl ops
-//                                                  wants the weight frozen into the graph). bf16: oneDNN's,
-//                                                  and with the row-major copy wr [N, K] M <= 4 runs the
-//                                                  engine's streaming bf16 GEMV instead (bf16_linear);
-//                                                  float32: MKL's packed sgemm for 2-64 rows, torch's
-//                                                  linear on wr otherwise (fp32_packed_linear)
+//                                                  (torch.compile's lowering of the mkldnn ops wants the
+//                                                  weight frozen into the graph). bf16: oneDNN's, and with
+//                                                  the row-major copy wr [N, K] M <= 4 runs the engine's
+//                                                  streaming bf16 GEMV instead (bf16_linear); float32 (w:
+//                                                  panels): panel_linear for 2-64 rows, torch's linear on
+//                                                  wr otherwise
 //
 // Quantized weights (engine/quant.py reads them from the GGUF blocks, losslessly), per output row n
 // and block g of 32 values (nb blocks per row, padded to an even count with zero blocks):
@@ -55,6 +61,7 @@
 namespace {
 
 constexpr int QK = 32;  // values per GGUF block
+#define UNROLL _Pragma("GCC unroll 32")  // a loop over a register tile, unrolled early
 constexpr int64_t GR = 16;  // weight rows per group of the row-interleaved layout (quant_pack_rows)
 constexpr int64_t QUANT_PF_BYTES = 4096;  // prefetch distance in a weight row (4-8 KiB alike; 1 KiB ~25% slower)
 enum Kind : int64_t { Q4_0 = 0, Q4_1 = 1, Q8_0 = 2 };
@@ -105,6 +112,17 @@ inline Vec vload(const float* p) { return _mm512_loadu_ps(p); }
 inline Vec vbcast(const float* p) { return _mm512_set1_ps(*p); }
 inline Vec vfma(Vec a, Vec b, Vec c) { return _mm512_fmadd_ps(a, b, c); }
 inline Vec vmul(Vec a, Vec b) { return _mm512_mul_ps(a, b); }
+inline Vec vadd(Vec a, Vec b) { return _mm512_add_ps(a, b); }
+inline float vsum(Vec a) { return _mm512_reduce_add_ps(a); }
+inline Vec vset(float a) { return _mm512_set1_ps(a); }
+inline Vec vexp2i(Vec n) {  // 2^n for integral n in [-126, 127]
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23));
+}
+inline Vec vround(Vec a) { return _mm512_roundscale_ps(a, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+inline Vec vmax(Vec a, Vec b) { return _mm512_max_ps(a, b); }
+inline Vec vbf16(const at::BFloat16* p) {  // VL bf16 values as float32
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 16));
+}
 inline void vstore(float* p, Vec a) { _mm512_storeu_ps(p, a); }
 
 template <int KIND>
@@ -139,6 +157,21 @@ inline Vec vload(const float* p) { return _mm256_loadu_ps(p); }
 inline Vec vbcast(const float* p) { return _mm256_broadcast_ss(p); }
 inline Vec vfma(Vec a, Vec b, Vec c) { return _mm256_fmadd_ps(a, b, c); }
 inline Vec vmul(Vec a, Vec b) { return _mm256_mul_ps(a, b); }
+inline Vec vadd(Vec a, Vec b) { return _mm256_add_ps(a, b); }
+inline Vec vset(float a) { return _mm256_set1_ps(a); }
+inline float vsum(Vec a) {
+  __m128 h = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+  h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+  return _mm_cvtss_f32(_mm_add_ss(h, _mm_movehdup_ps(h)));
+}
+inline Vec vexp2i(Vec n) {  // 2^n for integral n in [-126, 127]
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23));
+}
+inline Vec vround(Vec a) { return _mm256_round_ps(a, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+inline Vec vmax(Vec a, Vec b) { return _mm256_max_ps(a, b); }
+inline Vec vbf16(const at::BFloat16* p) {  // VL bf16 values as float32
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))), 16));
+}
 inline void vstore(float* p, Vec a) { _mm256_storeu_ps(p, a); }
 
 template <int KIND>
@@ -742,37 +775,389 @@ at::Tensor bf16_linear(const at::Tensor& x_in, const at::Tensor& w, const std::o
   return at::linear(x_in.to(at::kBFloat16), w, b_opt);
 }
 
-// ---- float32 weights, decode batches: MKL's sgemm on a prepacked weight ---------------------------
-// A plain sgemm packs the weight matrix into its kernel's layout on every call: at 2-64 rows that copy
-// is as large as the product itself. torch's mkl::_mkl_linear multiplies by a matrix MKL packed once
-// (engine/linear.py packs it at load and checks once per process that the pack serves every row count:
-// torch calls it only at the count it was packed for). Measured on the model's 30 layers, 2 threads,
-// Sapphire Rapids capped at AVX2: 4 rows 26 vs 40 ms, 8 rows 29 vs 43, 32 rows 52 vs 67 (bench/RESULTS.md);
-// at 1 row MKL's sgemv on the row-major copy is ~10% faster, at 512 rows the plain sgemm ~4%.
-constexpr int64_t MKL_PACK_MIN_ROWS = 2;
-constexpr int64_t MKL_PACK_MAX_ROWS = 64;
+// ---- float32 weights, decode batches: panels of 16 weight rows ---------------------------------
+// A decode batch of float32 rows multiplies every weight a few times: the product is the weight stream
+// with FMAs on it. W is packed once at load into panels of 16 rows, K-major (engine/linear.py panels():
+// wp [N/16, K, 16], wp[p, k, j] = W[16p + j, k]), so that one vector load is one k of 16 output columns
+// and a tile's panels stream through memory in order. A tile keeps MR rows of x by FP_NV vectors of
+// output columns in registers (AVX-512: 8 x 48, 24 accumulators; AVX2: 6 x 16, 12): per k, FP_NV weight
+// loads, MR broadcasts of x and MR * FP_NV FMAs, summed in k's order (the same order at every tile
+// height, so a row's product does not depend on its batch). The row tiles of one column tile reread its
+// panels from L2. The two threads split the column tiles.
+#ifdef __AVX2__
+constexpr int64_t PANEL = 16;  // weight rows per panel
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+constexpr int FP_MR = 8, FP_NV = 3;
+#else
+constexpr int FP_MR = 6, FP_NV = 2;
+#endif
+static_assert(FP_NV * VL % PANEL == 0, "a column tile is whole panels");
 
-at::Tensor fp32_packed_linear(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& b,
-                              const at::Tensor& wr) {
-  const int64_t M = x.dim() == 2 ? x.size(0) : 0;
-  if (M < MKL_PACK_MIN_ROWS || M > MKL_PACK_MAX_ROWS) return at::linear(x, wr, b);
-  // MKL reads the pack by these sizes without checking them: a mismatch must fail here, as F.linear's would
-  TORCH_CHECK(w.is_mkldnn() && wr.dim() == 2 && x.size(1) == wr.size(1), "x [M, K] and a pack of wr [N, K]");
-  TORCH_CHECK(!b.has_value() || b->numel() == wr.size(0), "bias must have N values");
-  static const c10::OperatorHandle op = c10::Dispatcher::singleton().findSchemaOrThrow("mkl::_mkl_linear", "");
-  torch::jit::Stack stack{x, w, wr, b, c10::IValue(M)};
-  op.callBoxed(&stack);
-  return stack[0].toTensor();
+// The next column tile's panels (one contiguous range) are prefetched into L2 while this one computes, a line
+// per k, spread over all its row tiles: without that the first row tile waits on memory (at 32 rows ~4x its
+// FMA time here) and the others on nothing. Where the row tiles are fewer than the tile's panels, one line per
+// k falls behind and the hardware prefetcher alone streams better. Measured on the model's matrices, 2 threads
+// (bench/RESULTS.md): AVX-512 (3 panels a tile) 32 rows 39.6 vs 46.3 ms without it (MKL's packed sgemm 48),
+// 24 rows 33.2 vs 39.1, 16 rows 31.8 vs 33.0 and 1 row 19.2 vs 21.5 with it; AVX2 (1 panel) 4 rows 23.0 vs
+// 29.9, 8 rows 28.9 vs 37.5 (MKL ~34), 1 row 23.1 (F.linear 23.6).
+constexpr int64_t FP_AHEAD_ROW_TILES = FP_NV * VL / PANEL;
+struct Ahead {
+  const char* p;    // the next line to fetch (nullptr: none), one per k
+  const char* end;
+  inline void step() {
+    if (p < end) {
+      _mm_prefetch(p, _MM_HINT_T1);
+      p += 64;
+    }
+  }
+};
+
+// y[0..MR) [.., NV * VL) = x[0..MR) @ the tile's columns (+ b); w: its first panel, panels K * PANEL apart
+template <int MR, int NV>
+inline void fp32_tile(const float* x, int64_t K, const float* w, const float* b, float* y, int64_t ldy, Ahead& ahead) {
+  Ahead pf = ahead;  // in registers while the loop runs
+  Vec acc[MR][NV];    // (every loop over MR / NV is unrolled before GCC's scalar replacement: else the sums
+                      // also live in memory, a store per FMA)
+  UNROLL for (int i = 0; i < MR; ++i)
+    UNROLL for (int v = 0; v < NV; ++v) acc[i][v] = vzero();
+  for (int64_t k = 0; k < K; ++k) {
+    pf.step();
+    Vec wv[NV];
+    UNROLL for (int v = 0; v < NV; ++v) wv[v] = vload(w + (v * VL / PANEL) * K * PANEL + k * PANEL + (v * VL) % PANEL);
+    UNROLL for (int i = 0; i < MR; ++i) {
+      const Vec xb = vbcast(x + i * K + k);
+      UNROLL for (int v = 0; v < NV; ++v) acc[i][v] = vfma(xb, wv[v], acc[i][v]);
+    }
+  }
+  ahead = pf;
+  if (b)
+    UNROLL for (int i = 0; i < MR; ++i)
+      UNROLL for (int v = 0; v < NV; ++v) acc[i][v] = vadd(acc[i][v], vload(b + v * VL));
+  UNROLL for (int i = 0; i < MR; ++i)
+    UNROLL for (int v = 0; v < NV; ++v) vstore(y + i * ldy + v * VL, acc[i][v]);
 }
+
+// a row tile of R < FP_MR rows
+template <int NV, int R = 1>
+inline void fp32_rest(int64_t r, const float* x, int64_t K, const float* w, const float* b, float* y, int64_t ldy,
+                      Ahead& pf) {
+  if constexpr (R < FP_MR) {
+    if (r == R) fp32_tile<R, NV>(x, K, w, b, y, ldy, pf);
+    else fp32_rest<NV, R + 1>(r, x, K, w, b, y, ldy, pf);
+  }
+}
+
+// every row of x by one column tile of NV vectors; next_bytes: the thread's next tile, right after this one
+// in memory, to prefetch (0: none)
+template <int NV>
+void fp32_column(const float* x, int64_t M, int64_t K, const float* w, const float* b, float* y, int64_t N,
+                 int64_t next_bytes) {
+  // tiles of FP_MR rows; a short last one (under FP_MR / 2) shares the rows of the one before it evenly
+  const int64_t r = M % FP_MR, split = M > FP_MR && r > 0 && r < FP_MR / 2 ? M - FP_MR - r : M - r;
+  const int64_t row_tiles = split / FP_MR + (M - split > FP_MR ? 2 : M > split);
+  const char* next = reinterpret_cast<const char*>(w + NV * VL * K);
+  Ahead pf{next_bytes && row_tiles >= FP_AHEAD_ROW_TILES ? next : nullptr, next + next_bytes};
+  for (int64_t m = 0; m < M;) {
+    const int64_t h = m < split ? FP_MR : m == split && split + FP_MR < M ? (M - split) / 2 : M - m;
+    if (h == FP_MR) fp32_tile<FP_MR, NV>(x + m * K, K, w, b, y + m * N, N, pf);
+    else fp32_rest<NV>(h, x + m * K, K, w, b, y + m * N, N, pf);
+    m += h;
+  }
+}
+
+// the last column tile, narrower where N is not a multiple of FP_NV * VL (N % 16 == 0 always)
+template <int NV = FP_NV - 1>
+void fp32_narrow(int64_t nv, const float* x, int64_t M, int64_t K, const float* w, const float* b, float* y, int64_t N) {
+  if constexpr (NV >= 1) {
+    if (nv == NV) fp32_column<NV>(x, M, K, w, b, y, N, 0);
+    else fp32_narrow<NV - 1>(nv, x, M, K, w, b, y, N);
+  }
+}
+
+void fp32_panel_gemm(const float* x, int64_t M, int64_t K, const float* wp, const float* b, int64_t N, float* y) {
+  constexpr int64_t TC = FP_NV * VL;  // columns per tile
+  const int64_t full = N / TC, tiles = full + (N % TC != 0);
+  at::parallel_for(0, tiles, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      const float* w = wp + t * TC * K;  // panels are K * PANEL floats, TC / PANEL of them per tile
+      const float* bt = b ? b + t * TC : nullptr;
+      if (t < full) {  // the thread's next tile is prefetched (the other thread fetches its own)
+        const int64_t next_cols = t + 1 == t1 ? 0 : t + 1 < full ? TC : N % TC;
+        fp32_column<FP_NV>(x, M, K, w, bt, y + t * TC, N, next_cols * K * 4);
+      } else {
+        fp32_narrow(N % TC / VL, x, M, K, w, bt, y + t * TC, N);
+      }
+    }
+  });
+}
+#endif
+
+// y [M, N] = x [M, K] @ W^T (+ b) on W's panels wp [N/16, K, 16], float32
+at::Tensor panel_linear(const at::Tensor& x_in, const at::Tensor& wp, const std::optional<at::Tensor>& b_opt) {
+  TORCH_CHECK(wp.dim() == 3 && wp.size(2) == 16 && wp.scalar_type() == at::kFloat && wp.is_contiguous(),
+              "wp must be contiguous float32 panels [N/16, K, 16]");
+  TORCH_CHECK(x_in.dim() == 2 && x_in.size(1) == wp.size(1), "x must be [M, K]");
+  const int64_t M = x_in.size(0), K = wp.size(1), N = wp.size(0) * 16;
+  TORCH_CHECK(!b_opt.has_value() || b_opt->numel() == N, "bias must have N values");
+#ifdef __AVX2__
+  const at::Tensor x = x_in.to(at::kFloat).contiguous();
+  at::Tensor b;
+  if (b_opt.has_value()) b = b_opt->to(at::kFloat).contiguous();
+  at::Tensor y = at::empty({M, N}, x.options());
+  if (M > 0) fp32_panel_gemm(x.data_ptr<float>(), M, K, wp.data_ptr<float>(), b.defined() ? b.data_ptr<float>() : nullptr,
+                             N, y.data_ptr<float>());
+  return y;
+#else
+  return at::linear(x_in.to(at::kFloat), wp.permute({0, 2, 1}).reshape({N, K}), b_opt);
+#endif
+}
+
+// ---- decode attention over the paged cache ---------------------------------------------------------
+// One new token per sequence: what engine/attention.py paged_decode_attention computes (its docstring has the
+// shapes), with each sequence's cached K and V rows read in place from their blocks, one task per sequence and
+// KV head. Per query head: the scores of the cached positions and of the new token, softmax in float32, the
+// weighted sum of the V rows; the task's rows come from memory once (the next ones prefetched) and from L1 for
+// the group's other heads. (torch.compile's fused version of the same Python read the cache at ~9 GB/s here.)
+#ifdef __AVX2__
+inline Vec vexp(Vec x) {  // e^x for x <= 0 (softmax after its max): Cephes' expf, within ~2 ulp
+  x = vmax(x, vset(-87.3f));
+  const Vec n = vround(vmul(x, vset(1.44269504088896341f)));
+  Vec r = vfma(n, vset(-0.693359375f), x);
+  r = vfma(n, vset(2.12194440e-4f), r);
+  Vec p = vset(1.9875691500e-4f);
+  p = vfma(p, r, vset(1.3981999507e-3f));
+  p = vfma(p, r, vset(8.3334519073e-3f));
+  p = vfma(p, r, vset(4.1665795894e-2f));
+  p = vfma(p, r, vset(1.6666665459e-1f));
+  p = vfma(p, r, vset(5.0000001201e-1f));
+  p = vfma(p, vmul(r, r), vadd(r, vset(1.f)));
+  return vmul(p, vexp2i(n));
+}
+
+template <typename T>
+inline Vec vrow(const T* p) {
+  if constexpr (std::is_same_v<T, float>) return vload(p);
+  else return vbf16(p);
+}
+
+struct Paged {  // one layer's K or V cache: [blocks, bs, KVH, D], rows contiguous, blocks `stride` apart
+  int64_t stride, bs, row;  // elements between blocks, tokens per block, elements per token (KVH * D)
+};
+
+constexpr int64_t ATT_AHEAD = 16;  // rows prefetched ahead, across block boundaries
+
+template <typename T>
+inline void prefetch_row(const T* r, int64_t D) {
+  for (int64_t b = 0; b < D * int64_t(sizeof(T)); b += 64) _mm_prefetch(reinterpret_cast<const char*>(r) + b, _MM_HINT_T0);
+}
+
+// C = D / VL vectors per head. q, kn, vn: rows of D, one sequence's heads contiguous, sequences qs / ks / vs
+// elements apart. Each K row and each V row is read once, for the G query heads of its KV head together.
+template <typename T, int C>
+void decode_attention_impl(const T* q, int64_t qs, const T* kn, int64_t ks, const T* vn, int64_t vs, const T* kc,
+                           const T* vc, const Paged& c, const int64_t* tables, int64_t nb, const int64_t* ctx, float scale,
+                           int64_t B, int64_t H, int64_t KVH, T* out) {
+  constexpr int64_t D = C * VL;
+  const int64_t G = H / KVH;
+  const std::ptrdiff_t v_off = vc - kc;  // a V row is its K row moved by this (the caches share their layout)
+  at::parallel_for(0, B * KVH, 1, [&](int64_t t0, int64_t t1) {
+    std::vector<const T*> rows;  // [n] the task's cached K rows, in place
+    std::vector<float> w, qf, o;  // [G, n + 1] scores then weights; [G, D] q scaled; [G, D] outputs
+    for (int64_t task = t0; task < t1; ++task) {
+      const int64_t b = task / KVH, h = task % KVH, n = ctx[b] - 1, S = n + 1;
+      rows.resize(n);
+      for (int64_t t = 0; t < n; ++t)
+        rows[t] = kc + tables[b * nb + t / c.bs] * c.stride + (t % c.bs) * c.row + h * D;
+      w.resize(G * S), qf.resize(G * D), o.assign(G * D, 0.f);
+      for (int64_t g = 0; g < G; ++g)
+        UNROLL for (int i = 0; i < C; ++i)
+          vstore(qf.data() + g * D + i * VL, vmul(vrow(q + b * qs + (h * G + g) * D + i * VL), vset(scale)));
+      for (int64_t t = 0; t < S; ++t) {  // scores: the cached rows, then the new token's own k
+        if (t + ATT_AHEAD < n) prefetch_row(rows[t + ATT_AHEAD], D);
+        const T* r = t < n ? rows[t] : kn + b * ks + h * D;
+        Vec kr[C];
+        UNROLL for (int i = 0; i < C; ++i) kr[i] = vrow(r + i * VL);
+        for (int64_t g = 0; g < G; ++g) {
+          Vec acc = vzero();
+          UNROLL for (int i = 0; i < C; ++i) acc = vfma(vload(qf.data() + g * D + i * VL), kr[i], acc);
+          w[g * S + t] = vsum(acc);
+        }
+      }
+      std::vector<float> inv(G);
+      for (int64_t g = 0; g < G; ++g) {  // softmax in float32
+        float* wg = w.data() + g * S;
+        float mx = wg[0], sum = 0.f;
+        for (int64_t t = 1; t < S; ++t) mx = std::max(mx, wg[t]);
+        int64_t t = 0;
+        for (; t + VL <= S; t += VL) {
+          const Vec e = vexp(vadd(vload(wg + t), vset(-mx)));
+          vstore(wg + t, e);
+          sum += vsum(e);
+        }
+        for (; t < S; ++t) sum += (wg[t] = std::exp(wg[t] - mx));
+        inv[g] = 1.f / sum;
+      }
+      for (int64_t t = 0; t < S; ++t) {  // the weighted sum of the V rows
+        if (t + ATT_AHEAD < n) prefetch_row(rows[t + ATT_AHEAD] + v_off, D);
+        const T* r = t < n ? rows[t] + v_off : vn + b * vs + h * D;
+        Vec vr[C];
+        UNROLL for (int i = 0; i < C; ++i) vr[i] = vrow(r + i * VL);
+        for (int64_t g = 0; g < G; ++g) {
+          const Vec p = vset(w[g * S + t]);
+          UNROLL for (int i = 0; i < C; ++i) vstore(o.data() + g * D + i * VL, vfma(p, vr[i], vload(o.data() + g * D + i * VL)));
+        }
+      }
+      for (int64_t g = 0; g < G; ++g) {
+        T* oh = out + (b * H + h * G + g) * D;
+        for (int64_t i = 0; i < D; ++i) oh[i] = static_cast<T>(o[g * D + i] * inv[g]);
+      }
+    }
+  });
+}
+#endif
+
+// q [B, H, D]; k, v [B, KVH, D] the new token's; k_cache, v_cache [blocks, bs, KVH, D] (views of one layer, rows
+// contiguous); tables [B, nb] int64; ctx_lens [B] int64 (tokens including the new one) -> [B, H, D] in q's dtype
+at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& k_cache,
+                            const at::Tensor& v_cache, const at::Tensor& tables, const at::Tensor& ctx_lens,
+                            double scale) {
+  TORCH_CHECK(q.dim() == 3 && k.dim() == 3 && v.sizes() == k.sizes() && k.size(0) == q.size(0) &&
+              k.size(2) == q.size(2) && q.size(1) % k.size(1) == 0, "q [B, H, D], k and v [B, KVH, D]");
+  const int64_t B = q.size(0), H = q.size(1), KVH = k.size(1), D = q.size(2);
+  TORCH_CHECK(k_cache.dim() == 4 && k_cache.sizes() == v_cache.sizes() && k_cache.strides() == v_cache.strides() &&
+              k_cache.size(2) == KVH && k_cache.size(3) == D && k_cache.stride(3) == 1 && k_cache.stride(2) == D &&
+              k_cache.stride(1) == KVH * D, "k_cache, v_cache: [blocks, block_size, KVH, D], rows contiguous");
+  for (const at::Tensor* t : {&k, &v, &k_cache, &v_cache})
+    TORCH_CHECK(t->scalar_type() == q.scalar_type(), "q, k, v and the caches share one dtype");
+  TORCH_CHECK(tables.dim() == 2 && tables.size(0) == B && tables.scalar_type() == at::kLong && ctx_lens.dim() == 1 &&
+              ctx_lens.size(0) == B && ctx_lens.scalar_type() == at::kLong, "tables [B, nb] and ctx_lens [B], int64");
+  const at::Tensor tb = tables.contiguous(), cl = ctx_lens.contiguous();
+  const int64_t nb = tb.size(1), bs = k_cache.size(1), blocks = k_cache.size(0);
+  const int64_t* tp = tb.data_ptr<int64_t>();
+  const int64_t* cp = cl.data_ptr<int64_t>();
+  for (int64_t b = 0; b < B; ++b) {
+    TORCH_CHECK(cp[b] >= 1 && cp[b] - 1 <= nb * bs, "ctx_lens[", b, "] = ", cp[b], " outside 1..", nb * bs + 1);
+    for (int64_t j = 0; j < (cp[b] - 1 + bs - 1) / bs; ++j)
+      TORCH_CHECK(tp[b * nb + j] >= 0 && tp[b * nb + j] < blocks, "block id ", tp[b * nb + j], " outside the cache");
+  }
+  // the step's q, k, v are views of wider rows: each sequence's heads contiguous is all the kernel needs
+  const auto rows = [](const at::Tensor& t) { return t.stride(2) == 1 && t.stride(1) == t.size(2) ? t : t.contiguous(); };
+  const at::Tensor qc = rows(q), kc = rows(k), vc = rows(v);
+  at::Tensor out = at::empty({B, H, D}, q.options());
+#ifdef __AVX2__
+  const Paged c{k_cache.stride(0), bs, KVH * D};
+  const auto run = [&](auto tag, auto cv) {
+    using T = decltype(tag);
+    constexpr int C = decltype(cv)::value;
+    decode_attention_impl<T, C>(qc.data_ptr<T>(), qc.stride(0), kc.data_ptr<T>(), kc.stride(0), vc.data_ptr<T>(),
+                                vc.stride(0), k_cache.data_ptr<T>(), v_cache.data_ptr<T>(), c, tp, nb, cp,
+                                static_cast<float>(scale), B, H, KVH, out.data_ptr<T>());
+  };
+  const auto by_width = [&](auto tag) {
+    switch (D / VL * (D % VL == 0)) {
+      case 2: run(tag, std::integral_constant<int, 2>{}); return true;
+      case 4: run(tag, std::integral_constant<int, 4>{}); return true;
+      case 8: run(tag, std::integral_constant<int, 8>{}); return true;
+      case 16: run(tag, std::integral_constant<int, 16>{}); return true;
+      default: return false;
+    }
+  };
+  if (B == 0) return out;
+  if (q.scalar_type() == at::kFloat ? by_width(float{}) : q.scalar_type() == at::kBFloat16 && by_width(at::BFloat16{}))
+    return out;
+#endif
+  TORCH_CHECK(false, "decode_attention: no kernel for ", q.scalar_type(), " heads of ", D, " (",
+              kIsa, " build); decode_attention_supported() says which");
+}
+
+// what decode_attention runs on (engine/attention.py asks before calling it)
+bool decode_attention_supported(at::ScalarType dtype, int64_t D) {
+#ifdef __AVX2__
+  const int64_t c = D % VL == 0 ? D / VL : 0;
+  return (dtype == at::kFloat || dtype == at::kBFloat16) && (c == 2 || c == 4 || c == 8 || c == 16);
+#else
+  (void)dtype, (void)D;
+  return false;
+#endif
+}
+
+// ---- greedy tokens: each row's first index of its maximum ------------------------------------------
+// torch.max(x, -1).indices over a decode batch's logits, 32 x 49,152 float32 on 2 threads, took ~1.2 ms of a
+// step; this is one pass at memory speed. Same result as torch: the first index of the maximum, or of the
+// first NaN where a row has one.
+int64_t argmax_row(const float* x, int64_t V) {
+  int64_t j = 0;
+  float best = -std::numeric_limits<float>::infinity();
+  int64_t at = 0;
+  bool nan = false;
+#ifdef __AVX2__
+  if (V >= VL) {  // per lane: its largest value and where it first occurs (strictly greater replaces)
+    Vec mv = vset(-std::numeric_limits<float>::infinity()), iv = vzero(), lane = vzero(), step = vset(float(VL));
+    alignas(64) float idx0[VL];
+    for (int i = 0; i < VL; ++i) idx0[i] = float(i);
+    lane = vload(idx0);
+    Vec bad = vzero();  // lanes that saw a NaN
+    for (; j + VL <= V; j += VL) {
+      const Vec v = vload(x + j);
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+      const __mmask16 gt = _mm512_cmp_ps_mask(v, mv, _CMP_GT_OQ);
+      mv = _mm512_mask_mov_ps(mv, gt, v);
+      iv = _mm512_mask_mov_ps(iv, gt, lane);
+      bad = _mm512_mask_mov_ps(bad, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), vset(1.f));
+#else
+      const Vec gt = _mm256_cmp_ps(v, mv, _CMP_GT_OQ);
+      mv = _mm256_blendv_ps(mv, v, gt);
+      iv = _mm256_blendv_ps(iv, lane, gt);
+      bad = _mm256_or_ps(bad, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+#endif
+      lane = vadd(lane, step);
+    }
+    alignas(64) float m[VL], i[VL], nb[VL];
+    vstore(m, mv), vstore(i, iv), vstore(nb, bad);
+    for (int l = 0; l < VL; ++l) {
+      nan = nan || nb[l] != 0.f;
+      const int64_t il = static_cast<int64_t>(i[l]);  // exact: V < 2^24
+      if (m[l] > best || (m[l] == best && il < at)) best = m[l], at = il;
+    }
+  }
+#endif
+  for (; j < V; ++j) {
+    nan = nan || std::isnan(x[j]);
+    if (x[j] > best) best = x[j], at = j;
+  }
+  if (nan)
+    for (int64_t t = 0; t < V; ++t)
+      if (std::isnan(x[t])) return t;
+  return at;
+}
+
+at::Tensor argmax_rows(const at::Tensor& x_in) {
+  TORCH_CHECK(x_in.dim() == 2 && x_in.size(1) > 0 && x_in.size(1) < (int64_t(1) << 24), "x must be [B, V], 0 < V < 2^24");
+  const at::Tensor x = x_in.to(at::kFloat).contiguous();
+  const int64_t B = x.size(0), V = x.size(1);
+  at::Tensor out = at::empty({B}, x.options().dtype(at::kLong));
+  const float* xp = x.data_ptr<float>();
+  int64_t* op = out.data_ptr<int64_t>();
+  at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) op[b] = argmax_row(xp + b * V, V);
+  });
+  return out;
+}
+
+// float32 decode batches (PANEL_MIN_ROWS..PANEL_MAX_ROWS rows) on the panels; prefill chunks on the row-major
+// copy wr (MKL's sgemm blocks a large product better)
+constexpr int64_t PANEL_MIN_ROWS = 1;
+constexpr int64_t PANEL_MAX_ROWS = 64;
 
 // a linear on the prepacked weight w (the branch lives here so that a compiled graph with a symbolic
 // batch keeps one opaque op). bf16: oneDNN's, or with the row-major copy wr bf16_linear for small M;
-// float32: fp32_packed_linear (wr required)
+// float32: panel_linear on its panels for decode batches, else torch's linear on wr (required)
 at::Tensor packed_linear(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& b,
                          const std::optional<at::Tensor>& wr) {
   if (w.scalar_type() == at::kFloat) {
-    TORCH_CHECK(wr.has_value(), "a float32 packed weight needs its row-major copy");
-    return fp32_packed_linear(x, w, b, *wr);
+    TORCH_CHECK(wr.has_value(), "float32 panels need their row-major copy");
+    const int64_t M = x.dim() == 2 ? x.size(0) : 0;
+    return M >= PANEL_MIN_ROWS && M <= PANEL_MAX_ROWS ? panel_linear(x, w, b) : at::linear(x, *wr, b);
   }
   if (wr.has_value() && x.dim() == 2 && x.size(0) <= GEMV_MAX_ROWS && x.size(1) % 32 == 0)
     return bf16_linear(x, *wr, b);
@@ -794,6 +1179,11 @@ TORCH_LIBRARY(distserve, m) {
   m.def("quant_linear_rows(Tensor x, Tensor qp, Tensor dp, Tensor? mp, int kind, int K, int N) -> Tensor");
   m.def("quant_dequant_rows(Tensor qp, Tensor dp, Tensor? mp, int kind, int K, int N) -> Tensor");
   m.def("packed_linear(Tensor x, Tensor w, Tensor? b, Tensor? wr=None) -> Tensor");
+  m.def("panel_linear(Tensor x, Tensor wp, Tensor? b) -> Tensor");
+  m.def("decode_attention(Tensor q, Tensor k, Tensor v, Tensor k_cache, Tensor v_cache, Tensor tables, "
+        "Tensor ctx_lens, float scale) -> Tensor");
+  m.def("decode_attention_supported(ScalarType dtype, int D) -> bool");
+  m.def("argmax_rows(Tensor x) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(distserve, CPU, m) {
@@ -805,6 +1195,14 @@ TORCH_LIBRARY_IMPL(distserve, CPU, m) {
   m.impl("quant_linear_rows", &quant_linear_rows);
   m.impl("quant_dequant_rows", &quant_dequant_rows);
   m.impl("packed_linear", &packed_linear);
+  m.impl("panel_linear", &panel_linear);
+  m.impl("decode_attention", &decode_attention);
+  m.impl("argmax_rows", &argmax_rows);
+}
+
+// no tensor argument to dispatch on: a catch-all kernel
+TORCH_LIBRARY_FRAGMENT(distserve, m) {
+  m.impl("decode_attention_supported", c10::DispatchKey::CatchAll, &decode_attention_supported);
 }
 
 // the prepacked weight is an opaque oneDNN tensor: its dispatch key is MkldnnCPU

@@ -1,6 +1,7 @@
 """The engine's own CPU kernels (engine/cpu_kernels.cpp): GGUF Q4_0 / Q4_1 / Q8_0 matmuls on the file's
-blocks (engine/quant.py reads them and interleaves them by rows for the vector kernels), and a streaming bf16
-GEMV for batches of 1-4 rows. Built once per machine with the system C++ compiler (-march=native), cached on
+blocks (engine/quant.py reads them and interleaves them by rows for the vector kernels), a register-tiled
+float32 product on weights packed in panels of 16 rows (decode batches), and a streaming bf16 GEMV for batches
+of 1-4 rows. Built once per machine with the system C++ compiler (-march=native), cached on
 disk; where no compiler is found, `available()` is False and the engine uses torch's own kernels instead.
 
     ok = kernels.load()           # False if the build failed (the reason is in kernels.load_error())
@@ -90,6 +91,17 @@ def int16_products() -> bool:
     return load() and isa() != "scalar"
 
 
+def float32_panels() -> bool:
+    """panel_linear's register-tiled float32 kernel is built (the vector builds; the scalar one falls back)."""
+    return load() and isa() != "scalar"
+
+
+def decode_attention(dtype: torch.dtype, head_dim: int) -> bool:
+    """distserve::decode_attention runs heads of this size in this dtype (the vector builds: float32 and bf16,
+    head_dim 2, 4, 8 or 16 vectors wide)."""
+    return load() and torch.ops.distserve.decode_attention_supported(dtype, head_dim)
+
+
 def bf16_gemv() -> bool:
     """The streaming bf16 GEMV for batches of 1-4 rows is built in (AVX-512 BF16)."""
     return load() and isa().endswith("+bf16")
@@ -153,7 +165,15 @@ def _register_fakes() -> None:
         return d.new_empty((qs.shape[0], K), dtype=torch.float32)
 
     @torch.library.register_fake("distserve::packed_linear")
-    def _(x, w, b, wr=None):  # an MKL pack's own shape is its buffer's, not [N, K]: N from the row-major copy
+    def _(x, w, b, wr=None):  # panels [N/16, K, 16] or a oneDNN pack [N, K]: N from the row-major copy if given
         return x.new_empty((*x.shape[:-1], (wr if wr is not None else w).shape[0]))
+
+    @torch.library.register_fake("distserve::decode_attention")
+    def _(q, k, v, k_cache, v_cache, tables, ctx_lens, scale):
+        return q.new_empty(q.shape)
+
+    @torch.library.register_fake("distserve::panel_linear")
+    def _(x, wp, b):
+        return x.new_empty((x.shape[0], wp.shape[0] * wp.shape[2]), dtype=torch.float32)
 
     _state["fakes"] = True

@@ -4,9 +4,10 @@
                   (AMX / AVX-512 BF16 kernels, ~1.1-1.3x F.linear from batch 5 up), and where the engine's
                   streaming GEMV is built (AVX-512 BF16) the row-major weight stays too: batches of 1-4
                   rows run on it (~1.5x oneDNN at batch 1), at the price of a second copy in memory.
-                  In float32 it is prepacked once for MKL's sgemm, which then runs batches of 2-64 rows
-                  (~1.3-1.5x F.linear there, which repacks the weight on every call); 1 row and prefill
-                  chunks run F.linear on the row-major copy, kept beside the pack
+                  In float32 it is also packed once into panels of 16 rows (panels()), on which the engine's
+                  register-tiled kernel runs decode batches of 1-64 rows (F.linear there is MKL's sgemm,
+                  which repacks the weight on every call, or its sgemv); prefill chunks run F.linear on
+                  the row-major copy kept beside the panels
     QuantLinear   a GGUF Q4_0 / Q4_1 / Q8_0 matrix in its own blocks (engine/quant.py; interleaved by rows on
                   the vector builds): small batches
                   run the block kernels of engine/cpu_kernels.cpp (x rounded to int16 per block); large
@@ -16,8 +17,6 @@
 Every op maps x [M, K] -> [M, N] in x's dtype and reports the bytes one call reads.
 """
 from __future__ import annotations
-
-import functools
 
 import torch
 import torch.nn.functional as F
@@ -35,7 +34,8 @@ class DenseLinear:
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None, prepack: bool = True,
                  layer: int | None = None, packed: torch.Tensor | None = None) -> None:
-        """packed: this layer's pack, made earlier (stack_layers keeps the packs and stacks the row-major copies)."""
+        """packed: the pack, made earlier (stack_layers); with `layer`, that layer's own (a library's pack cannot
+        be stacked) or every layer's float32 panels stacked [layers, N/16, K, 16]."""
         if (layer is None) != (weight.dim() == 2):
             raise ValueError("a [layers, N, K] stack needs the layer it serves; an [N, K] weight takes none")
         self._w: torch.Tensor | None = weight
@@ -45,8 +45,10 @@ class DenseLinear:
         self.out_features, self.in_features = w.shape
         self.bias = bias
         self.nbytes = w.numel() * w.element_size()
-        self.packed = packed if packed is not None else _prepack(w) if prepack and layer is None else None
-        if self.packed is not None and w.dtype == torch.bfloat16 and not kernels.bf16_gemv():
+        self._p = packed if packed is not None else _prepack(w) if prepack and layer is None else None
+        stacked = layer is not None and self._p is not None and not self._p.is_mkldnn and self._p.dim() == 4
+        self._p_view = self._p[layer] if stacked else None
+        if self._p is not None and w.dtype == torch.bfloat16 and not kernels.bf16_gemv():
             self._w = None  # the packed copy replaces it
 
     @property
@@ -56,6 +58,14 @@ class DenseLinear:
         if self.layer is None or self._w is None:
             return self._w
         return self._w[self.layer] if torch.compiler.is_compiling() else self._view
+
+    @property
+    def packed(self) -> torch.Tensor | None:
+        """The prepacked copy (a oneDNN pack, or float32 panels [N/16, K, 16]; from a stack of panels: a view,
+        made like weight's), or None."""
+        if self._p_view is None:
+            return self._p
+        return self._p[self.layer] if torch.compiler.is_compiling() else self._p_view
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.packed is not None:
@@ -119,61 +129,35 @@ def stack_layers(ops: list[DenseLinear | QuantLinear]) -> list[DenseLinear | Qua
     elif (all(isinstance(op, DenseLinear) and op.weight is not None and op.weight.device.type == "cpu" for op in ops)
           and len({(op.weight.shape, op.weight.dtype) for op in ops}) == 1):
         stack = torch.stack([op.weight for op in ops])  # [layers, N, K]
+        packs = [op.packed for op in ops]
+        if all(p is not None and not p.is_mkldnn for p in packs):  # float32 panels
+            panel_stack = torch.stack(packs)  # [layers, N/16, K, 16]
+            return [DenseLinear(stack, op.bias, layer=i, packed=panel_stack) for i, op in enumerate(ops)]
         return [DenseLinear(stack, op.bias, layer=i, packed=op.packed) for i, op in enumerate(ops)]
     return ops
 
 
-# MKL packs a float32 weight for this many rows; mkl_pack_serves_any_rows() checks that the pack serves others
-MKL_PACK_ROWS = 32
-
-
 def _prepack(w: torch.Tensor) -> torch.Tensor | None:
-    """w [N, K] in an opaque layout for the CPU's GEMM library, or None where none applies. A pack is its own
-    copy and must stay where it was made (MKL's packs hold address-dependent metadata: never cloned, pickled or
-    moved; Ray actors load their own weights and pack them there)."""
+    """w [N, K] in the layout of the CPU kernel that multiplies decode batches by it, or None where none applies.
+    bf16: oneDNN's opaque pack, which must stay where it was made (never cloned, pickled or moved; Ray actors
+    load their own weights and pack them there). float32: panels(), where the engine's kernels are built."""
     if w.device.type != "cpu":
         return None
     if w.dtype == torch.bfloat16 and _mkldnn_bf16():
         return torch.ops.mkldnn._reorder_linear_weight(w, 1)  # oneDNN
-    if w.dtype == torch.float32 and mkl_pack_serves_any_rows():
-        pack = torch.ops.mkl._mkl_reorder_linear_weight(w, MKL_PACK_ROWS)
-        return pack if _pack_multiplies_right(pack, w, (3, 64)) else None
+    if w.dtype == torch.float32 and kernels.float32_panels() and w.shape[0] % PANEL == 0:
+        return panels(w)
     return None
+
+
+PANEL = 16  # weight rows per panel (engine/cpu_kernels.cpp panel_linear)
+
+
+def panels(w: torch.Tensor) -> torch.Tensor:
+    """w [N, K] (N a multiple of 16) as panels of 16 rows, K-major: [N/16, K, 16], p[i, k, j] = w[16i + j, k]."""
+    n, k = w.shape
+    return w.view(n // PANEL, PANEL, k).transpose(1, 2).contiguous()
 
 
 def _mkldnn_bf16() -> bool:
     return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
-
-
-@functools.cache
-def mkl_pack_serves_any_rows() -> bool:
-    """MKL's float32 pack is usable by the engine: torch has MKL, the engine's kernels (which call it as one
-    opaque op) built, and a pack made for MKL_PACK_ROWS rows multiplies any other row count right. torch calls
-    MKL's packed sgemm only at the count the pack was made for; MKL's documentation does not say whether a pack
-    is tied to it (measured here: it is not), so this checks it once per process, against F.linear, at every row
-    count up to twice the packed one on two shapes (and _prepack each pack at 3 and 64 rows), and the engine keeps
-    F.linear where a check fails."""
-    if not (torch.backends.mkl.is_available() and hasattr(torch.ops.mkl, "_mkl_reorder_linear_weight")
-            and kernels.load()):
-        return False
-    g = torch.Generator().manual_seed(0)
-    for n, k in ((96, 320), (97, 321)):
-        w = torch.randn(n, k, generator=g)
-        try:
-            pack = torch.ops.mkl._mkl_reorder_linear_weight(w, MKL_PACK_ROWS)
-        except RuntimeError:
-            return False
-        if not _pack_multiplies_right(pack, w, range(1, 2 * MKL_PACK_ROWS + 2)):  # past the kernels' 64 rows too
-            return False
-    return True
-
-
-def _pack_multiplies_right(pack: torch.Tensor, w: torch.Tensor, rows) -> bool:
-    """packed_linear on `pack` gives F.linear's product (to float32 rounding) at each row count in `rows`."""
-    g = torch.Generator().manual_seed(1)
-    x = torch.randn(max(rows), w.shape[1], generator=g)
-    try:
-        return all(torch.allclose(torch.ops.distserve.packed_linear(x[:m], pack, None, w), F.linear(x[:m], w),
-                                  rtol=1e-4, atol=1e-4) for m in rows)
-    except RuntimeError:
-        return False

@@ -11,6 +11,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from engine import kernels
 from engine.attention import AttentionMetadata, TorchAttention, paged_decode_attention
 from engine.config import ModelConfig
 from engine.linear import DenseLinear, QuantLinear, stack_layers
@@ -118,6 +119,8 @@ class LlamaModel:
         self.cos = emb.cos().to(self.device, dtype)
         self.sin = emb.sin().to(self.device, dtype)
         self.scale = cfg.head_dim ** -0.5
+        # decode attention in one native op where the engine's kernels serve this dtype and head size
+        self.attention_kernel = self.device.type == "cpu" and kernels.decode_attention(dtype, cfg.head_dim)
         self.compiled = None  # engine/compile.py CompiledDecode once enabled (engine/precision.py build_model)
 
     def _stack_layers(self) -> None:
@@ -203,7 +206,8 @@ class LlamaModel:
             qk = self._rope(qk.view(B, H + KVH, D), cos, sin)
             q, k = qk.split([H, KVH], dim=1)
             v = v.view(B, KVH, D)
-            o = paged_decode_attention(q, k, v, cache[:, i, 0], cache[:, i, 1], tables, ctx_lens, self.scale)
+            o = paged_decode_attention(q, k, v, cache[:, i, 0], cache[:, i, 1], tables, ctx_lens, self.scale,
+                                       kernel=self.attention_kernel and cache.dtype == q.dtype)
             x = x + layer["o"](o.reshape(B, H * D))
             h = self._rms_norm(x, self.layer_norms[i, 1])
             gate, up = layer["gate_up"](h).chunk(2, dim=-1)

@@ -101,13 +101,11 @@ def test_the_compile_cache_is_kept_per_instruction_set(monkeypatch):
     assert ec.resolve_cache_dir("/explicit") == "/explicit"
 
 
-def test_the_compiled_steps_inputs_do_not_grow_with_the_layers(monkeypatch):
+def test_the_compiled_steps_inputs_do_not_grow_with_the_layers():
     """Every layer's matrices and norms are views of one stack per kind (engine/linear.py stack_layers): the
     traced decode step reads a fixed number of tensors whatever the depth, where a tensor per weight made a
-    30-layer model's step take 431 inputs (torch.compile's runtime pays for each on every call). A library's
-    prepacked copy cannot be stacked: with MKL's float32 packs each layer adds one input per matrix, no more."""
-    import engine.linear
-
+    30-layer model's step take 431 inputs (torch.compile's runtime pays for each on every call); the float32
+    panels the decode batches multiply by are stacked alike."""
     def inputs(num_layers: int) -> int:
         cfg = tiny_config(num_layers=num_layers)
         model = LlamaModel(cfg, dict(hf_model(cfg).state_dict()), torch.float32)
@@ -124,10 +122,42 @@ def test_the_compiled_steps_inputs_do_not_grow_with_the_layers(monkeypatch):
             torch.compile(model.decode, backend=backend, fullgraph=True)(ids, ctx - 1, tables, ctx, cache)
         return seen[0]
 
-    packs = engine.linear.mkl_pack_serves_any_rows()
-    packed = inputs(2), inputs(5)
-    monkeypatch.setattr(engine.linear, "mkl_pack_serves_any_rows", lambda: False)
     assert inputs(2) == inputs(5)
-    matrices = len(LlamaModel(tiny_config(num_layers=1), dict(hf_model(tiny_config(num_layers=1)).state_dict()),
-                              torch.float32).layers[0])
-    assert packed[1] - packed[0] == (3 * matrices if packs else 0)  # 3 more layers: one pack per matrix each
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("d", [64, 32, 128])
+def test_the_native_decode_attention_equals_the_python_one(dtype, d):
+    """distserve::decode_attention (engine/cpu_kernels.cpp) computes paged_decode_attention's result: every
+    sequence's cached rows read in place from scattered blocks, the new token's own k, v beside them, GQA
+    groups, ragged contexts (a block boundary, a lone new token, contexts past the rows prefetched ahead), q, k
+    and v as views of wider rows."""
+    if not kernels.decode_attention(dtype, d):
+        pytest.skip(f"no native decode attention for {dtype}, head_dim {d} here")
+    g = torch.Generator().manual_seed(d)
+    kvh, h, bs, layers = 3, 9, 16, 2
+    cache = torch.randn(40, layers, 2, bs, kvh, d, generator=g).to(dtype)  # the pool's layout
+    ctx = [1, 17, 16, 40, 97, 5]
+    tables = [[7], [3, 9], [12], [1, 39, 20], [0, 2, 4, 6, 8, 10, 11], [33]]
+    width = max(len(t) for t in tables)
+    dense = torch.tensor([t + [t[0]] * (width - len(t)) for t in tables])
+    B = len(ctx)
+    q, k = torch.randn(B, h + kvh, d, generator=g).to(dtype).split([h, kvh], dim=1)  # views, as the step has them
+    v = torch.randn(B, 2 * kvh * d, generator=g).to(dtype)[:, kvh * d:].view(B, kvh, d)
+    for layer in range(layers):
+        args = (q, k, v, cache[:, layer, 0], cache[:, layer, 1], dense, torch.tensor(ctx), d ** -0.5)
+        ours, ref = paged_decode_attention(*args, kernel=True), paged_decode_attention(*args)
+        assert ours.dtype == dtype and ours.shape == q.shape
+        tol = 1e-5 if dtype == torch.float32 else 1e-2  # float32 sums in another order / bf16 rounding of the result
+        torch.testing.assert_close(ours.float(), ref.float(), atol=tol, rtol=tol)
+
+
+def test_the_native_decode_attention_rejects_a_context_its_table_does_not_hold():
+    if not kernels.decode_attention(torch.float32, 64):
+        pytest.skip("no native decode attention here")
+    cache = torch.zeros(4, 16, 1, 64)
+    q, kv = torch.zeros(1, 2, 64), torch.zeros(1, 1, 64)
+    with pytest.raises(RuntimeError, match="ctx_lens"):  # 40 tokens, one block of 16
+        torch.ops.distserve.decode_attention(q, kv, kv, cache, cache, torch.tensor([[0]]), torch.tensor([40]), 0.1)
+    with pytest.raises(RuntimeError, match="block id"):
+        torch.ops.distserve.decode_attention(q, kv, kv, cache, cache, torch.tensor([[9]]), torch.tensor([5]), 0.1)

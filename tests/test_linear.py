@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from engine import kernels
-from engine.linear import DenseLinear, mkl_pack_serves_any_rows
+from engine.linear import DenseLinear, panels
 
 needs_gemv = pytest.mark.skipif(not kernels.bf16_gemv(), reason="no AVX-512 BF16 GEMV on this CPU")
 
@@ -64,7 +64,8 @@ def test_tied_lm_head_shares_the_embedding_tensor():
 
 def test_a_float32_models_layers_read_their_matrices_from_one_stack():
     """stack_layers: every layer's fused matrix becomes a view of one [layers, N, K] tensor (one input of a
-    compiled step, not one per layer) and multiplies exactly as before; prepacked bf16 weights stay apart."""
+    compiled step, not one per layer), its float32 panels likewise, and multiplies exactly as before; prepacked
+    bf16 weights stay apart."""
     from engine.linear import stack_layers
     from engine.model import LlamaModel
     from tests.helpers import hf_model, tiny_config
@@ -79,11 +80,13 @@ def test_a_float32_models_layers_read_their_matrices_from_one_stack():
         assert op.layer == i and op._w.shape[0] == cfg.num_layers
         want = torch.cat([sd[f"model.layers.{i}.mlp.gate_proj.weight"], sd[f"model.layers.{i}.mlp.up_proj.weight"]])
         assert torch.equal(op.weight, want)
-        assert torch.equal(op(x[:1]), torch.nn.functional.linear(x[:1], want))  # one row: F.linear on the view
-        torch.testing.assert_close(op(x), torch.nn.functional.linear(x, want))  # two: MKL's pack where made
-        packs.add(id(op.packed) if op.packed is not None else None)
+        for rows in (x[:1], x):  # the panels where made (F.linear on the view elsewhere)
+            torch.testing.assert_close(op(rows), torch.nn.functional.linear(rows, want))
+        if op.packed is not None:
+            assert torch.equal(op.packed, panels(want))
+        packs.add(id(op._p) if op._p is not None else None)
     assert model.layers[0]["gate_up"]._w is model.layers[2]["gate_up"]._w
-    assert len(packs) == (1 if None in packs else cfg.num_layers)  # each layer keeps its own pack
+    assert len(packs) == 1  # one stack of panels (or none)
     bf16 = [DenseLinear(torch.randn(8, 64).bfloat16()) for _ in range(2)]
     if bf16[0].packed is not None and bf16[0].weight is None:  # the oneDNN pack replaced the row-major copy
         assert stack_layers(bf16) is bf16
@@ -91,28 +94,45 @@ def test_a_float32_models_layers_read_their_matrices_from_one_stack():
         DenseLinear(torch.randn(3, 8, 64))
 
 
-needs_mkl_pack = pytest.mark.skipif(not mkl_pack_serves_any_rows(), reason="no MKL pack (or no engine kernels) here")
+needs_panels = pytest.mark.skipif(not kernels.float32_panels(), reason="no vector build of the engine's kernels here")
 
 
-@needs_mkl_pack
+@needs_panels
 @pytest.mark.parametrize("bias", [False, True])
-def test_a_float32_weight_packed_for_mkl_multiplies_any_row_count(bias):
-    """Decode batches of 2-64 rows run MKL's sgemm on the pack made at load (for 32 rows); 1 row and prefill
-    chunks run F.linear on the row-major copy kept beside it. Every count gives F.linear's product."""
+@pytest.mark.parametrize("n", [208, 48, 16])  # 208: 4 AVX-512 column tiles and a 16-wide one; 16: only that
+def test_a_float32_weight_in_panels_multiplies_any_row_count(bias, n):
+    """Decode batches of 1-64 rows run the engine's register-tiled kernel on the panels packed at load; prefill
+    chunks run F.linear on the row-major copy kept beside them. Every count gives F.linear's product, and a
+    row's product does not depend on the rows batched with it."""
     g = torch.Generator().manual_seed(7)
-    w = torch.randn(200, 576, generator=g)
-    b = torch.randn(200, generator=g) if bias else None
+    w = torch.randn(n, 576, generator=g)
+    b = torch.randn(n, generator=g) if bias else None
     lin = DenseLinear(w, b)
-    assert lin.packed is not None and lin.weight is w
-    for m in (1, 2, 3, 7, 32, 33, 64, 65, 300):
-        x = torch.randn(m, 576, generator=g)
-        y, want = lin(x), torch.nn.functional.linear(x, w, b)
-        assert y.shape == (m, 200) and y.dtype == torch.float32
-        if m == 1 or m > 64:
+    assert lin.weight is w and torch.equal(lin.packed, panels(w))
+    assert torch.equal(lin.packed[-1, 5], w[-16:, 5])  # the last panel, k = 5: the last 16 rows
+    x = torch.randn(300, 576, generator=g)
+    alone = {i: torch.ops.distserve.panel_linear(x[i:i + 1], lin.packed, b) for i in (0, 1, 7)}
+    for m in (1, 2, 3, 7, 8, 9, 13, 32, 33, 64, 65, 300):
+        y, want = lin(x[:m]), torch.nn.functional.linear(x[:m], w, b)
+        assert y.shape == (m, n) and y.dtype == torch.float32
+        if m > 64:
             assert torch.equal(y, want)  # the same call as F.linear
         else:
             torch.testing.assert_close(y, want, rtol=1e-5, atol=1e-4)  # float32, summed in another order
+            for i, row in alone.items():
+                if i < m:
+                    assert torch.equal(y[i], row[0])  # the same sum whatever the tile height
     assert DenseLinear(w, b, prepack=False).packed is None
+    assert DenseLinear(torch.randn(24, 576, generator=g)).packed is None  # N not a multiple of 16: F.linear only
+
+
+def test_panel_linear_rejects_a_weight_that_is_not_panels():
+    if not kernels.load():
+        pytest.skip("no engine kernels here")
+    with pytest.raises(RuntimeError, match="panels"):
+        torch.ops.distserve.panel_linear(torch.randn(2, 64), torch.randn(32, 64), None)
+    with pytest.raises(RuntimeError, match=r"\[M, K\]"):
+        torch.ops.distserve.panel_linear(torch.randn(2, 63), panels(torch.randn(32, 64)), None)
 
 
 @needs_gemv

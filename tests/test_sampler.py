@@ -48,6 +48,24 @@ def test_greedy_ties_go_to_the_lowest_token_id_as_argmax_breaks_them():
     assert Sampler(V)(logits[:1], penalized)[0] == [5]  # the general path
 
 
+@pytest.mark.parametrize("v", [49152, 1000, 7])
+def test_greedy_tokens_are_torchs_argmax_on_large_rows(v):
+    """Greedy tokens in float32 come from the engine's one-pass kernel where it is built: the same index as
+    torch.argmax on every row, the first of equal maxima (in one vector lane or across lanes and the tail),
+    the first NaN where a row has one, and rows of -inf."""
+    g = torch.Generator().manual_seed(v)
+    x = torch.randn(9, v, generator=g)
+    x[1, [3, v - 1]] = 40.0  # a tie, first and tail
+    x[2, [v // 2, min(v // 2 + 16, v - 2), v // 3]] = 40.0  # ties within a lane and across lanes
+    x[3] = 1.0
+    x[4, v - 1] = float("nan")
+    x[5, [v // 4, v // 2]] = float("nan")
+    x[6] = float("-inf")
+    x[7, 0] = float("inf")
+    toks, _ = Sampler(v)(x, [_req(temperature=0.0) for _ in range(9)])
+    assert toks == x.argmax(-1).tolist()
+
+
 def test_padded_vocab_columns_are_never_chosen():
     logits = torch.cat([_logits(64), torch.full((64, 8), 100.0)], dim=1)  # lm_head padded to V + 8
     toks = Sampler(V)(logits, [_req(temperature=0.0)] + [_req() for _ in range(63)])[0]
