@@ -13,7 +13,7 @@ prefill (3,161 vs 1,001 tok/s, AMX) and ties decode batch 32 (835 vs 812); nativ
 600 vs 67 / 355 tok/s, weights interleaved by rows, 2026-12-02 10:55), so auto keeps bf16 there, which keeps the
 prompts' time-to-first-token low, and `weights="native"` serves a mostly-decoding load faster. Without bf16 in
 hardware (emulated AVX2, 10:44 and 05:36) native beats dense float32 everywhere (1.78x llama.cpp at batch 1
-against float32's 1.07x; 528 vs 372 tok/s at batch 32) and holds a tenth of the bytes (float32 keeps MKL's pack
+against float32's 1.07x; 528 vs 372 tok/s at batch 32) and holds a tenth of the bytes (float32 keeps its panels
 beside each matrix): native is the default there.
 """
 from __future__ import annotations
