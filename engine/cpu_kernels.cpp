@@ -365,6 +365,8 @@ template <int KIND> constexpr int chunks() { return KIND == Q8_0 ? 16 : 8; }
 template <int KIND> constexpr int64_t group_block_bytes() { return chunks<KIND>() * 2 * GR; }
 
 // R rows of x by G groups (G * 16 output rows); y [R, ldy] from column 0 of the first group
+// (the loops over the tile are unrolled early, as in fp32_tile: without it GCC 12 kept AVX2's 1-row sums in
+// memory too, and the model's layers at 1 row took 3.1-3.2 ms instead of 2.5-2.6, bench.kernel_chain)
 template <int KIND, int R, int G>
 inline void rtile(const XBlocks& X, int64_t i0, int64_t nb, const uint8_t* q, const at::Half* d, const at::Half* mn,
                   float* y, int64_t ldy) {
@@ -375,45 +377,45 @@ inline void rtile(const XBlocks& X, int64_t i0, int64_t nb, const uint8_t* q, co
   const float* xs = X.s.data() + i0 * nb;
   const float* xt = X.t.data() + i0 * nb;
   Vec acc[R][C];
-  for (int i = 0; i < R; ++i)
-    for (int c = 0; c < C; ++c) acc[i][c] = vzero();
+  UNROLL for (int i = 0; i < R; ++i)
+    UNROLL for (int c = 0; c < C; ++c) acc[i][c] = vzero();
   for (int64_t b = 0; b < nb; ++b) {
     IVec dot[R][C];
-    for (int i = 0; i < R; ++i)
-      for (int c = 0; c < C; ++c) dot[i][c] = izero();
+    UNROLL for (int i = 0; i < R; ++i)
+      UNROLL for (int c = 0; c < C; ++c) dot[i][c] = izero();
     for (int ch = 0; ch < NCH; ++ch) {
       IVec lo[C], hi[C];
-      for (int g = 0; g < G; ++g) {
+      UNROLL for (int g = 0; g < G; ++g) {
         const uint8_t* p = q + g * gq + b * BB + ch * 2 * GR;
         if (ch % 2 == 0) _mm_prefetch(reinterpret_cast<const char*>(p) + QUANT_PF_BYTES, _MM_HINT_T0);
-        for (int v = 0; v < VPG; ++v) widen<KIND>(p + v * 2 * VL, &lo[g * VPG + v], &hi[g * VPG + v]);
+        UNROLL for (int v = 0; v < VPG; ++v) widen<KIND>(p + v * 2 * VL, &lo[g * VPG + v], &hi[g * VPG + v]);
       }
-      for (int i = 0; i < R; ++i) {
+      UNROLL for (int i = 0; i < R; ++i) {
         const int16_t* xr = xq + i * ldx + b * QK + 2 * ch;
         const IVec xl = ibcast(xr);
         if constexpr (KIND == Q8_0) {
-          for (int c = 0; c < C; ++c) dot[i][c] = idot(dot[i][c], lo[c], xl);
+          UNROLL for (int c = 0; c < C; ++c) dot[i][c] = idot(dot[i][c], lo[c], xl);
         } else {
           const IVec xh = ibcast(xr + 16);
-          for (int c = 0; c < C; ++c) dot[i][c] = idot(idot(dot[i][c], lo[c], xl), hi[c], xh);
+          UNROLL for (int c = 0; c < C; ++c) dot[i][c] = idot(idot(dot[i][c], lo[c], xl), hi[c], xh);
         }
       }
     }
-    for (int g = 0; g < G; ++g)
-      for (int v = 0; v < VPG; ++v) {
+    UNROLL for (int g = 0; g < G; ++g)
+      UNROLL for (int v = 0; v < VPG; ++v) {
         const int c = g * VPG + v;
         const Vec dv = halves(d + g * gd + b * GR + v * VL);
         Vec ov = vzero();
         if constexpr (KIND == Q4_1) ov = halves(mn + g * gd + b * GR + v * VL);
         if constexpr (KIND == Q4_0) ov = vmul(dv, vbcast(&kMinus8));
-        for (int i = 0; i < R; ++i) {
+        UNROLL for (int i = 0; i < R; ++i) {
           if constexpr (KIND != Q8_0) acc[i][c] = vfma(ov, vbcast(xt + i * nb + b), acc[i][c]);
           acc[i][c] = vfma(icvt(dot[i][c]), vmul(dv, vbcast(xs + i * nb + b)), acc[i][c]);
         }
       }
   }
-  for (int i = 0; i < R; ++i)
-    for (int c = 0; c < C; ++c) vstore(y + i * ldy + c * VL, acc[i][c]);
+  UNROLL for (int i = 0; i < R; ++i)
+    UNROLL for (int c = 0; c < C; ++c) vstore(y + i * ldy + c * VL, acc[i][c]);
 }
 
 // every row of x against G groups at y's column 0: R rows at a time, then two, then one
