@@ -21,7 +21,7 @@
 //                                                  weight frozen into the graph). bf16: oneDNN's, and with
 //                                                  the row-major copy wr [N, K] M <= 4 runs the engine's
 //                                                  streaming bf16 GEMV instead (bf16_linear); float32 (w:
-//                                                  panels): panel_linear for 2-64 rows, torch's linear on
+//                                                  panels): panel_linear for 1-64 rows, torch's linear on
 //                                                  wr otherwise
 //
 // Quantized weights (engine/quant.py reads them from the GGUF blocks, losslessly), per output row n
@@ -786,8 +786,8 @@ at::Tensor bf16_linear(const at::Tensor& x_in, const at::Tensor& w, const std::o
 // loads, MR broadcasts of x and MR * FP_NV FMAs, summed in k's order (the same order at every tile
 // height, so a row's product does not depend on its batch). The row tiles of one column tile reread its
 // panels from L2. The two threads split the column tiles.
+constexpr int64_t PANEL = 16;  // weight rows per panel (engine/linear.py PANEL)
 #ifdef __AVX2__
-constexpr int64_t PANEL = 16;  // weight rows per panel
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
 constexpr int FP_MR = 8, FP_NV = 3;
 #else
@@ -896,10 +896,10 @@ void fp32_panel_gemm(const float* x, int64_t M, int64_t K, const float* wp, cons
 
 // y [M, N] = x [M, K] @ W^T (+ b) on W's panels wp [N/16, K, 16], float32
 at::Tensor panel_linear(const at::Tensor& x_in, const at::Tensor& wp, const std::optional<at::Tensor>& b_opt) {
-  TORCH_CHECK(wp.dim() == 3 && wp.size(2) == 16 && wp.scalar_type() == at::kFloat && wp.is_contiguous(),
+  TORCH_CHECK(wp.dim() == 3 && wp.size(2) == PANEL && wp.scalar_type() == at::kFloat && wp.is_contiguous(),
               "wp must be contiguous float32 panels [N/16, K, 16]");
   TORCH_CHECK(x_in.dim() == 2 && x_in.size(1) == wp.size(1), "x must be [M, K]");
-  const int64_t M = x_in.size(0), K = wp.size(1), N = wp.size(0) * 16;
+  const int64_t M = x_in.size(0), K = wp.size(1), N = wp.size(0) * PANEL;
   TORCH_CHECK(!b_opt.has_value() || b_opt->numel() == N, "bias must have N values");
 #ifdef __AVX2__
   const at::Tensor x = x_in.to(at::kFloat).contiguous();
@@ -917,9 +917,9 @@ at::Tensor panel_linear(const at::Tensor& x_in, const at::Tensor& wp, const std:
 // ---- decode attention over the paged cache ---------------------------------------------------------
 // One new token per sequence: what engine/attention.py paged_decode_attention computes (its docstring has the
 // shapes), with each sequence's cached K and V rows read in place from their blocks, one task per sequence and
-// KV head. Per query head: the scores of the cached positions and of the new token, softmax in float32, the
-// weighted sum of the V rows; the task's rows come from memory once (the next ones prefetched) and from L1 for
-// the group's other heads. (torch.compile's fused version of the same Python read the cache at ~9 GB/s here.)
+// KV head. Each K row is read once (the next ones prefetched) for the scores of every query head of the group,
+// then softmax in float32, then each V row once for their weighted sums. (torch.compile's fused version of the
+// same Python read the cache at ~9 GB/s here.)
 #ifdef __AVX2__
 inline Vec vexp(Vec x) {  // e^x for x <= 0 (softmax after its max): Cephes' expf, within ~2 ulp
   x = vmax(x, vset(-87.3f));
@@ -964,13 +964,13 @@ void decode_attention_impl(const T* q, int64_t qs, const T* kn, int64_t ks, cons
   const std::ptrdiff_t v_off = vc - kc;  // a V row is its K row moved by this (the caches share their layout)
   at::parallel_for(0, B * KVH, 1, [&](int64_t t0, int64_t t1) {
     std::vector<const T*> rows;  // [n] the task's cached K rows, in place
-    std::vector<float> w, qf, o;  // [G, n + 1] scores then weights; [G, D] q scaled; [G, D] outputs
+    std::vector<float> w, qf, o, inv;  // [G, n + 1] scores then weights; [G, D] q scaled; [G, D] outputs; [G] 1 / sums
     for (int64_t task = t0; task < t1; ++task) {
       const int64_t b = task / KVH, h = task % KVH, n = ctx[b] - 1, S = n + 1;
       rows.resize(n);
       for (int64_t t = 0; t < n; ++t)
         rows[t] = kc + tables[b * nb + t / c.bs] * c.stride + (t % c.bs) * c.row + h * D;
-      w.resize(G * S), qf.resize(G * D), o.assign(G * D, 0.f);
+      w.resize(G * S), qf.resize(G * D), o.assign(G * D, 0.f), inv.resize(G);
       for (int64_t g = 0; g < G; ++g)
         UNROLL for (int i = 0; i < C; ++i)
           vstore(qf.data() + g * D + i * VL, vmul(vrow(q + b * qs + (h * G + g) * D + i * VL), vset(scale)));
@@ -985,7 +985,6 @@ void decode_attention_impl(const T* q, int64_t qs, const T* kn, int64_t ks, cons
           w[g * S + t] = vsum(acc);
         }
       }
-      std::vector<float> inv(G);
       for (int64_t g = 0; g < G; ++g) {  // softmax in float32
         float* wg = w.data() + g * S;
         float mx = wg[0], sum = 0.f;
@@ -1015,6 +1014,12 @@ void decode_attention_impl(const T* q, int64_t qs, const T* kn, int64_t ks, cons
       }
     }
   });
+}
+
+// vectors per head (D / VL) the attention kernel is instantiated for, or 0
+inline int64_t att_vectors(int64_t D) {
+  const int64_t c = D % VL == 0 ? D / VL : 0;
+  return c == 2 || c == 4 || c == 8 || c == 16 ? c : 0;
 }
 #endif
 
@@ -1056,7 +1061,7 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::
                                 static_cast<float>(scale), B, H, KVH, out.data_ptr<T>());
   };
   const auto by_width = [&](auto tag) {
-    switch (D / VL * (D % VL == 0)) {
+    switch (att_vectors(D)) {
       case 2: run(tag, std::integral_constant<int, 2>{}); return true;
       case 4: run(tag, std::integral_constant<int, 4>{}); return true;
       case 8: run(tag, std::integral_constant<int, 8>{}); return true;
@@ -1072,11 +1077,10 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::
               kIsa, " build); decode_attention_supported() says which");
 }
 
-// what decode_attention runs on (engine/attention.py asks before calling it)
+// what decode_attention runs on (engine/kernels.py decode_attention asks once, at model load)
 bool decode_attention_supported(at::ScalarType dtype, int64_t D) {
 #ifdef __AVX2__
-  const int64_t c = D % VL == 0 ? D / VL : 0;
-  return (dtype == at::kFloat || dtype == at::kBFloat16) && (c == 2 || c == 4 || c == 8 || c == 16);
+  return (dtype == at::kFloat || dtype == at::kBFloat16) && att_vectors(D) != 0;
 #else
   (void)dtype, (void)D;
   return false;
@@ -1094,10 +1098,9 @@ int64_t argmax_row(const float* x, int64_t V) {
   bool nan = false;
 #ifdef __AVX2__
   if (V >= VL) {  // per lane: its largest value and where it first occurs (strictly greater replaces)
-    Vec mv = vset(-std::numeric_limits<float>::infinity()), iv = vzero(), lane = vzero(), step = vset(float(VL));
     alignas(64) float idx0[VL];
     for (int i = 0; i < VL; ++i) idx0[i] = float(i);
-    lane = vload(idx0);
+    Vec mv = vset(-std::numeric_limits<float>::infinity()), iv = vzero(), lane = vload(idx0), step = vset(float(VL));
     Vec bad = vzero();  // lanes that saw a NaN
     for (; j + VL <= V; j += VL) {
       const Vec v = vload(x + j);

@@ -86,14 +86,18 @@ def isa() -> str:
     return _state.get("isa", "")
 
 
+def _vector_build() -> bool:
+    return load() and isa() != "scalar"
+
+
 def int16_products() -> bool:
     """quant_linear rounds x to int16 per block (the vector builds); False: float32 products (scalar build)."""
-    return load() and isa() != "scalar"
+    return _vector_build()
 
 
 def float32_panels() -> bool:
     """panel_linear's register-tiled float32 kernel is built (the vector builds; the scalar one falls back)."""
-    return load() and isa() != "scalar"
+    return _vector_build()
 
 
 def decode_attention(dtype: torch.dtype, head_dim: int) -> bool:
