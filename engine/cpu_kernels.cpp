@@ -45,6 +45,7 @@
 #include <ATen/core/stack.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -795,19 +796,25 @@ constexpr int FP_MR = 6, FP_NV = 2;
 #endif
 static_assert(FP_NV * VL % PANEL == 0, "a column tile is whole panels");
 
-// The next column tile's panels (one contiguous range) are prefetched into L2 while this one computes, a line
-// per k, spread over all its row tiles: without that the first row tile waits on memory (at 32 rows ~4x its
-// FMA time here) and the others on nothing. Where the row tiles are fewer than the tile's panels, one line per
-// k falls behind and the hardware prefetcher alone streams better. Measured on the model's matrices, 2 threads
-// (bench/RESULTS.md): AVX-512 (3 panels a tile) 32 rows 39.6 vs 46.3 ms without it (MKL's packed sgemm 48),
-// 24 rows 33.2 vs 39.1, 16 rows 31.8 vs 33.0 and 1 row 19.2 vs 21.5 with it; AVX2 (1 panel) 4 rows 23.0 vs
-// 29.9, 8 rows 28.9 vs 37.5 (MKL ~34), 1 row 23.1 (F.linear 23.6).
+// The next column tile's panels (one contiguous range) are prefetched into L2 while this one computes, evenly
+// over all its row tiles (a line every `every` k): without that the first row tile waits on memory (at 32 rows
+// ~4x its FMA time here) and the others on nothing; issued faster than memory delivers, the prefetches hold the
+// fill buffers that the row tiles' own loads from L2 need (AVX2, 32 rows: a line per k in the first row tile
+// 61-64 ms, spread over the 6 51-55). Where the row tiles are fewer than the tile's panels, one line per k
+// falls behind and the hardware prefetcher alone streams better. A line in every 2-8 (the hardware filling
+// the gaps) was slower at every size. Measured on the model's matrices, 2 threads (bench/RESULTS.md):
+// AVX-512 (3 panels a tile) 32 rows 39.6 vs 46.3 ms without it (MKL's packed sgemm 48), 24 rows 33.2 vs 39.1,
+// 16 rows 31.8 vs 33.0 and 1 row 19.2 vs 21.5 with it; AVX2 (1 panel) 4 rows 23.0 vs 29.9, 8 rows 26-28 vs
+// 37.5 (MKL ~34), 1 row 23.1 (F.linear 23.6).
 constexpr int64_t FP_AHEAD_ROW_TILES = FP_NV * VL / PANEL;
 struct Ahead {
-  const char* p;    // the next line to fetch (nullptr: none), one per k
+  const char* p;    // the next line to fetch (nullptr: none)
   const char* end;
+  int64_t every;    // k steps per line
+  int64_t left;     // k steps to the next line
   inline void step() {
-    if (p < end) {
+    if (p < end && --left == 0) {
+      left = every;
       _mm_prefetch(p, _MM_HINT_T1);
       p += 64;
     }
@@ -858,7 +865,8 @@ void fp32_column(const float* x, int64_t M, int64_t K, const float* w, const flo
   const int64_t r = M % FP_MR, split = M > FP_MR && r > 0 && r < FP_MR / 2 ? M - FP_MR - r : M - r;
   const int64_t row_tiles = split / FP_MR + (M - split > FP_MR ? 2 : M > split);
   const char* next = reinterpret_cast<const char*>(w + NV * VL * K);
-  Ahead pf{next_bytes && row_tiles >= FP_AHEAD_ROW_TILES ? next : nullptr, next + next_bytes};
+  const int64_t every = std::max<int64_t>(1, row_tiles * K / std::max<int64_t>(1, next_bytes / 64));
+  Ahead pf{next_bytes && row_tiles >= FP_AHEAD_ROW_TILES ? next : nullptr, next + next_bytes, every, every};
   for (int64_t m = 0; m < M;) {
     const int64_t h = m < split ? FP_MR : m == split && split + FP_MR < M ? (M - split) / 2 : M - m;
     if (h == FP_MR) fp32_tile<FP_MR, NV>(x + m * K, K, w, b, y + m * N, N, pf);
@@ -1090,39 +1098,52 @@ bool decode_attention_supported(at::ScalarType dtype, int64_t D) {
 // ---- greedy tokens: each row's first index of its maximum ------------------------------------------
 // torch.max(x, -1).indices over a decode batch's logits, 32 x 49,152 float32 on 2 threads, took ~1.2 ms of a
 // step; this is one pass at memory speed. Same result as torch: the first index of the maximum, or of the
-// first NaN where a row has one.
+// first NaN where a row has one. AM_CHAINS independent (max, index) pairs per lane: one pair's compare and
+// blend wait on the previous ones (~6 cycles a vector; 4 pairs: AVX2 17 -> 5 us a row of 49,152).
+constexpr int AM_CHAINS = 4;
 int64_t argmax_row(const float* x, int64_t V) {
   int64_t j = 0;
   float best = -std::numeric_limits<float>::infinity();
   int64_t at = 0;
   bool nan = false;
 #ifdef __AVX2__
-  if (V >= VL) {  // per lane: its largest value and where it first occurs (strictly greater replaces)
+  constexpr int64_t STEP = AM_CHAINS * VL;
+  if (V >= STEP) {  // per lane of each chain: its largest value and where it first occurs (strictly greater replaces)
     alignas(64) float idx0[VL];
     for (int i = 0; i < VL; ++i) idx0[i] = float(i);
-    Vec mv = vset(-std::numeric_limits<float>::infinity()), iv = vzero(), lane = vload(idx0), step = vset(float(VL));
+    Vec mv[AM_CHAINS], iv[AM_CHAINS], lane[AM_CHAINS];
     Vec bad = vzero();  // lanes that saw a NaN
-    for (; j + VL <= V; j += VL) {
-      const Vec v = vload(x + j);
+    const Vec step = vset(float(STEP));
+    UNROLL for (int c = 0; c < AM_CHAINS; ++c) {
+      mv[c] = vset(-std::numeric_limits<float>::infinity()), iv[c] = vzero();
+      lane[c] = vadd(vload(idx0), vset(float(c * VL)));
+    }
+    for (; j + STEP <= V; j += STEP) {
+      UNROLL for (int c = 0; c < AM_CHAINS; ++c) {
+        const Vec v = vload(x + j + c * VL);
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
-      const __mmask16 gt = _mm512_cmp_ps_mask(v, mv, _CMP_GT_OQ);
-      mv = _mm512_mask_mov_ps(mv, gt, v);
-      iv = _mm512_mask_mov_ps(iv, gt, lane);
-      bad = _mm512_mask_mov_ps(bad, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), vset(1.f));
+        const __mmask16 gt = _mm512_cmp_ps_mask(v, mv[c], _CMP_GT_OQ);
+        mv[c] = _mm512_mask_mov_ps(mv[c], gt, v);
+        iv[c] = _mm512_mask_mov_ps(iv[c], gt, lane[c]);
+        bad = _mm512_mask_mov_ps(bad, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), vset(1.f));
 #else
-      const Vec gt = _mm256_cmp_ps(v, mv, _CMP_GT_OQ);
-      mv = _mm256_blendv_ps(mv, v, gt);
-      iv = _mm256_blendv_ps(iv, lane, gt);
-      bad = _mm256_or_ps(bad, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+        const Vec gt = _mm256_cmp_ps(v, mv[c], _CMP_GT_OQ);
+        mv[c] = _mm256_blendv_ps(mv[c], v, gt);
+        iv[c] = _mm256_blendv_ps(iv[c], lane[c], gt);
+        bad = _mm256_or_ps(bad, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
 #endif
-      lane = vadd(lane, step);
+        lane[c] = vadd(lane[c], step);
+      }
     }
     alignas(64) float m[VL], i[VL], nb[VL];
-    vstore(m, mv), vstore(i, iv), vstore(nb, bad);
-    for (int l = 0; l < VL; ++l) {
-      nan = nan || nb[l] != 0.f;
-      const int64_t il = static_cast<int64_t>(i[l]);  // exact: V < 2^24
-      if (m[l] > best || (m[l] == best && il < at)) best = m[l], at = il;
+    vstore(nb, bad);
+    for (int c = 0; c < AM_CHAINS; ++c) {
+      vstore(m, mv[c]), vstore(i, iv[c]);
+      for (int l = 0; l < VL; ++l) {
+        nan = nan || nb[l] != 0.f;
+        const int64_t il = static_cast<int64_t>(i[l]);  // exact: V < 2^24
+        if (m[l] > best || (m[l] == best && il < at)) best = m[l], at = il;
+      }
     }
   }
 #endif

@@ -51,7 +51,7 @@ def test_greedy_ties_go_to_the_lowest_token_id_as_argmax_breaks_them():
 @pytest.mark.parametrize("v", [49152, 1000, 7])
 def test_greedy_tokens_are_torchs_argmax_on_large_rows(v):
     """Greedy tokens in float32 come from the engine's one-pass kernel where it is built: the same index as
-    torch.argmax on every row, the first of equal maxima (in one vector lane or across lanes and the tail),
+    torch.argmax on every row, the first of equal maxima (in one vector lane, across lanes, chains and the tail),
     the first NaN where a row has one, and rows of -inf."""
     g = torch.Generator().manual_seed(v)
     x = torch.randn(9, v, generator=g)
@@ -62,6 +62,7 @@ def test_greedy_tokens_are_torchs_argmax_on_large_rows(v):
     x[5, [v // 4, v // 2]] = float("nan")
     x[6] = float("-inf")
     x[7, 0] = float("inf")
+    x[8, [min(20, v - 1), min(67, v - 1)]] = 40.0  # a tie between the kernel's chains: the later chain's is first
     toks, _ = Sampler(v)(x, [_req(temperature=0.0) for _ in range(9)])
     assert toks == x.argmax(-1).tolist()
 
