@@ -80,10 +80,11 @@ class CompiledDecode:
                 if f"batch{batch}" in self.compile_s:
                     continue
                 t0 = time.perf_counter()
-                ids = torch.zeros(batch, dtype=torch.long, device=cache.device)
-                tables = torch.zeros(batch, MIN_BLOCKS + 1, dtype=torch.long, device=cache.device)
-                ctx = torch.ones(batch, dtype=torch.long, device=cache.device)
-                self(ids, ctx - 1, tables, ctx, cache)
+                with torch.inference_mode():  # as the steps' inputs are made: else their dispatch keys differ,
+                    ids = torch.zeros(batch, dtype=torch.long, device=cache.device)  # and the first steps recompile
+                    tables = torch.zeros(batch, MIN_BLOCKS + 1, dtype=torch.long, device=cache.device)
+                    ctx = torch.ones(batch, dtype=torch.long, device=cache.device)
+                    self(ids, ctx - 1, tables, ctx, cache)
                 self.compile_s[f"batch{batch}"] = time.perf_counter() - t0
         secs = time.perf_counter() - t_all
         log.info("compiled decode steps ready in %.1f s (%s)", secs, self.compile_s)

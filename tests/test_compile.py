@@ -67,13 +67,16 @@ def test_compiled_decode_gives_the_eager_greedy_tokens(weights):
         ckpt = Checkpoint(cfg, dict(sd), tok, "t", quantized=dict(quant))
         with LLM(dtype="float32", weights=weights, compile=compiled, checkpoint=ckpt, devices=[f"cpu:{core[0]}"],
                  num_kv_blocks=64, block_size=4) as llm:
-            batched = [o.token_ids for o in llm.generate(prompts, sp)]
-            alone = [llm.generate([p], sp)[0].token_ids for p in prompts[:2]]
-            model = llm.engine.instances[0].model
-            assert model.native == (weights == "native")
-            assert isinstance(model.layers[1]["gate_up"].weight, QuantStack) == (weights == "native")
+            inst = llm.engine.instances[0]
+            inst.executor.submit(lambda: None).result()  # the warm-up, queued first on the instance's thread, is done
             if compiled:
-                assert llm.engine.instances[0].compiled.compile_s  # the warm-up ran
+                assert set(inst.compiled.compile_s) == {"batch1", "batch2"}
+            # it compiled every graph the steps need: serving never compiles (seconds, in the middle of requests)
+            with torch.compiler.set_stance("fail_on_recompile"):
+                batched = [o.token_ids for o in llm.generate(prompts, sp)]
+                alone = [llm.generate([p], sp)[0].token_ids for p in prompts[:2]]
+            assert inst.model.native == (weights == "native")
+            assert isinstance(inst.model.layers[1]["gate_up"].weight, QuantStack) == (weights == "native")
         outs[compiled] = (batched, alone)
     assert outs[True] == outs[False]
 
