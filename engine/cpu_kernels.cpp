@@ -829,7 +829,8 @@ inline void fp32_tile(const float* x, int64_t K, const float* w, const float* b,
                       // also live in memory, a store per FMA)
   UNROLL for (int i = 0; i < MR; ++i)
     UNROLL for (int v = 0; v < NV; ++v) acc[i][v] = vzero();
-  for (int64_t k = 0; k < K; ++k) {
+  _Pragma("GCC unroll 4")  // the loop's own instructions (prefetch check, counters) held AVX2 tiles at ~76% of peak
+  for (int64_t k = 0; k < K; ++k) {  // FMA rate with the weights in L2, ~92% unrolled (32 rows: 51 -> 47 ms)
     pf.step();
     Vec wv[NV];
     UNROLL for (int v = 0; v < NV; ++v) wv[v] = vload(w + (v * VL / PANEL) * K * PANEL + k * PANEL + (v * VL) % PANEL);
