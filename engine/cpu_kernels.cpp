@@ -977,8 +977,10 @@ void decode_attention_impl(const T* q, int64_t qs, const T* kn, int64_t ks, cons
     for (int64_t task = t0; task < t1; ++task) {
       const int64_t b = task / KVH, h = task % KVH, n = ctx[b] - 1, S = n + 1;
       rows.resize(n);
-      for (int64_t t = 0; t < n; ++t)
-        rows[t] = kc + tables[b * nb + t / c.bs] * c.stride + (t % c.bs) * c.row + h * D;
+      for (int64_t t = 0, j = 0; t < n; ++j) {  // block by block (a division per row cost ~10% of the op)
+        const T* r = kc + tables[b * nb + j] * c.stride + h * D;
+        for (int64_t o = 0; o < c.bs && t < n; ++o, ++t, r += c.row) rows[t] = r;
+      }
       w.resize(G * S), qf.resize(G * D), o.assign(G * D, 0.f), inv.resize(G);
       for (int64_t g = 0; g < G; ++g)
         UNROLL for (int i = 0; i < C; ++i)
@@ -997,8 +999,16 @@ void decode_attention_impl(const T* q, int64_t qs, const T* kn, int64_t ks, cons
       for (int64_t g = 0; g < G; ++g) {  // softmax in float32
         float* wg = w.data() + g * S;
         float mx = wg[0], sum = 0.f;
-        for (int64_t t = 1; t < S; ++t) mx = std::max(mx, wg[t]);
         int64_t t = 0;
+        if (S >= VL) {  // lane-wise first: one scalar max after another waits on each (~13% of the op at 512)
+          Vec m = vload(wg);
+          for (t = VL; t + VL <= S; t += VL) m = vmax(m, vload(wg + t));
+          alignas(64) float lanes[VL];
+          vstore(lanes, m);
+          for (int l = 0; l < VL; ++l) mx = std::max(mx, lanes[l]);
+        }
+        for (; t < S; ++t) mx = std::max(mx, wg[t]);
+        t = 0;
         for (; t + VL <= S; t += VL) {
           const Vec e = vexp(vadd(vload(wg + t), vset(-mx)));
           vstore(wg + t, e);
