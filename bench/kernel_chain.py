@@ -1,8 +1,8 @@
-"""The native kernels alone: one decode step's matrix products on the default model's own GGUF blocks (every
-layer's fused qkv, o, gate/up and down, then the LM head), at a few batch sizes, against the copy bandwidth
-measured in the same run.
+"""The engine's matrix kernels alone: one decode step's matrix products (every layer's fused qkv, o, gate/up and
+down, then the LM head) on the default model's own GGUF blocks (native) or on its float32 panels, at a few batch
+sizes, against the copy bandwidth measured in the same run.
 
-    python -m bench.kernel_chain [--rows 1,2,4,8,32] [--threads 2] [--iters 7]
+    python -m bench.kernel_chain [--weights native|float32] [--rows 1,2,4,8,32] [--threads 2] [--iters 7]
     DISTSERVE_KERNEL_MARCH=haswell python -m bench.kernel_chain     # the kernels' AVX2 path
 
 Per batch size: ms per pass over the layers and over the LM head (fastest of --iters), GB/s of weights read,
@@ -17,27 +17,28 @@ import torch
 
 from bench.engine_bench_machine import best_time, copy_bandwidth
 from engine import kernels
-from engine.linear import QuantLinear
+from engine.linear import DenseLinear, QuantLinear
 from engine.loader import load_checkpoint
 from engine.model import LINEAR, LlamaModel
-from engine.quant import QuantTensor
 
 
-def matrices(model: LlamaModel) -> tuple[list[QuantTensor], QuantTensor]:
-    """(every layer's native matrices in the order a step runs them, the LM head)."""
+def matrices(model: LlamaModel, kind: type) -> tuple[list[DenseLinear | QuantLinear], DenseLinear | QuantLinear]:
+    """(every layer's matrices in the order a step runs them, the LM head), each an op of `kind`."""
     ops = [layer[name] for layer in model.layers for name in LINEAR]
-    if not all(isinstance(op, QuantLinear) for op in ops + [model.lm_head]):
-        raise SystemExit("the model's matrices are not all native blocks")
-    return [op.q for op in ops], model.lm_head.q
+    if not all(isinstance(op, kind) for op in ops + [model.lm_head]):
+        raise SystemExit(f"the model's matrices are not all {kind.__name__}")
+    return ops, model.lm_head
 
 
-def chain_ms(mats: list[QuantTensor], rows: int, iters: int) -> float:
-    xs = {k: torch.randn(rows, k) for k in {q.k for q in mats}}
-    return best_time(lambda: [q.matmul(xs[q.k]) for q in mats], iters) * 1e3
+def chain_ms(ops: list[DenseLinear | QuantLinear], rows: int, iters: int) -> float:
+    xs = {k: torch.randn(rows, k) for k in {op.in_features for op in ops}}
+    return best_time(lambda: [op(xs[op.in_features]) for op in ops], iters) * 1e3
 
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--weights", choices=["native", "float32"], default="native",
+                   help="the GGUF's blocks, or float32 on the engine's panels")
     p.add_argument("--rows", default="1,2,4,8,32", help="batch sizes (rows of x), comma-separated")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--iters", type=int, default=7)
@@ -46,11 +47,14 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"the native kernels did not build: {kernels.load_error()}")
     torch.set_num_threads(args.threads)
     ckpt = load_checkpoint()
-    model = LlamaModel(ckpt.config, ckpt.weights, torch.float32, quantized=ckpt.quantized, native=True)
-    layers, head = matrices(model)
+    native = args.weights == "native"
+    if not native and not kernels.float32_panels():
+        raise SystemExit("no float32 panel kernel in this build")
+    model = LlamaModel(ckpt.config, ckpt.weights, torch.float32, quantized=ckpt.quantized, native=native)
+    layers, head = matrices(model, QuantLinear if native else DenseLinear)
     copy = copy_bandwidth()
     layer_bytes = sum(q.nbytes for q in layers)
-    products = "int16" if kernels.int16_products() else "float32"
+    products = "float32 panels" if not native else "int16" if kernels.int16_products() else "float32"
     print(f"kernels {kernels.isa()} ({products} products), {args.threads} threads; "
           f"copy bandwidth {copy / 1e9:.1f} GB/s; weights: layers {layer_bytes / 1e6:.1f} MB, "
           f"LM head {head.nbytes / 1e6:.1f} MB")
