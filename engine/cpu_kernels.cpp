@@ -808,7 +808,7 @@ static_assert(FP_NV * VL % PANEL == 0, "a column tile is whole panels");
 // 37.5 (MKL ~34), 1 row 23.1 (F.linear 23.6).
 constexpr int64_t FP_AHEAD_ROW_TILES = FP_NV * VL / PANEL;
 struct Ahead {
-  const char* p;    // the next line to fetch (nullptr: none)
+  const char* p;    // the next line to fetch, up to end
   const char* end;
   int64_t every;    // k steps per line
   int64_t left;     // k steps to the next line
@@ -866,8 +866,9 @@ void fp32_column(const float* x, int64_t M, int64_t K, const float* w, const flo
   const int64_t r = M % FP_MR, split = M > FP_MR && r > 0 && r < FP_MR / 2 ? M - FP_MR - r : M - r;
   const int64_t row_tiles = split / FP_MR + (M - split > FP_MR ? 2 : M > split);
   const char* next = reinterpret_cast<const char*>(w + NV * VL * K);
-  const int64_t every = std::max<int64_t>(1, row_tiles * K / std::max<int64_t>(1, next_bytes / 64));
-  Ahead pf{next_bytes && row_tiles >= FP_AHEAD_ROW_TILES ? next : nullptr, next + next_bytes, every, every};
+  const int64_t ahead = row_tiles >= FP_AHEAD_ROW_TILES ? next_bytes : 0;  // bytes to prefetch (an empty range: none)
+  const int64_t every = std::max<int64_t>(1, row_tiles * K / std::max<int64_t>(1, ahead / 64));
+  Ahead pf{next, next + ahead, every, every};
   for (int64_t m = 0; m < M;) {
     const int64_t h = m < split ? FP_MR : m == split && split + FP_MR < M ? (M - split) / 2 : M - m;
     if (h == FP_MR) fp32_tile<FP_MR, NV>(x + m * K, K, w, b, y + m * N, N, pf);
